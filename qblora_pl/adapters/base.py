@@ -1,0 +1,259 @@
+"""The adapter-strategy interface and the layer that applies an adapter to a frozen base.
+
+Three small pieces (STYLE.md practices 1 and 2):
+
+* :class:`AdapterStrategy` - the object chosen in YAML by ``class_path``. It holds the
+  method's hyper-parameters and builds one :class:`AdapterModule` per target layer, after
+  checking that the layer's shape and base storage suit the method.
+* :class:`AdapterModule` - the trainable part for one layer. It computes the scaled update
+  ``s * delta(x)`` (the forward delta) and the equivalent dense ``dW`` (``d_out x d_in``), so
+  ``y = x W_hat^T + forward_delta(x) == x (W_hat + dW)^T``. Group-constant adapters (QA-LoRA,
+  QA-BLoRA) also give the per-group offset update that folds exactly into an INT-b base.
+* :class:`AdaptedLinear` - wraps (never copies) the frozen base layer, adds the adapter's
+  delta, and merges / unmerges it. Merge is idempotent and checks for non-finite values.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from qblora_pl.quantization.base_layers import (
+    dequantized_weight,
+    describe_base,
+    is_base_linear,
+    linear_shape,
+)
+from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+
+
+class AdapterConfigError(ValueError):
+    """A strategy's hyper-parameters do not fit a layer (shape, divisibility, base type)."""
+
+
+class AdapterModule(nn.Module, ABC):
+    """The trainable part of one adapted linear layer.
+
+    Parameters are created in float32 (fp32 master copies: an AdamW step at LR 2e-4 can be
+    below bf16 resolution), whatever dtype the base computes in.
+    """
+
+    def __init__(self, d_in: int, d_out: int, scaling: float) -> None:
+        super().__init__()
+        self.d_in = d_in
+        self.d_out = d_out
+        self.scaling = float(scaling)
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled update ``s * delta(x)`` for inputs ``x`` of shape ``(..., d_in)``."""
+
+    @abstractmethod
+    def delta_weight(self) -> torch.Tensor:
+        """The equivalent dense update ``dW`` (``d_out x d_in``, already scaled)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def factors(self) -> list[torch.Tensor]:
+        """The factors whose product (with fixed pooling/expansion maps) gives ``dW``.
+
+        Used by diagnostics to get the update's spectrum without materialising ``dW``.
+        """
+        return [p for p in self.parameters()]
+
+    def shapes(self) -> dict[str, list[int]]:
+        return {name: list(p.shape) for name, p in self.named_parameters()}
+
+
+class GroupConstantAdapter(AdapterModule):
+    """An adapter whose update is constant on every window of ``pool_window`` input features.
+
+    That is the property that lets QA-LoRA / QA-BLoRA fold exactly into the per-group
+    offsets of a group-wise INT-b base (METHOD.md sections 3 and 4).
+    """
+
+    pool_window: int
+
+    @abstractmethod
+    def window_delta(self) -> torch.Tensor:
+        """``dW`` restricted to one value per pooling window: ``(d_out, d_in / pool_window)``."""
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.window_delta().repeat_interleave(self.pool_window, dim=1)
+
+    def group_offset_delta(self, group_size: int) -> torch.Tensor:
+        """Offset update per quantization group, ``(d_out, d_in / group_size)``.
+
+        ``offset'[o, G] = offset[o, G] + dW[o, j in G]`` - exact because ``dW`` is constant on
+        each group when the pooling window is a multiple of the group size.
+        """
+        if self.pool_window % group_size != 0:
+            raise AdapterConfigError(
+                f"pooling window {self.pool_window} is not a multiple of the quantization "
+                f"group size {group_size}: the update cannot fold into the group offsets"
+            )
+        return self.window_delta().repeat_interleave(self.pool_window // group_size, dim=1)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean over consecutive windows of ``pool_window`` input features."""
+        return x.unflatten(-1, (self.d_in // self.pool_window, self.pool_window)).mean(-1)
+
+
+class AdapterStrategy(ABC):
+    """A method (LoRA, Q-BLoRA, QA-LoRA, QA-BLoRA): its hyper-parameters and a layer builder.
+
+    Subclasses set ``name`` and implement :meth:`build_adapter`. ``requires_offsets`` marks
+    methods that only make sense on a base with per-group offsets to merge into.
+    """
+
+    name: str = "adapter"
+    requires_offsets: bool = False
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        if not 0.0 <= dropout < 1.0:
+            raise AdapterConfigError(f"dropout={dropout} must be in [0, 1)")
+        self.dropout = dropout
+
+    @abstractmethod
+    def build_adapter(self, layer_name: str, base: nn.Module, d_in: int, d_out: int) -> AdapterModule:
+        """Create the trainable module for one layer, or raise AdapterConfigError naming it."""
+
+    def hparams(self) -> dict[str, Any]:
+        """The strategy's hyper-parameters, recorded in adapter checkpoints."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def wrap(self, layer_name: str, base: nn.Module) -> "AdaptedLinear":
+        if not is_base_linear(base):
+            raise AdapterConfigError(
+                f"layer {layer_name}: {type(base).__name__} is not a linear layer this "
+                f"framework can adapt"
+            )
+        if self.requires_offsets and not isinstance(base, GroupwiseIntLinear):
+            raise AdapterConfigError(
+                f"layer {layer_name}: {type(self).__name__} merges into per-group offsets, but "
+                f"the base is {describe_base(base)}, which has none. Use the group-wise integer "
+                f"backend (model.quantization.class_path: qblora_pl.quantization.GroupwiseInt)."
+            )
+        d_out, d_in = linear_shape(base)
+        adapter = self.build_adapter(layer_name, base, d_in, d_out)
+        return AdaptedLinear(base, adapter, dropout=self.dropout)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+        return f"{type(self).__name__}({args})"
+
+
+def require_divisible(layer_name: str, dim_name: str, dim: int, factor_name: str, factor: int) -> None:
+    """Raise AdapterConfigError naming the layer and numbers when ``dim % factor != 0``."""
+    if factor <= 0:
+        raise AdapterConfigError(f"layer {layer_name}: {factor_name}={factor} must be positive")
+    if dim % factor != 0:
+        raise AdapterConfigError(
+            f"layer {layer_name}: {dim_name}={dim} is not divisible by {factor_name}={factor}"
+        )
+
+
+def kaiming_uniform_(weight: torch.Tensor) -> torch.Tensor:
+    """LoRA's ``A`` initialisation (the same as ``nn.Linear``'s default and PEFT's)."""
+    return nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen base linear layer plus an adapter: ``y = base(x) + adapter(dropout(x))``.
+
+    ``merge()`` folds the update into the model:
+
+    * group-constant adapter on a :class:`GroupwiseIntLinear` base: into the per-group
+      offsets, in place; every weight stays b-bit and the result is exact (METHOD.md 3-4);
+    * anything else: into a dense copy ``W_hat + dW`` (exact in 16/32-bit; re-quantizing it
+      is a separate, lossy step).
+
+    ``unmerge()`` restores the original base bit for bit. Both are idempotent.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter: AdapterModule, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        # What merge() replaced (original offsets or the original base module). A plain list,
+        # so nn.Module does not register the stashed base as a submodule of its own.
+        self._unmerged_stash: list[nn.Module | torch.Tensor] = []
+        d_out, d_in = linear_shape(base_layer)
+        self.in_features, self.out_features = d_in, d_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        delta = self.adapter(self.dropout(x).to(self.adapter.dtype))
+        return result + delta.to(result.dtype)
+
+    @property
+    def merges_into_offsets(self) -> bool:
+        return isinstance(self.base_layer, GroupwiseIntLinear) and isinstance(
+            self.adapter, GroupConstantAdapter
+        )
+
+    @torch.no_grad()
+    def merged_dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``W_hat + dW`` as a dense matrix (for 16-bit export or re-quantization)."""
+        if self.merged:
+            return dequantized_weight(self.base_layer, torch.float32).to(dtype)
+        weight = dequantized_weight(self.base_layer, torch.float32)
+        return (weight + self.adapter.delta_weight().float()).to(dtype)
+
+    @torch.no_grad()
+    def merge(self, name: str = "", dense_dtype: torch.dtype = torch.float32) -> None:
+        if self.merged:
+            return
+        if self.merges_into_offsets:
+            base: GroupwiseIntLinear = self.base_layer  # type: ignore[assignment]
+            delta = self.adapter.group_offset_delta(base.group_size).float()
+            new_offsets = base.offsets.float() + delta
+            _check_finite(new_offsets, name, "merged offsets")
+            self._unmerged_stash.append(base.offsets)
+            base.offsets = new_offsets
+        else:
+            weight = self.merged_dense_weight(torch.float32)
+            _check_finite(weight, name, "merged weight")
+            dense = nn.Linear(self.in_features, self.out_features, bias=self.base_bias is not None)
+            dense = dense.to(device=weight.device, dtype=dense_dtype)
+            dense.weight.copy_(weight.to(dense_dtype))
+            if self.base_bias is not None:
+                dense.bias.copy_(self.base_bias.to(dense_dtype))
+            dense.requires_grad_(False)
+            self._unmerged_stash.append(self.base_layer)
+            self.base_layer = dense
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        original = self._unmerged_stash.pop()
+        if isinstance(original, torch.Tensor):
+            self.base_layer.offsets = original
+        else:
+            self.base_layer = original
+        self.merged = False
+
+    @property
+    def base_bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def extra_repr(self) -> str:
+        return f"base={describe_base(self.base_layer)}, merged={self.merged}"
+
+
+def _check_finite(tensor: torch.Tensor, name: str, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        raise FloatingPointError(f"layer {name or '?'}: {what} has {bad} non-finite values; merge aborted")

@@ -1,0 +1,67 @@
+"""QA-BLoRA - quantization-aware balanced adaptation: METHOD.md section 4.
+
+Q-BLoRA's two factors become one matrix aligned with the quantization groups:
+``y = x W_hat^T + s * repeat_{k_out}(pool_w(x) M^T)``, ``M: (d_out / k_out) x (d_in / w)``.
+``dW`` is constant inside each group, so it folds exactly into the offsets:
+``offset'[o, G] = offset[o, G] + s * M[o // k_out, G] / w``. ``M`` starts at zero, so the
+first forward pass equals the base model's (a single matrix trains fine from zero).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qblora_pl.adapters.base import AdapterConfigError, AdapterStrategy, GroupConstantAdapter, require_divisible
+from qblora_pl.adapters.budget import choose_k_out
+from qblora_pl.adapters.qalora import resolve_pool_window
+
+
+class QABLoRAAdapter(GroupConstantAdapter):
+    def __init__(self, d_in: int, d_out: int, k_out: int, pool_window: int, scaling: float) -> None:
+        super().__init__(d_in, d_out, scaling)
+        self.k_out, self.pool_window = k_out, pool_window
+        self.balanced_M = nn.Parameter(torch.zeros(d_out // k_out, d_in // pool_window))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.pool(x) @ self.balanced_M.T).repeat_interleave(self.k_out, dim=-1) * self.scaling
+
+    def window_delta(self) -> torch.Tensor:
+        return (self.scaling * self.balanced_M / self.pool_window).repeat_interleave(self.k_out, dim=0)
+
+
+class QABLoRA(AdapterStrategy):
+    """QA-BLoRA on a group-wise INT-b base.
+
+    Args:
+        budget_rank: the LoRA rank whose parameter budget ``r * (d_in + d_out)`` each layer's
+            matrix matches (through ``k_out``); also the scaling denominator, ``s = alpha / r``.
+        alpha: scaling numerator.
+        k_out: output repeat factor; ``None`` lets the budget helper choose it per layer.
+        pool_window: input pooling window; ``None`` uses the base's quantization group size.
+        dropout: dropout on the adapter's input.
+    """
+
+    name = "qablora"
+    requires_offsets = True
+
+    def __init__(
+        self,
+        budget_rank: int = 8,
+        alpha: float = 16.0,
+        k_out: int | None = None,
+        pool_window: int | None = None,
+        dropout: float = 0.05,
+    ) -> None:
+        super().__init__(dropout)
+        if budget_rank <= 0:
+            raise AdapterConfigError(f"QA-BLoRA budget_rank={budget_rank} must be positive")
+        if k_out is not None and k_out <= 0:
+            raise AdapterConfigError(f"QA-BLoRA k_out={k_out} must be positive")
+        self.budget_rank, self.alpha, self.k_out, self.pool_window = budget_rank, alpha, k_out, pool_window
+
+    def build_adapter(self, layer_name, base, d_in, d_out) -> QABLoRAAdapter:
+        window = resolve_pool_window(layer_name, base, self.pool_window, d_in)
+        k_out = self.k_out if self.k_out is not None else choose_k_out(d_in, d_out, window, self.budget_rank)
+        require_divisible(layer_name, "d_out", d_out, "k_out", k_out)
+        return QABLoRAAdapter(d_in, d_out, k_out, window, self.alpha / self.budget_rank)

@@ -1,0 +1,80 @@
+"""Q-BLoRA - balanced low-rank adaptation: METHOD.md section 2.
+
+Pool the input by ``k_in`` (mean of consecutive features), apply a low-rank map at rank
+``r' = m * r``, repeat each output ``k_out`` times:
+
+``y = x W_hat^T + s * E(B A P x)`` with ``A: r' x (d_in / k_in)``, ``B: (d_out / k_out) x r'``,
+``s = alpha / r`` (the budget rank stays in the scaling, as in the reference code).
+The dense update is ``dW = s * E B A P``: constant on every ``k_out x k_in`` tile. With
+``k_in = k_out = m`` the parameter count equals LoRA's at rank ``r`` while ``dW`` can reach
+rank ``m * r``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qblora_pl.adapters.base import (
+    AdapterConfigError,
+    AdapterModule,
+    AdapterStrategy,
+    kaiming_uniform_,
+    require_divisible,
+)
+
+
+class QBLoRAAdapter(AdapterModule):
+    def __init__(self, d_in: int, d_out: int, rank: int, k_in: int, k_out: int, scaling: float) -> None:
+        super().__init__(d_in, d_out, scaling)
+        self.k_in, self.k_out = k_in, k_out
+        self.lora_A = nn.Parameter(kaiming_uniform_(torch.empty(rank, d_in // k_in)))
+        self.lora_B = nn.Parameter(torch.zeros(d_out // k_out, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.unflatten(-1, (self.d_in // self.k_in, self.k_in)).mean(-1)
+        low = (pooled @ self.lora_A.T) @ self.lora_B.T
+        return low.repeat_interleave(self.k_out, dim=-1) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        tile = self.scaling * (self.lora_B @ self.lora_A) / self.k_in
+        return tile.repeat_interleave(self.k_out, dim=0).repeat_interleave(self.k_in, dim=1)
+
+
+class QBLoRA(AdapterStrategy):
+    """Q-BLoRA at budget rank ``r``.
+
+    Args:
+        r: the budget rank (the LoRA rank whose parameter count this matches when
+            ``k_in = k_out = rank_multiplier``); also the denominator of the scaling.
+        alpha: scaling numerator, ``s = alpha / r``.
+        k_in: input pooling factor (mean over ``k_in`` consecutive input features).
+        k_out: output repeat factor (each low-rank output feeds ``k_out`` outputs).
+        rank_multiplier: ``m``; the adapter's inner rank is ``m * r``.
+        dropout: dropout on the adapter's input.
+    """
+
+    name = "qblora"
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16.0,
+        k_in: int = 2,
+        k_out: int = 2,
+        rank_multiplier: int = 2,
+        dropout: float = 0.05,
+    ) -> None:
+        super().__init__(dropout)
+        for key, value in {"r": r, "k_in": k_in, "k_out": k_out, "rank_multiplier": rank_multiplier}.items():
+            if value <= 0:
+                raise AdapterConfigError(f"Q-BLoRA {key}={value} must be positive")
+        self.r, self.alpha = r, alpha
+        self.k_in, self.k_out, self.rank_multiplier = k_in, k_out, rank_multiplier
+
+    def build_adapter(self, layer_name, base, d_in, d_out) -> QBLoRAAdapter:
+        require_divisible(layer_name, "d_in", d_in, "k_in", self.k_in)
+        require_divisible(layer_name, "d_out", d_out, "k_out", self.k_out)
+        return QBLoRAAdapter(
+            d_in, d_out, self.rank_multiplier * self.r, self.k_in, self.k_out, self.alpha / self.r
+        )

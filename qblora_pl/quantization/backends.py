@@ -1,0 +1,174 @@
+"""Quantization backends: how the frozen base model is loaded and quantized.
+
+Chosen in YAML by ``class_path`` (``model.quantization``), independent of the adapter method
+(STYLE.md practice 2). Each backend loads a Hugging Face causal LM from a local directory
+or a hub name and returns it with its target linear layers quantized and frozen.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+DTypeName = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``"auto"`` means bfloat16 where CUDA supports it, float32 otherwise (CPU)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(dtypes) + ['auto']}")
+    return dtypes[name]
+
+
+def check_model_source(model_name_or_path: str) -> None:
+    """Fail early and clearly when a local-looking model path does not exist.
+
+    Hub names (``meta-llama/Llama-2-7b-hf``) pass through to ``from_pretrained``; anything that
+    looks like a filesystem path must be a directory with a ``config.json``. The default
+    configs never fall back to a random model.
+    """
+    path = Path(model_name_or_path)
+    looks_local = path.is_absolute() or model_name_or_path.startswith((".", "~")) or path.exists()
+    if looks_local and not (path.expanduser() / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model directory {model_name_or_path!r} has no config.json. If this is the embedded "
+            f"default, the shipped model is missing from the package (rebuild it with "
+            f"scripts/build_base_model.py); otherwise pass a Hugging Face model directory or hub name."
+        )
+
+
+def cast_float_modules(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating parameter and buffer to ``dtype`` except the quantized layers' own.
+
+    ``model.to(dtype)`` would also recast the INT-b layers' scales and offsets, changing the
+    storage format (and its memory) that the quantizer chose.
+    """
+    from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+
+    for module in model.modules():
+        if isinstance(module, GroupwiseIntLinear):
+            continue
+        for tensors in (module._parameters, module._buffers):
+            for key, tensor in tensors.items():
+                if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor.data = tensor.data.to(dtype)
+
+
+class QuantizationBackend(ABC):
+    """Loads a causal LM with its linear layers quantized and frozen."""
+
+    name: str = "quantization"
+
+    @abstractmethod
+    def load(self, model_name_or_path: str) -> nn.Module:
+        """Load the model with every linear layer but the output head quantized and frozen."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": type(self).__name__, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+    def _load_float(self, model_name_or_path: str, dtype: torch.dtype, **kwargs: Any) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        check_model_source(model_name_or_path)
+        return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype, **kwargs)
+
+
+class NF4(QuantizationBackend):
+    """bitsandbytes 4-bit (NF4 or FP4, block size 64) through transformers' BitsAndBytesConfig.
+
+    Args:
+        quant_type: ``"nf4"`` (QLoRA) or ``"fp4"``.
+        double_quant: quantize the block scales too (QLoRA's double quantization).
+        compute_dtype: dtype of the dequantized matmul; ``"auto"`` = bf16 on CUDA, fp32 on CPU.
+    """
+
+    name = "nf4"
+
+    def __init__(self, quant_type: Literal["nf4", "fp4"] = "nf4", double_quant: bool = True, compute_dtype: DTypeName = "auto") -> None:
+        if quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"quant_type={quant_type!r} must be 'nf4' or 'fp4'")
+        self.quant_type, self.double_quant, self.compute_dtype = quant_type, double_quant, compute_dtype
+
+    def load(self, model_name_or_path: str) -> nn.Module:
+        from transformers import BitsAndBytesConfig
+
+        dtype = resolve_dtype(self.compute_dtype)
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+        model = self._load_float(model_name_or_path, dtype, quantization_config=config, device_map=device_map)
+        model.requires_grad_(False)
+        return model
+
+
+class GroupwiseInt(QuantizationBackend):
+    """Group-wise asymmetric INT-b (one scale and one offset per group of input features).
+
+    The base for QA-LoRA and QA-BLoRA, whose updates fold exactly into the offsets.
+
+    Args:
+        bits: code width, one of 2, 3, 4, 8.
+        group_size: quantization group along the input dimension, one of 32, 64, 128.
+        scale_dtype: storage dtype of scales and offsets.
+        compute_dtype: dtype the model computes in; ``"auto"`` = bf16 on CUDA, fp32 on CPU.
+    """
+
+    name = "int"
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 32,
+        scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16",
+        compute_dtype: DTypeName = "auto",
+    ) -> None:
+        from qblora_pl.quantization.groupwise_int import GroupwiseIntQuantizer
+
+        GroupwiseIntQuantizer(bits, group_size)  # validates bits and group size now, not mid-run
+        resolve_dtype(scale_dtype)
+        self.bits, self.group_size, self.scale_dtype, self.compute_dtype = bits, group_size, scale_dtype, compute_dtype
+
+    def load(self, model_name_or_path: str) -> nn.Module:
+        from qblora_pl.quantization.groupwise_int import quantize_linear_layers
+
+        dtype = resolve_dtype(self.compute_dtype)
+        # Quantize from the float32 weights so the rounding is not done on bf16 values.
+        model = self._load_float(model_name_or_path, torch.float32)
+        model.requires_grad_(False)
+        if torch.cuda.is_available():
+            model = model.cuda()
+        # Like bitsandbytes: every linear layer but the output head (kept in high precision).
+        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"lm_head"}
+        quantize_linear_layers(model, sorted(names), bits=self.bits, group_size=self.group_size, scale_dtype=resolve_dtype(self.scale_dtype))
+        cast_float_modules(model, dtype)
+        return model
+
+
+class NoQuantization(QuantizationBackend):
+    """A dense 16/32-bit base (LoRA without quantization; a reference for tests and benchmarks).
+
+    Args:
+        compute_dtype: ``"auto"`` = bf16 on CUDA, fp32 on CPU.
+    """
+
+    name = "dense"
+
+    def __init__(self, compute_dtype: DTypeName = "auto") -> None:
+        self.compute_dtype = compute_dtype
+
+    def load(self, model_name_or_path: str) -> nn.Module:
+        model = self._load_float(model_name_or_path, resolve_dtype(self.compute_dtype))
+        model.requires_grad_(False)
+        return model.cuda() if torch.cuda.is_available() else model

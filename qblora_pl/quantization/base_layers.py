@@ -1,0 +1,77 @@
+"""One view over the frozen base linear layers that adapter strategies wrap.
+
+A base layer is one of: a plain ``nn.Linear`` (16/32-bit), a bitsandbytes ``Linear4bit``
+(NF4 / FP4, METHOD.md section 1), or our :class:`GroupwiseIntLinear` (INT-b with one scale and
+one offset per group, METHOD.md section 3). Strategies never touch the quantized storage
+directly: they ask this module for the shape and for ``W_hat = dequant(Q(W))``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+
+try:  # bitsandbytes is a hard dependency, but keep the import failure readable.
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    _BNB_LINEAR4BIT: tuple[type, ...] = (bnb.nn.Linear4bit,)
+except ImportError:  # pragma: no cover - exercised only without bitsandbytes
+    _BNB_LINEAR4BIT = ()
+
+BASE_LINEAR_TYPES: tuple[type, ...] = (nn.Linear, GroupwiseIntLinear, *_BNB_LINEAR4BIT)
+
+
+def is_base_linear(module: nn.Module) -> bool:
+    """True for every layer type an adapter strategy can wrap."""
+    return isinstance(module, BASE_LINEAR_TYPES)
+
+
+def is_nf4_linear(module: nn.Module) -> bool:
+    return bool(_BNB_LINEAR4BIT) and isinstance(module, _BNB_LINEAR4BIT)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a base linear layer, whatever its storage."""
+    if isinstance(module, GroupwiseIntLinear):
+        return module.out_features, module.in_features
+    if is_nf4_linear(module):
+        return module.out_features, module.in_features
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    raise TypeError(f"{type(module).__name__} is not a supported base linear layer")
+
+
+def describe_base(module: nn.Module) -> str:
+    """Short human-readable name of the base's storage, used in errors and summaries."""
+    if isinstance(module, GroupwiseIntLinear):
+        return f"INT{module.bits} g{module.group_size}"
+    if is_nf4_linear(module):
+        quant_type = getattr(module.weight, "quant_type", "nf4")
+        return f"bnb {quant_type.upper()}"
+    return f"dense {module.weight.dtype}".replace("torch.", "")
+
+
+@torch.no_grad()
+def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``W_hat``: the weight the base layer actually computes with, ``(d_out, d_in)``."""
+    if isinstance(module, GroupwiseIntLinear):
+        weight = module.dequantize()
+    elif is_nf4_linear(module):
+        weight = dequantize_4bit(module.weight.data, module.weight.quant_state)
+    elif isinstance(module, nn.Linear):
+        weight = module.weight.detach()
+    else:
+        raise TypeError(f"{type(module).__name__} is not a supported base linear layer")
+    return weight if dtype is None else weight.to(dtype)
+
+
+def logical_numel(module: nn.Module) -> int:
+    """Number of weights a layer represents (packed 4-bit storage holds two per byte)."""
+    if isinstance(module, GroupwiseIntLinear) or is_nf4_linear(module):
+        d_out, d_in = linear_shape(module)
+        bias = getattr(module, "bias", None)
+        return d_out * d_in + (bias.numel() if bias is not None else 0)
+    return sum(p.numel() for p in module.parameters(recurse=False))

@@ -1,0 +1,473 @@
+"""Group-wise asymmetric integer quantization of the frozen base (METHOD.md section 3).
+
+Every row of a weight ``W`` (``d_out x d_in``) is cut into groups of ``g`` consecutive
+input features. Group ``G`` of row ``o`` gets one ``scale`` and one ``offset``; each weight
+keeps a ``b``-bit code ``q`` in ``0 .. 2^b - 1`` and is reconstructed as
+
+    W_hat[o, j] = scale[o, G(j)] * q[o, j] + offset[o, G(j)]
+
+the same form as GGUF Q4_1 / Q5_1 (``w = d * q + m``). The offsets are floats, which is
+what lets QA-LoRA / QA-BLoRA fold a group-constant update into them exactly (METHOD.md
+sections 3 and 4).
+
+Three pieces:
+
+- :class:`GroupwiseIntQuantizer` - the arithmetic: min-max round-to-nearest (and an
+  optional GPTQ-calibrated variant), the one dequantization formula, and a
+  straight-through fake quantizer for QAT (METHOD.md section 5).
+- :class:`GroupwiseIntLinear` - the frozen quantized base layer: bit-packed codes,
+  scales and offsets as buffers, dequantized on the fly in ``forward``. Adapter strategies
+  wrap it; they never copy it.
+- :func:`quantize_linear_layers` - swaps a model's target ``nn.Linear`` layers for
+  :class:`GroupwiseIntLinear` in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qblora_pl.quantization.packing import SUPPORTED_BITS, pack_codes, unpack_codes
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "SUPPORTED_GROUP_SIZES",
+    "GroupwiseIntQuantizer",
+    "GroupwiseIntLinear",
+    "quantize_linear_layers",
+]
+
+SUPPORTED_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward returns the fake-quantized weight, backward passes the gradient unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, fake: Tensor) -> Tensor:  # noqa: ARG004
+        return fake
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ARG004
+        return grad, None
+
+
+class GroupwiseIntQuantizer:
+    """Asymmetric ``bits``-bit quantizer with one scale and offset per ``group_size`` inputs.
+
+    Implements the base format of METHOD.md section 3. ``quantize`` and ``dequantize`` are
+    the only places the format's arithmetic lives; :class:`GroupwiseIntLinear`, the QA-*
+    merges and the exporters all go through them.
+    """
+
+    def __init__(self, bits: int = 4, group_size: int = 32) -> None:
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={bits} is not supported; allowed: {SUPPORTED_BITS}")
+        if group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(
+                f"group_size={group_size} is not supported; allowed: {SUPPORTED_GROUP_SIZES}"
+            )
+        self.bits = bits
+        self.group_size = group_size
+
+    @property
+    def max_code(self) -> int:
+        """Largest code, ``2^bits - 1``."""
+        return (1 << self.bits) - 1
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(bits={self.bits}, group_size={self.group_size})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GroupwiseIntQuantizer):
+            return NotImplemented
+        return (self.bits, self.group_size) == (other.bits, other.group_size)
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.bits, self.group_size))
+
+    # ------------------------------------------------------------------ helpers
+    def num_groups(self, d_in: int) -> int:
+        """Number of quantization groups per row; raises if ``d_in`` is not divisible."""
+        if d_in % self.group_size != 0:
+            raise ValueError(
+                f"d_in={d_in} is not divisible by group_size={self.group_size}"
+            )
+        return d_in // self.group_size
+
+    def _check_weight(self, weight: Tensor) -> None:
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D (d_out, d_in), got shape {tuple(weight.shape)}")
+        self.num_groups(weight.shape[1])
+        if not weight.is_floating_point():
+            raise ValueError(f"weight must be floating point, got {weight.dtype}")
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError("weight contains non-finite values (inf or nan); cannot quantize")
+
+    def _minmax_params(
+        self, groups: Tensor, param_dtype: torch.dtype | None
+    ) -> tuple[Tensor, Tensor]:
+        """Min-max scale and offset over the last dimension, float32 shaped ``groups[..., 0]``.
+
+        With ``param_dtype`` the parameters are rounded to it first (and returned as float32
+        holding the rounded values), so the codes are chosen for the parameters that will
+        actually be stored. A zero scale (constant group) becomes the smallest normal
+        positive number of the storage dtype: the codes are then 0 and the group
+        dequantizes to its offset, i.e. exactly to its value.
+        """
+        lo = groups.amin(dim=-1)
+        hi = groups.amax(dim=-1)
+        scale = (hi - lo) / self.max_code
+        offset = lo
+        store = param_dtype or torch.float32
+        scale = scale.to(store).float()
+        offset = offset.to(store).float()
+        tiny = torch.finfo(store).tiny
+        scale = torch.where(scale > 0, scale, torch.full_like(scale, tiny))
+        return scale, offset
+
+    def _codes(self, groups: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+        q = torch.round((groups - offset.unsqueeze(-1)) / scale.unsqueeze(-1))
+        return q.clamp_(0, self.max_code).to(torch.uint8)
+
+    # ------------------------------------------------------------------ public API
+    def quantize(
+        self, weight: Tensor, param_dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Min-max round-to-nearest quantization of ``weight`` (``d_out x d_in``).
+
+        Per group (METHOD.md section 3): ``offset = min``, ``scale = (max - min) /
+        (2^b - 1)``, ``q = clamp(round((w - offset) / scale), 0, 2^b - 1)``.
+        ``param_dtype`` (e.g. ``torch.float16``) rounds scales and offsets to the dtype
+        they will be stored in before the codes are chosen.
+
+        Returns ``codes`` (``uint8``, ``d_out x d_in``), ``scales`` and ``offsets``
+        (float32, ``d_out x d_in / g``).
+        """
+        self._check_weight(weight)
+        d_out, d_in = weight.shape
+        groups = weight.detach().float().reshape(d_out, self.num_groups(d_in), self.group_size)
+        scale, offset = self._minmax_params(groups, param_dtype)
+        codes = self._codes(groups, scale, offset).reshape(d_out, d_in)
+        return codes, scale, offset
+
+    def dequantize(self, codes: Tensor, scales: Tensor, offsets: Tensor) -> Tensor:
+        """The format's one formula: ``W_hat = scale[G(j)] * q + offset[G(j)]`` in float32.
+
+        ``codes`` is ``(..., d_in)`` (any integer dtype); ``scales`` and ``offsets`` are
+        ``(..., d_in / g)`` of any float dtype (a merged QA-* layer carries float32
+        offsets, METHOD.md sections 3-4). Always computes and returns float32.
+        """
+        d_in = codes.shape[-1]
+        n_groups = self.num_groups(d_in)
+        expected = (*codes.shape[:-1], n_groups)
+        for name, t in (("scales", scales), ("offsets", offsets)):
+            if tuple(t.shape) != expected:
+                raise ValueError(
+                    f"{name} have shape {tuple(t.shape)}, expected {expected} for codes of "
+                    f"shape {tuple(codes.shape)} and group_size={self.group_size}"
+                )
+        q = codes.float().reshape(*expected, self.group_size)
+        w = q * scales.float().unsqueeze(-1) + offsets.float().unsqueeze(-1)
+        return w.reshape(codes.shape)
+
+    def fake_quantize(self, weight: Tensor) -> Tensor:
+        """Quantize-dequantize with a straight-through estimator (METHOD.md section 5).
+
+        Forward returns exactly ``dequantize(*quantize(weight))`` cast to ``weight.dtype``;
+        backward treats the rounding as the identity, so the gradient reaches ``weight``
+        unchanged. Used for QAT of the merged weight.
+        """
+        with torch.no_grad():
+            fake = self.dequantize(*self.quantize(weight)).to(weight.dtype)
+        return _StraightThrough.apply(weight, fake)
+
+    @torch.no_grad()
+    def quantize_gptq(
+        self,
+        weight: Tensor,
+        hessian_inputs: Tensor | Iterable[Tensor],
+        damp: float = 0.01,
+        block_size: int = 128,
+        param_dtype: torch.dtype | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """GPTQ-calibrated quantization (Frantar et al., 2023) into the same format.
+
+        The usual initialisation for QA-LoRA bases (METHOD.md section 3). ``hessian_inputs``
+        are a few batches of the layer's inputs (each ``(..., d_in)``); they define
+        ``H = 2 X^T X / N``. Columns are quantized left to right; each column's rounding
+        error is spread over the not yet quantized columns through the inverse Hessian's
+        Cholesky factor, which lowers ``||X W^T - X W_hat^T||`` compared with
+        round-to-nearest. A group's min-max scale and offset are computed when the sweep
+        reaches its first column, from the error-updated weights (no activation
+        reordering, so groups stay contiguous). ``damp`` is the fraction of the mean
+        Hessian diagonal added to the diagonal.
+
+        Returns ``codes``, ``scales``, ``offsets`` exactly as :meth:`quantize`.
+        """
+        self._check_weight(weight)
+        d_out, d_in = weight.shape
+        g = self.group_size
+        n_groups = self.num_groups(d_in)
+        if isinstance(hessian_inputs, Tensor):
+            hessian_inputs = [hessian_inputs]
+        hessian = torch.zeros(d_in, d_in, dtype=torch.float32, device=weight.device)
+        n_rows = 0
+        for batch in hessian_inputs:
+            if batch.shape[-1] != d_in:
+                raise ValueError(
+                    f"calibration input has last dimension {batch.shape[-1]}, expected d_in={d_in}"
+                )
+            x = batch.detach().reshape(-1, d_in).to(device=weight.device, dtype=torch.float32)
+            hessian += x.T @ x
+            n_rows += x.shape[0]
+        if n_rows == 0:
+            raise ValueError("quantize_gptq needs at least one calibration row; got none")
+        hessian *= 2.0 / n_rows
+
+        w = weight.detach().float().clone()
+        dead = torch.diag(hessian) == 0
+        hessian[dead, dead] = 1.0
+        w[:, dead] = 0.0
+        hessian.diagonal().add_(damp * torch.diag(hessian).mean())
+        chol = torch.linalg.cholesky(hessian)
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+
+        # Block boundaries on group boundaries, so every group lies inside one block.
+        block = max(g, (block_size // g) * g)
+        codes = torch.zeros(d_out, d_in, dtype=torch.uint8, device=weight.device)
+        scales = torch.zeros(d_out, n_groups, dtype=torch.float32, device=weight.device)
+        offsets = torch.zeros_like(scales)
+        for i1 in range(0, d_in, block):
+            i2 = min(i1 + block, d_in)
+            w1 = w[:, i1:i2].clone()
+            err1 = torch.zeros_like(w1)
+            hinv1 = hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if col % g == 0:
+                    gi = col // g
+                    s, m = self._minmax_params(w1[:, i : i + g], param_dtype)
+                    scales[:, gi], offsets[:, gi] = s, m
+                s, m = scales[:, col // g], offsets[:, col // g]
+                column = w1[:, i]
+                q = torch.round((column - m) / s).clamp_(0, self.max_code)
+                codes[:, col] = q.to(torch.uint8)
+                err = (column - (q * s + m)) / hinv1[i, i]
+                w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+                err1[:, i] = err
+            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        return codes, scales, offsets
+
+
+class GroupwiseIntLinear(nn.Module):
+    """Frozen linear layer whose weight is stored group-wise quantized (METHOD.md section 3).
+
+    Buffers (nothing here is a parameter; nothing trains):
+
+    - ``packed_codes``: ``uint8`` ``(d_out, d_in * bits / 8)``, bit-packed codes.
+    - ``scales``, ``offsets``: ``(d_out, d_in / group_size)`` in ``scale_dtype``.
+    - ``bias`` (optional): ``(d_out,)`` float32 (lossless for fp16 / bf16 / fp32 biases).
+
+    :meth:`dequantize` is the single code path that produces ``W_hat`` - for the training
+    forward and for merges and exports alike. A QA-* merge may replace ``self.offsets`` with
+    a float32 tensor (offsets + folded update); ``dequantize`` accepts any float dtype.
+
+    ``module.to(dtype)`` / ``.half()`` move these buffers between devices but never change
+    the dtype of ``scales``, ``offsets`` or ``bias``: a precision plugin casting the model
+    must not round the quantization parameters (fp16 -> bf16 would lose three mantissa bits).
+
+    Memory per weight: ``(bits + 2 * 16 / group_size) / 8`` bytes with fp16 scales/offsets.
+    """
+
+    _QUANT_FLOAT_BUFFERS = ("scales", "offsets", "bias")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 4,
+        group_size: int = 32,
+        bias: bool = False,
+        scale_dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Allocate zeroed buffers of the right shapes, e.g. for a model skeleton to load into."""
+        super().__init__()
+        self.quantizer = GroupwiseIntQuantizer(bits, group_size)
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(
+                f"in_features={in_features} and out_features={out_features} must be positive"
+            )
+        n_groups = self.quantizer.num_groups(in_features)
+        if not scale_dtype.is_floating_point:
+            raise ValueError(f"scale_dtype must be a floating dtype, got {scale_dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.scale_dtype = scale_dtype
+        self.register_buffer(
+            "packed_codes",
+            torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device),
+        )
+        self.register_buffer(
+            "scales", torch.zeros(out_features, n_groups, dtype=scale_dtype, device=device)
+        )
+        self.register_buffer(
+            "offsets", torch.zeros(out_features, n_groups, dtype=scale_dtype, device=device)
+        )
+        if bias:
+            self.register_buffer(
+                "bias", torch.zeros(out_features, dtype=torch.float32, device=device)
+            )
+        else:
+            self.register_buffer("bias", None)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        bits: int = 4,
+        group_size: int = 32,
+        scale_dtype: torch.dtype = torch.float16,
+        calibration_inputs: Tensor | Iterable[Tensor] | None = None,
+    ) -> GroupwiseIntLinear:
+        """Quantize ``linear.weight`` into a new frozen layer on the weight's device.
+
+        Min-max round-to-nearest by default; with ``calibration_inputs`` (batches of the
+        layer's inputs) GPTQ is used instead (:meth:`GroupwiseIntQuantizer.quantize_gptq`).
+        Scales and offsets are rounded to ``scale_dtype`` before the codes are chosen. The
+        bias is copied (as float32).
+        """
+        weight = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bits=bits,
+            group_size=group_size,
+            bias=linear.bias is not None,
+            scale_dtype=scale_dtype,
+            device=weight.device,
+        )
+        with torch.no_grad():
+            if calibration_inputs is None:
+                codes, scales, offsets = layer.quantizer.quantize(weight, param_dtype=scale_dtype)
+            else:
+                codes, scales, offsets = layer.quantizer.quantize_gptq(
+                    weight, calibration_inputs, param_dtype=scale_dtype
+                )
+            layer.packed_codes.copy_(pack_codes(codes, bits))
+            layer.scales.copy_(scales)
+            layer.offsets.copy_(offsets)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)`` - the shape of the dequantized weight."""
+        return (self.out_features, self.in_features)
+
+    def codes(self) -> Tensor:
+        """The unpacked ``uint8`` codes, ``(d_out, d_in)``."""
+        return unpack_codes(self.packed_codes, self.bits, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``W_hat`` (``d_out x d_in``) from this layer's codes, scales and offsets.
+
+        The one code path for the training forward, merges and exports (METHOD.md
+        sections 3-4). Computed in float32, then cast to ``dtype`` if given.
+        """
+        w = self.quantizer.dequantize(self.codes(), self.scales, self.offsets)
+        return w if dtype is None else w.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``y = x W_hat^T + b`` with ``W_hat`` dequantized on the fly in ``x.dtype``."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the packed codes, scales, offsets and bias."""
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.packed_codes, self.scales, self.offsets, self.bias)
+            if t is not None
+        )
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GroupwiseIntLinear:
+        # Let device moves through but keep the storage dtype of the quantization buffers:
+        # ``model.to(torch.bfloat16)`` must not round fp16 scales or a merged fp32 offset.
+        before = {name: self._buffers.get(name) for name in self._QUANT_FLOAT_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers.get(name)
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}, "
+            f"scale_dtype={self.scale_dtype}"
+        )
+
+
+def quantize_linear_layers(
+    model: nn.Module,
+    target_names: Iterable[str] | Callable[[str], bool],
+    bits: int = 4,
+    group_size: int = 32,
+    scale_dtype: torch.dtype = torch.float16,
+) -> list[str]:
+    """Replace target ``nn.Linear`` layers of ``model`` in place with :class:`GroupwiseIntLinear`.
+
+    Builds the frozen low-bit base of METHOD.md section 3. ``target_names`` is either a
+    collection of last name components (``{"q_proj", "down_proj"}``) or a predicate on the
+    fully qualified module name. All matched layers are checked before any is replaced, so
+    a shape error leaves the model untouched.
+
+    Returns the qualified names of the replaced layers. Raises ``ValueError`` listing the
+    available linear layer names if nothing matched, and naming the layer if its ``d_in``
+    is not divisible by ``group_size``.
+    """
+    GroupwiseIntQuantizer(bits, group_size)  # validates bits and group_size up front
+    if callable(target_names):
+        matches = target_names
+        wanted = "predicate"
+    else:
+        if isinstance(target_names, str):
+            target_names = [target_names]
+        targets = frozenset(target_names)
+        wanted = sorted(targets)
+
+        def matches(name: str) -> bool:
+            return name.rsplit(".", 1)[-1] in targets
+
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = [(n, m) for n, m in linears if n and matches(n)]
+    if not chosen:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+        raise ValueError(
+            f"no nn.Linear layer matched target_names={wanted}; available linear layer "
+            f"names: {kinds} ({len(linears)} layers)"
+        )
+    for name, linear in chosen:
+        if linear.in_features % group_size != 0:
+            raise ValueError(
+                f"layer {name}: d_in={linear.in_features} is not divisible by "
+                f"group_size={group_size}"
+            )
+    replaced = []
+    for name, linear in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        quantized = GroupwiseIntLinear.from_linear(linear, bits, group_size, scale_dtype)
+        setattr(parent, child, quantized)
+        replaced.append(name)
+    return replaced

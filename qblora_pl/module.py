@@ -68,10 +68,14 @@ class QuantizedCausalLM(pl.LightningModule):
             raise ValueError(f"learning_rate={learning_rate} must be a positive finite number")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
-        self.save_hyperparameters()
+        # Hyper-parameters stay plain data (checkpoints load with weights_only=True): the
+        # strategy and backend objects are recorded by their class and arguments.
+        self.save_hyperparameters(ignore=["quantization", "adapter"])
         self.model_name_or_path = model_name_or_path
         self.quantization = quantization if quantization is not None else NF4()
         self.adapter = adapter if adapter is not None else LoRA()
+        self.hparams["quantization"] = self.quantization.describe()
+        self.hparams["adapter"] = {"class": type(self.adapter).__name__, **self.adapter.hparams()}
         self.target_modules = list(target_modules)
         self.model: torch.nn.Module | None = None
         # Checkpoints hold adapters only, so the frozen base's keys are absent by design;
@@ -89,6 +93,7 @@ class QuantizedCausalLM(pl.LightningModule):
         if self.hparams.gradient_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage
         self.model = model
         trainable, total = count_parameters(model)
         rank_zero_info(

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny randomly initialised Llama with a real tokenizer, and tiny data.
+
+Unit tests of the framework's mechanics run on this in-process model (seconds on CPU);
+tests that need a *pretrained* model use the embedded one in qblora_pl/assets.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.data.tokenizer_fixture import build_tiny_tokenizer
+
+TINY_RECORDS = [
+    {"instruction": f"Add {a} and {b}.", "input": "", "output": str(a + b)}
+    for a in range(8)
+    for b in range(8)
+] + [
+    {"instruction": "Repeat the word.", "input": w, "output": f"{w} {w}"}
+    for w in ["cat", "mat", "sits", "tips", "diet", "sleep", "text", "French"]
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64, intermediate 128) saved with its tokenizer, HF format."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_tokenizer(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """train/val/test JSON splits of simple, learnable instruction records."""
+    directory = tmp_path_factory.mktemp("tiny-data")
+    records = list(TINY_RECORDS)
+    (directory / "train.json").write_text(json.dumps(records[:56]))
+    (directory / "val.json").write_text(json.dumps(records[56:64]))
+    (directory / "test.json").write_text(json.dumps(records[64:]))
+    return directory

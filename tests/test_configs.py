@@ -1,0 +1,63 @@
+"""Every shipped YAML config parses and instantiates through the CLI (STYLE.md practice 6)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from qblora_pl.adapters import LoRA, QABLoRA, QALoRA, QBLoRA
+from qblora_pl.cli import QBLoRACLI
+from qblora_pl.data.instruction import InstructionDataModule
+from qblora_pl.module import QuantizedCausalLM
+from qblora_pl.quantization import NF4, GroupwiseInt
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+METHOD_CONFIGS = {"qlora": (NF4, LoRA), "qblora": (NF4, QBLoRA), "qalora": (GroupwiseInt, QALoRA), "qablora": (GroupwiseInt, QABLoRA)}
+
+
+def _cli(args):
+    with mock.patch.object(sys, "argv", ["main.py"]):
+        return QBLoRACLI(
+            QuantizedCausalLM, InstructionDataModule, run=False, args=args, save_config_kwargs={"overwrite": True}
+        )
+
+
+def test_every_config_is_covered():
+    shipped = {p.stem for p in CONFIG_DIR.glob("*.yaml")}
+    assert set(METHOD_CONFIGS) <= shipped
+    assert shipped - set(METHOD_CONFIGS) <= {"fsdp"}, "a new config needs a parse test"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_config_starts_with_its_command(name):
+    first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0]
+    assert first.startswith("# python main.py fit --config configs/"), first
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_CONFIGS))
+def test_method_config_instantiates(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = _cli(["--config", str(CONFIG_DIR / f"{name}.yaml")])
+    backend, strategy = METHOD_CONFIGS[name]
+    assert isinstance(cli.model.quantization, backend)
+    assert isinstance(cli.model.adapter, strategy)
+    assert cli.datamodule.tokenizer_name_or_path == cli.model.model_name_or_path
+    assert cli.trainer.max_steps > 0 and cli.trainer.gradient_clip_val == 0.3
+
+
+def test_configs_compose_and_command_line_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    override = tmp_path / "override.yaml"
+    override.write_text("model:\n  learning_rate: 0.001\n")
+    cli = _cli(["--config", str(CONFIG_DIR / "qblora.yaml"), "--config", str(override), "--model.adapter.init_args.r", "4"])
+    assert cli.model.hparams.learning_rate == 0.001
+    assert cli.model.adapter.r == 4
+
+
+def test_bad_strategy_hyperparameter_is_rejected_at_parse_time(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((SystemExit, ValueError)):
+        _cli(["--config", str(CONFIG_DIR / "qablora.yaml"), "--model.quantization.init_args.bits", "5"])

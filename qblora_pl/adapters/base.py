@@ -60,12 +60,10 @@ class AdapterModule(nn.Module, ABC):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def factors(self) -> list[torch.Tensor]:
-        """The factors whose product (with fixed pooling/expansion maps) gives ``dW``.
-
-        Used by diagnostics to get the update's spectrum without materialising ``dW``.
-        """
-        return [p for p in self.parameters()]
+    def update_singular_values(self) -> torch.Tensor:
+        """Singular values of ``dW`` (descending). Subclasses compute them from the factors,
+        without materialising the ``d_out x d_in`` update; this fallback is the dense SVD."""
+        return torch.linalg.svdvals(self.delta_weight().float())
 
     def shapes(self) -> dict[str, list[int]]:
         return {name: list(p.shape) for name, p in self.named_parameters()}
@@ -157,6 +155,18 @@ def require_divisible(layer_name: str, dim_name: str, dim: int, factor_name: str
         raise AdapterConfigError(
             f"layer {layer_name}: {dim_name}={dim} is not divisible by {factor_name}={factor}"
         )
+
+
+@torch.no_grad()
+def low_rank_singular_values(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``left @ right`` (``n x r`` times ``r x m``) via two thin QRs.
+
+    ``left = Q1 R1`` and ``right^T = Q2 R2`` give ``left @ right = Q1 (R1 R2^T) Q2^T``, so the
+    spectrum is that of the small ``r x r`` core: O((n + m) r^2) instead of a dense SVD.
+    """
+    _, r_left = torch.linalg.qr(left.float())
+    _, r_right = torch.linalg.qr(right.float().T)
+    return torch.linalg.svdvals(r_left @ r_right.T)
 
 
 def kaiming_uniform_(weight: torch.Tensor) -> torch.Tensor:

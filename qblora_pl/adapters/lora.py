@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qblora_pl.adapters.base import AdapterConfigError, AdapterModule, AdapterStrategy, kaiming_uniform_
+from qblora_pl.adapters.base import AdapterConfigError, AdapterModule, AdapterStrategy, kaiming_uniform_, low_rank_singular_values
 
 
 class LoRAAdapter(AdapterModule):
@@ -23,6 +23,9 @@ class LoRAAdapter(AdapterModule):
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)
+
+    def update_singular_values(self) -> torch.Tensor:
+        return self.scaling * low_rank_singular_values(self.lora_B, self.lora_A)
 
 
 class LoRA(AdapterStrategy):

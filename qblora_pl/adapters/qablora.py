@@ -29,6 +29,10 @@ class QABLoRAAdapter(GroupConstantAdapter):
     def window_delta(self) -> torch.Tensor:
         return (self.scaling * self.balanced_M / self.pool_window).repeat_interleave(self.k_out, dim=0)
 
+    def update_singular_values(self) -> torch.Tensor:
+        # dW = s E M P with E^T E = k_out I and P P^T = I / window: the spectrum of the small M.
+        return self.scaling * (self.k_out / self.pool_window) ** 0.5 * torch.linalg.svdvals(self.balanced_M.detach().float())
+
 
 class QABLoRA(AdapterStrategy):
     """QA-BLoRA on a group-wise INT-b base.

@@ -16,6 +16,7 @@ from qblora_pl.adapters.base import (
     AdapterStrategy,
     GroupConstantAdapter,
     kaiming_uniform_,
+    low_rank_singular_values,
     require_divisible,
 )
 from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
@@ -33,6 +34,10 @@ class QALoRAAdapter(GroupConstantAdapter):
 
     def window_delta(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A) / self.pool_window
+
+    def update_singular_values(self) -> torch.Tensor:
+        # dW = s (B A) P with P P^T = I / window (mean pooling).
+        return self.scaling / self.pool_window**0.5 * low_rank_singular_values(self.lora_B, self.lora_A)
 
 
 def resolve_pool_window(layer_name: str, base: GroupwiseIntLinear, pool_window: int | None, d_in: int) -> int:

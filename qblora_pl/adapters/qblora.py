@@ -20,6 +20,7 @@ from qblora_pl.adapters.base import (
     AdapterModule,
     AdapterStrategy,
     kaiming_uniform_,
+    low_rank_singular_values,
     require_divisible,
 )
 
@@ -39,6 +40,11 @@ class QBLoRAAdapter(AdapterModule):
     def delta_weight(self) -> torch.Tensor:
         tile = self.scaling * (self.lora_B @ self.lora_A) / self.k_in
         return tile.repeat_interleave(self.k_out, dim=0).repeat_interleave(self.k_in, dim=1)
+
+    def update_singular_values(self) -> torch.Tensor:
+        # dW = s E (B A) P with E^T E = k_out I (repeat) and P P^T = I / k_in (mean pooling).
+        factor = self.scaling * (self.k_out / self.k_in) ** 0.5
+        return factor * low_rank_singular_values(self.lora_B, self.lora_A)
 
 
 class QBLoRA(AdapterStrategy):

@@ -187,3 +187,24 @@ def test_qa_strategy_rejects_nf4_base():
 def test_bad_hyperparameters(kwargs):
     with pytest.raises(AdapterConfigError):
         LoRA(**kwargs)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_factored_singular_values_equal_dense_svd(name):
+    strategy, make_base = STRATEGIES[name]
+    layer = _randomize(strategy.wrap("layer", make_base()))
+    factored = layer.adapter.update_singular_values()
+    dense = torch.linalg.svdvals(layer.adapter.delta_weight())
+    n = min(len(factored), len(dense))
+    torch.testing.assert_close(factored[:n], dense[:n], atol=1e-5, rtol=1e-4)
+    assert float(dense[n:].abs().sum()) < 1e-4  # the rest of the dense spectrum is zero
+
+
+@pytest.mark.parametrize("name", ["qalora", "qablora"])
+def test_training_weight_equals_merged_int_weight(name):
+    """One code path: what training computes (W_hat + dW) is what the merged INT-b layer holds."""
+    strategy, make_base = STRATEGIES[name]
+    layer = _randomize(strategy.wrap("layer", make_base()))
+    training_weight = dequantized_weight(layer.base_layer, torch.float32) + layer.adapter.delta_weight()
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer.dequantize(torch.float32), training_weight, atol=1e-6, rtol=0)

@@ -193,6 +193,9 @@ class AdaptedLinear(nn.Module):
         self.adapter = adapter
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        # Set by the QAT schedule: an object whose .weight(self) is the fake-quantized merged
+        # weight the export will hold (qblora_pl.qat); None trains the plain adapter.
+        self.fake_quant = None
         # What merge() replaced (original offsets or the original base module). A plain list,
         # so nn.Module does not register the stashed base as a submodule of its own.
         self._unmerged_stash: list[nn.Module | torch.Tensor] = []
@@ -200,6 +203,12 @@ class AdaptedLinear(nn.Module):
         self.in_features, self.out_features = d_in, d_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fake_quant is not None and not self.merged:
+            # QAT: compute with the weight the export will write (adapter dropout does not
+            # apply: the update is inside the weight).
+            weight = self.fake_quant.weight(self)
+            bias = self.base_bias
+            return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
         result = self.base_layer(x)
         if self.merged:
             return result

@@ -64,9 +64,12 @@ class GroupwiseIntQuantizer:
     merges and the exporters all go through them.
     """
 
-    def __init__(self, bits: int = 4, group_size: int = 32) -> None:
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={bits} is not supported; allowed: {SUPPORTED_BITS}")
+    def __init__(self, bits: int = 4, group_size: int = 32, packable: bool = True) -> None:
+        """``packable=False`` admits any width in 2..8 for arithmetic only (fake quantization
+        during bit annealing, e.g. 6 bits); stored, bit-packed codes need ``SUPPORTED_BITS``."""
+        allowed = SUPPORTED_BITS if packable else tuple(range(2, 9))
+        if bits not in allowed:
+            raise ValueError(f"bits={bits} is not supported; allowed: {allowed}")
         if group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(
                 f"group_size={group_size} is not supported; allowed: {SUPPORTED_GROUP_SIZES}"
@@ -175,15 +178,17 @@ class GroupwiseIntQuantizer:
         w = q * scales.float().unsqueeze(-1) + offsets.float().unsqueeze(-1)
         return w.reshape(codes.shape)
 
-    def fake_quantize(self, weight: Tensor) -> Tensor:
+    def fake_quantize(self, weight: Tensor, param_dtype: torch.dtype | None = None) -> Tensor:
         """Quantize-dequantize with a straight-through estimator (METHOD.md section 5).
 
-        Forward returns exactly ``dequantize(*quantize(weight))`` cast to ``weight.dtype``;
-        backward treats the rounding as the identity, so the gradient reaches ``weight``
-        unchanged. Used for QAT of the merged weight.
+        Forward returns exactly ``dequantize(*quantize(weight, param_dtype))`` cast to
+        ``weight.dtype``; backward treats the rounding as the identity, so the gradient
+        reaches ``weight`` unchanged. Used for QAT of the merged weight; pass the storage
+        dtype of the export (``GroupwiseIntLinear.from_linear``'s ``scale_dtype``) so that
+        training sees exactly the weights the export will write.
         """
         with torch.no_grad():
-            fake = self.dequantize(*self.quantize(weight)).to(weight.dtype)
+            fake = self.dequantize(*self.quantize(weight, param_dtype)).to(weight.dtype)
         return _StraightThrough.apply(weight, fake)
 
     @torch.no_grad()

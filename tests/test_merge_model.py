@@ -1,0 +1,70 @@
+"""Whole-model merges on the embedded pretrained model (METHOD.md sections 3-4).
+
+QA-LoRA / QA-BLoRA with non-zero adapters merge into the INT-b offsets: the merged model's
+logits equal the unmerged model's, every weight stays b-bit, and unmerge restores it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qblora_pl.adapters import LoRA, QABLoRA, QALoRA, QBLoRA
+from qblora_pl.adapters.injection import adapted_layers
+from qblora_pl.merging import merge_adapters, merged, requantize_merged, unmerge_adapters
+from qblora_pl.module import QuantizedCausalLM
+from qblora_pl.paths import EMBEDDED_MODEL_DIR
+from qblora_pl.quantization import NF4, GroupwiseInt
+from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+
+
+def _module(quantization, adapter) -> QuantizedCausalLM:
+    module = QuantizedCausalLM(str(EMBEDDED_MODEL_DIR), quantization=quantization, adapter=adapter)
+    module.configure_model()
+    module.model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a zero adapter proves nothing
+        for layer in adapted_layers(module.model).values():
+            for p in layer.adapter.parameters():
+                p.normal_(0, 0.02)
+    return module
+
+
+def _ids(module) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randint(3, module.model.config.vocab_size, (2, 48))
+
+
+@pytest.mark.parametrize("adapter", [QALoRA(r=8, dropout=0.0), QABLoRA(budget_rank=8, dropout=0.0)], ids=["qalora", "qablora"])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_qa_merge_is_exact_and_low_bit_on_embedded_model(adapter, bits):
+    module = _module(GroupwiseInt(bits=bits, group_size=32), adapter)
+    ids = _ids(module)
+    with torch.no_grad():
+        unmerged = module.model(ids).logits
+        base_codes = {n: l.base_layer.packed_codes.clone() for n, l in adapted_layers(module.model).items()}
+        how = merge_adapters(module.model)
+        merged_logits = module.model(ids).logits
+    assert set(how.values()) == {"offsets"}
+    assert (merged_logits - unmerged).abs().max() <= 1e-4
+    for name, layer in adapted_layers(module.model).items():
+        assert isinstance(layer.base_layer, GroupwiseIntLinear) and layer.base_layer.bits == bits
+        assert torch.equal(layer.base_layer.packed_codes, base_codes[name])
+    unmerge_adapters(module.model)
+    with torch.no_grad():
+        torch.testing.assert_close(module.model(ids).logits, unmerged, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("adapter", [LoRA(r=8, dropout=0.0), QBLoRA(r=8, dropout=0.0)], ids=["qlora", "qblora"])
+def test_dense_merge_is_exact_and_requantization_is_lossy(adapter):
+    module = _module(NF4(), adapter)
+    ids = _ids(module)
+    with torch.no_grad():
+        unmerged = module.model(ids).logits
+        with merged(module.model):
+            dense = module.model(ids).logits
+        merge_adapters(module.model)
+        requantize_merged(module.model, bits=2, group_size=32)
+        requantized = module.model(ids).logits
+    assert (dense - unmerged).abs().max() <= 1e-4
+    assert (requantized - unmerged).abs().max() > 1e-2

@@ -55,9 +55,14 @@ def test_qa_merge_is_exact_and_low_bit_on_embedded_model(adapter, bits):
         torch.testing.assert_close(module.model(ids).logits, unmerged, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("adapter", [LoRA(r=8, dropout=0.0), QBLoRA(r=8, dropout=0.0)], ids=["qlora", "qblora"])
+@pytest.mark.parametrize("adapter", [LoRA(r=8, dropout=0.0), QBLoRA(r=8, dropout=0.0)], ids=["lora", "qblora"])
 def test_dense_merge_is_exact_and_requantization_is_lossy(adapter):
-    module = _module(NF4(), adapter)
+    """LoRA / Q-BLoRA merge into a dense copy of W_hat + dW exactly; re-quantizing it is lossy.
+
+    Run on the INT-b base, whose forward is exact fp32 arithmetic on CPU, so any difference
+    is the merge's own.
+    """
+    module = _module(GroupwiseInt(bits=4, group_size=32), adapter)
     ids = _ids(module)
     with torch.no_grad():
         unmerged = module.model(ids).logits
@@ -68,3 +73,17 @@ def test_dense_merge_is_exact_and_requantization_is_lossy(adapter):
         requantized = module.model(ids).logits
     assert (dense - unmerged).abs().max() <= 1e-4
     assert (requantized - unmerged).abs().max() > 1e-2
+
+
+def test_nf4_dense_merge_matches_within_the_bnb_kernel_precision():
+    """On CPUs with AVX512-BF16, bitsandbytes' NF4 inference kernel computes in bf16 (and keeps
+    the block scales in bf16), so the unmerged NF4 model's logits carry bf16 rounding that the
+    fp32 dense merge does not: the two agree to bf16 precision, not to 1e-4."""
+    module = _module(NF4(), QBLoRA(r=8, dropout=0.0))
+    ids = _ids(module)
+    with torch.no_grad():
+        unmerged = module.model(ids).logits
+        with merged(module.model):
+            dense = module.model(ids).logits
+    assert (dense - unmerged).abs().max() <= 0.1
+    assert (dense - unmerged).abs().max() <= 0.01 * unmerged.abs().max()

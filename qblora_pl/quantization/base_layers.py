@@ -8,6 +8,8 @@ directly: they ask this module for the shape and for ``W_hat = dequant(Q(W))``.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -60,12 +62,29 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> t
     if isinstance(module, GroupwiseIntLinear):
         weight = module.dequantize()
     elif is_nf4_linear(module):
-        weight = dequantize_4bit(module.weight.data, module.weight.quant_state)
+        weight = _dequantize_nf4(module)
     elif isinstance(module, nn.Linear):
         weight = module.weight.detach()
     else:
         raise TypeError(f"{type(module).__name__} is not a supported base linear layer")
     return weight if dtype is None else weight.to(dtype)
+
+
+def _dequantize_nf4(module: nn.Module) -> torch.Tensor:
+    """Dequantize a bnb 4-bit layer, whichever storage layout it is in right now.
+
+    On CPUs with AVX512-BF16, bitsandbytes rewrites a ``Linear4bit``'s weight in place into a
+    kernel layout on its first eval-mode, no-grad forward (e.g. validation) and marks the quant
+    state ``packing_format_for_cpu``; ``dequantize_4bit`` does not read that layout. Undo it on
+    a copy of the state (bitsandbytes' inverse mutates the state it is given), leaving the
+    layer as it is.
+    """
+    data, state = module.weight.data, module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        data, state = _convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+    return dequantize_4bit(data, state)
 
 
 def logical_numel(module: nn.Module) -> int:

@@ -62,3 +62,21 @@ def test_lora_output_and_gradients_equal_peft(d_in, d_out, r):
     torch.testing.assert_close(x_ours.grad, x_peft.grad, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.adapter.lora_A.grad, peft_layer.lora_A["default"].weight.grad, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.adapter.lora_B.grad, peft_layer.lora_B["default"].weight.grad, atol=1e-5, rtol=0)
+
+
+def test_dequantized_weight_survives_bnb_cpu_repacking():
+    """bnb may repack NF4 weights in place on an eval no-grad forward (AVX512-BF16 CPUs);
+    the weight our merges read must stay the layer's weight either way."""
+    from qblora_pl.quantization.base_layers import dequantized_weight
+
+    layer = _nf4_layer(128, 64, seed=0)
+    before = dequantized_weight(layer).clone()
+    x = torch.randn(2, 128)
+    layer.eval()
+    with torch.no_grad():
+        y = layer(x)
+    after = dequantized_weight(layer)
+    assert (after - before).abs().max() <= 4e-3 * before.abs().max()  # bnb keeps absmax in bf16 there
+    torch.testing.assert_close(x @ after.T + layer.bias, y, atol=2e-2, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), y)  # the layer itself is left as it was

@@ -1,0 +1,94 @@
+"""Export the fine-tuned model, merged and low-bit, when training ends.
+
+Add to a config::
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.merge_export.MergeExport
+          init_args:
+            output_dir: exports          # relative to trainer.default_root_dir
+            formats: [native, gguf, hf]  # project INT-b checkpoint, llama.cpp GGUF, dense HF dir
+            gguf_fallback: f16           # for layers with no exact GGUF type (LoRA merges, INT2/3/8)
+
+The same export runs on a saved adapter checkpoint through
+:func:`qblora_pl.export.export_from_checkpoint`. See docs/export.md for the formats, which
+merges are exact (QA-LoRA / QA-BLoRA on INT4 g32k: native and GGUF Q4_1) and which are lossy
+re-quantizations (LoRA / Q-BLoRA), and what the verification measures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+
+from qblora_pl.export.exporter import EXPORT_FORMATS, check_formats, export_module
+
+
+class MergeExport(pl.Callback):
+    """Merge the adapters into the model at the end of ``fit`` and write it for deployment.
+
+    Args:
+        output_dir: where the exports go; a relative path is taken relative to
+            ``trainer.default_root_dir``.
+        formats: any of ``native`` (the project's INT-b checkpoint, :func:`qblora_pl.export.load_native`),
+            ``gguf`` (llama.cpp) and ``hf`` (merged dense Hugging Face directory).
+        verify: load every export back, run a validation batch (the datamodule's first val
+            batch, else fixed tokens) and record the max logit difference from the in-memory
+            merged model and both perplexities in ``export_report.json``.
+        gguf_fallback: GGUF type for layers Q4_1 cannot hold exactly: ``f16`` or
+            ``requantize_q4_1`` (round-to-nearest). Either is announced with a warning.
+        dense_dtype: dtype of the merged Hugging Face export (``float16``, ``bfloat16``, ``float32``).
+        native_bits: bits for layers the native export must re-quantize (dense LoRA / Q-BLoRA merges).
+        native_group_size: group size for those re-quantized layers.
+    """
+
+    def __init__(
+        self,
+        output_dir: str = "exports",
+        formats: list[str] = list(EXPORT_FORMATS),
+        verify: bool = True,
+        gguf_fallback: Literal["f16", "requantize_q4_1"] = "f16",
+        dense_dtype: str = "float16",
+        native_bits: int = 4,
+        native_group_size: int = 32,
+    ) -> None:
+        super().__init__()
+        self.output_dir = output_dir
+        self.formats = check_formats(formats)
+        self.verify = verify
+        self.gguf_fallback = gguf_fallback
+        self.dense_dtype = dense_dtype
+        self.native_bits = native_bits
+        self.native_group_size = native_group_size
+        self.report: dict[str, Any] | None = None
+
+    def resolve_output_dir(self, trainer: pl.Trainer) -> Path:
+        path = Path(self.output_dir).expanduser()
+        return path if path.is_absolute() else Path(trainer.default_root_dir) / path
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.report = export_module(
+            pl_module,
+            self.resolve_output_dir(trainer),
+            trainer=trainer,
+            formats=self.formats,
+            verify=self.verify,
+            gguf_fallback=self.gguf_fallback,
+            dense_dtype=self.dense_dtype,
+            native_bits=self.native_bits,
+            native_group_size=self.native_group_size,
+            log=rank_zero_info,
+        )
+        if self.verify and trainer.logger is not None:
+            metrics = {}
+            for fmt, result in self.report["formats"].items():
+                check = result.get("verification", {})
+                for key in ("max_abs_logit_diff", "argmax_agreement", "ppl"):
+                    if key in check:
+                        metrics[f"export/{fmt}/{key}"] = check[key]
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)

@@ -1,0 +1,491 @@
+"""Write a merged Llama model as a GGUF file that llama.cpp runs.
+
+Why GGUF Q4_1 is the natural target for QA-LoRA / QA-BLoRA: a Q4_1 block is 32 weights with
+``w = d * q + m`` (``d``, ``m`` fp16, ``q`` 4-bit) - the same form as our INT4 base,
+``W = scale[G] * q + offset[G]`` (METHOD.md section 5). A group of 32, 64 or 128 maps onto
+1, 2 or 4 Q4_1 blocks that share ``d`` and ``m``; the codes are copied, and the only loss is
+rounding the merged (float32) offsets - and non-fp16 scales - to fp16, which is measured.
+
+Byte layout (ggml ``ggml/src/ggml-common.h``)::
+
+    typedef struct { ggml_half d; ggml_half m; uint8_t qs[QK4_1 / 2]; } block_q4_1;  // QK4_1 = 32
+
+``qs[j]`` holds ``q[j]`` in its low nibble and ``q[j + 16]`` in its high nibble. The test suite
+checks :func:`pack_q4_1` bit for bit against ``gguf.quants.dequantize``.
+
+Layers that cannot be Q4_1 exactly (a dense LoRA / Q-BLoRA merge, an NF4 base, INT2/3/8 codes)
+take the ``fallback``: ``"f16"`` (the dense weight rounded to fp16) or ``"requantize_q4_1"``
+(round-to-nearest Q4_1 of the dense weight); an :class:`ExportFallbackWarning` names the
+layers and the measured error.
+
+Like llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel.modify_tensors``), the rows of
+``q_proj`` / ``k_proj`` are permuted from Hugging Face's rotate-half RoPE layout to the
+interleaved layout llama.cpp uses. Permuting output rows keeps every row's blocks intact, so a
+Q4_1 tensor is permuted by permuting the rows of its codes, scales and offsets.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qblora_pl.export.atomic import atomic_file
+from qblora_pl.export.snapshot import (
+    FROZEN_DENSE,
+    ExportFallbackWarning,
+    LinearSnapshot,
+    ModelSnapshot,
+    QuantizedParts,
+)
+from qblora_pl.export.tokenizer_files import sentencepiece_model_path
+
+QK4_1 = 32  # weights per Q4_1 block
+Q4_1_BLOCK_BYTES = 20  # fp16 d + fp16 m + 16 bytes of nibbles
+GGUFFallback = Literal["f16", "requantize_q4_1"]
+DenseType = Literal["auto", "f32", "f16"]
+
+
+# --------------------------------------------------------------------------------------------
+# Q4_1 packing and the llama.cpp q/k permutation
+# --------------------------------------------------------------------------------------------
+
+
+def llama_permute_rows(weights: Tensor, n_head: int, n_head_kv: int | None = None) -> Tensor:
+    """``convert_hf_to_gguf.py``'s ``LlamaModel.permute``: reorder rows within each head.
+
+    Within a head of ``head_dim`` rows, HF pairs row ``i`` with row ``i + head_dim/2`` for RoPE;
+    llama.cpp pairs rows ``2i`` and ``2i + 1``. Works on any tensor whose first dimension is
+    the output rows (weights, biases, Q4_1 codes / scales / offsets).
+    """
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def llama_unpermute_rows(weights: Tensor, n_head: int, n_head_kv: int | None = None) -> Tensor:
+    """Inverse of :func:`llama_permute_rows` (llama.cpp layout back to Hugging Face's)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (
+        weights.reshape(n_head, weights.shape[0] // n_head // 2, 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def pack_q4_1(codes: Tensor, d: Tensor, m: Tensor) -> np.ndarray:
+    """Pack 4-bit codes ``(rows, n)`` and per-block fp16 ``d``, ``m`` ``(rows, n / 32)`` into Q4_1.
+
+    Returns ``uint8`` ``(rows, n / 32 * 20)``: per block ``d`` (2 bytes, little-endian), ``m``
+    (2 bytes), then ``qs[j] = q[j] | q[j + 16] << 4`` for ``j < 16``.
+    """
+    rows, n = codes.shape
+    if n % QK4_1 != 0:
+        raise ValueError(f"Q4_1 needs rows of a multiple of {QK4_1} weights, got {n}")
+    if codes.dtype != torch.uint8 or int(codes.max()) > 15:
+        raise ValueError("Q4_1 codes must be uint8 values in 0..15")
+    n_blocks = n // QK4_1
+    for label, t in (("d", d), ("m", m)):
+        if tuple(t.shape) != (rows, n_blocks) or t.dtype != torch.float16:
+            raise ValueError(f"Q4_1 {label} must be float16 of shape {(rows, n_blocks)}, got {t.dtype} {tuple(t.shape)}")
+    q = codes.reshape(rows, n_blocks, QK4_1)
+    qs = q[..., : QK4_1 // 2] | (q[..., QK4_1 // 2 :] << 4)
+    dm = torch.stack([d, m], dim=-1).contiguous().view(torch.uint8)  # (rows, n_blocks, 4)
+    blocks = torch.cat([dm, qs], dim=-1)
+    return blocks.reshape(rows, n_blocks * Q4_1_BLOCK_BYTES).numpy()
+
+
+def q4_1_exact_parts(parts: QuantizedParts) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Codes and per-32-block fp16 ``d``, ``m`` of an INT4 layer, or None if it is not INT4 g32k."""
+    if parts.bits != 4 or parts.group_size % QK4_1 != 0:
+        return None
+    per_group = parts.group_size // QK4_1
+    d = parts.scales.float().repeat_interleave(per_group, dim=1).to(torch.float16)
+    m = parts.offsets.float().repeat_interleave(per_group, dim=1).to(torch.float16)
+    return parts.codes, d, m
+
+
+# --------------------------------------------------------------------------------------------
+# Writer
+# --------------------------------------------------------------------------------------------
+
+
+def write_gguf(
+    snapshot: ModelSnapshot,
+    path: str | Path,
+    tokenizer_source: str | Path,
+    *,
+    fallback: GGUFFallback = "f16",
+    dense_type: DenseType = "auto",
+    name: str = "qblora-export",
+) -> dict[str, Any]:
+    """Write ``snapshot`` (a merged Llama) to the GGUF file ``path`` (atomically).
+
+    ``dense_type`` is the GGUF type of the non-linear 2-D tensors (``token_embd``, and
+    ``output`` and frozen dense layers): ``"auto"`` keeps their precision (F32 for float32,
+    F16 for float16, BF16 for bfloat16). Norms are always F32 (ggml requires it).
+    Returns the per-layer types and measured weight errors for the export report.
+    """
+    import gguf
+
+    if fallback not in ("f16", "requantize_q4_1"):
+        raise ValueError(f"gguf fallback {fallback!r} must be 'f16' or 'requantize_q4_1'")
+    config = snapshot.config
+    if config.model_type != "llama":
+        raise NotImplementedError(f"GGUF export supports model_type 'llama', got {config.model_type!r}")
+    hp = _llama_hparams(config)
+
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_name(name)
+    writer.add_context_length(hp["context_length"])
+    writer.add_embedding_length(hp["hidden"])
+    writer.add_block_count(hp["n_layers"])
+    writer.add_feed_forward_length(hp["intermediate"])
+    writer.add_head_count(hp["n_head"])
+    writer.add_head_count_kv(hp["n_head_kv"])
+    writer.add_rope_freq_base(hp["rope_theta"])
+    writer.add_rope_dimension_count(hp["head_dim"])
+    if hp["head_dim"] != hp["hidden"] // hp["n_head"]:
+        writer.add_key_length(hp["head_dim"])
+        writer.add_value_length(hp["head_dim"])
+    if hp["rope_scaling"] is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(hp["rope_scaling"])
+    writer.add_layer_norm_rms_eps(hp["rms_eps"])
+    writer.add_vocab_size(hp["vocab_size"])
+    vocab = _add_vocab(writer, tokenizer_source, hp["vocab_size"])
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["n_layers"])
+    layers: dict[str, dict[str, Any]] = {}
+    fallbacks: dict[str, dict[str, Any]] = {}
+    entries: list[tuple[str, np.ndarray, Any]] = []
+
+    def gguf_name(hf_key: str) -> str:
+        mapped = name_map.get_name(hf_key, try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            raise ValueError(f"tensor {hf_key} has no llama GGUF name; the model is not a plain Llama")
+        return mapped
+
+    def permutation(gname: str):
+        if ".attn_q." in gname:
+            return lambda t: llama_permute_rows(t, hp["n_head"], hp["n_head"])
+        if ".attn_k." in gname:
+            return lambda t: llama_permute_rows(t, hp["n_head"], hp["n_head_kv"])
+        return lambda t: t
+
+    for key, tensor in snapshot.others.items():
+        if key == "lm_head.weight" and snapshot.tied_embeddings:
+            continue
+        gname = gguf_name(key)
+        data = permutation(gname)(tensor)
+        if data.dim() <= 1 or gname.endswith("_norm.weight"):
+            entries.append((gname, data.float().numpy(), None))
+        else:
+            entries.append((gname, *_dense_array(data, dense_type)))
+
+    for layer_name, linear in snapshot.linears.items():
+        if layer_name == "lm_head" and snapshot.tied_embeddings:
+            continue
+        gname = gguf_name(f"{layer_name}.weight")
+        permute = permutation(gname)
+        info, array, raw_type = _linear_to_gguf(linear, permute, fallback, dense_type)
+        layers[layer_name] = {"gguf_name": gname, **info}
+        if info.get("fallback"):
+            fallbacks[layer_name] = info
+        entries.append((gname, array, raw_type))
+        if linear.bias is not None:
+            entries.append((gguf_name(f"{layer_name}.bias"), permute(linear.bias).float().numpy(), None))
+
+    types = [e["gguf_type"] for e in layers.values()]
+    if "Q4_1" in types:
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    elif "F16" in types:
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    else:
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    for gname, array, raw_type in entries:
+        writer.add_tensor(gname, np.ascontiguousarray(array), raw_dtype=raw_type)
+
+    if fallbacks:
+        worst = max(fallbacks, key=lambda n: fallbacks[n]["relative_weight_error"])
+        kinds = sorted({f"{v['source']} -> {v['gguf_type']}" for v in fallbacks.values()})
+        warnings.warn(
+            f"GGUF export: {len(fallbacks)} layer(s) have no exact GGUF type and use the "
+            f"'{fallback}' fallback ({'; '.join(kinds)}). Relative weight error: max "
+            f"{fallbacks[worst]['relative_weight_error']:.4g} ({worst}). Exact Q4_1 needs an INT4 "
+            f"base with a group size that is a multiple of 32 and a QA-LoRA / QA-BLoRA merge.",
+            ExportFallbackWarning,
+            stacklevel=2,
+        )
+
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    exact = [v for v in layers.values() if v["gguf_type"] == "Q4_1" and not v.get("fallback")]
+    return {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "vocab": vocab,
+        "layer_types": {t: types.count(t) for t in sorted(set(types))},
+        "exact_q4_1_layers": len(exact),
+        "fallback_layers": sorted(fallbacks),
+        "max_abs_offset_rounding": max((v["max_abs_offset_rounding"] for v in exact), default=None),
+        "max_abs_weight_error_exact_layers": max((v["max_abs_weight_error"] for v in exact), default=None),
+        "layers": layers,
+    }
+
+
+def _linear_to_gguf(linear: LinearSnapshot, permute, fallback: str, dense_type: str):
+    """One linear layer's GGUF array, raw type and report entry (exact Q4_1, dense, or fallback)."""
+    import gguf
+
+    info: dict[str, Any] = {"origin": linear.origin}
+    if linear.is_quantized:
+        info["source"] = f"INT{linear.quantized.bits} g{linear.quantized.group_size}"
+    else:
+        info["source"] = linear.origin
+    exact = q4_1_exact_parts(linear.quantized) if linear.is_quantized else None
+    if exact is not None:
+        codes, d, m = exact
+        reference = linear.quantized.dequantize()
+        per_group = linear.quantized.group_size // QK4_1
+        m_true = linear.quantized.offsets.float().repeat_interleave(per_group, dim=1)
+        rebuilt = GroupwiseQ41View(codes, d, m).dequantize()
+        info.update(
+            gguf_type="Q4_1",
+            max_abs_offset_rounding=float((m.float() - m_true).abs().max()),
+            max_abs_weight_error=float((rebuilt - reference).abs().max()),
+            relative_weight_error=_relative(rebuilt, reference),
+        )
+        array = pack_q4_1(permute(codes), permute(d), permute(m))
+        return info, array, gguf.GGMLQuantizationType.Q4_1
+
+    weight = linear.dense_weight()
+    if linear.origin == FROZEN_DENSE and not linear.is_quantized:
+        array, raw_type = _dense_array(permute(linear.weight), dense_type)
+        info.update(gguf_type=_type_name(array, raw_type), max_abs_weight_error=0.0, relative_weight_error=0.0)
+        if info["gguf_type"] == "F16" and linear.weight.dtype == torch.float32:
+            rebuilt = torch.from_numpy(array.astype(np.float32))
+            info.update(max_abs_weight_error=float((rebuilt - permute(weight)).abs().max()))
+        return info, array, raw_type
+
+    info["fallback"] = fallback
+    source = permute(weight)
+    if fallback == "f16":
+        _check_fits_f16(linear.name, source)
+        array = source.to(torch.float16).numpy()
+        rebuilt = torch.from_numpy(array.astype(np.float32))
+        raw_type = None
+        info["gguf_type"] = "F16"
+    else:
+        if linear.d_in % QK4_1 != 0:
+            raise ValueError(f"layer {linear.name}: d_in={linear.d_in} is not divisible by the Q4_1 block size {QK4_1}")
+        array = gguf.quants.quantize(source.numpy(), gguf.GGMLQuantizationType.Q4_1)
+        rebuilt = torch.from_numpy(gguf.quants.dequantize(array, gguf.GGMLQuantizationType.Q4_1).copy())
+        raw_type = gguf.GGMLQuantizationType.Q4_1
+        info["gguf_type"] = "Q4_1"
+    info.update(
+        max_abs_weight_error=float((rebuilt - source).abs().max()),
+        relative_weight_error=_relative(rebuilt, source),
+    )
+    return info, array, raw_type
+
+
+class GroupwiseQ41View:
+    """What llama.cpp computes from a Q4_1 tensor: ``w = d * q + m`` per block of 32."""
+
+    def __init__(self, codes: Tensor, d: Tensor, m: Tensor) -> None:
+        self.codes, self.d, self.m = codes, d, m
+
+    def dequantize(self) -> Tensor:
+        rows, n = self.codes.shape
+        q = self.codes.float().reshape(rows, n // QK4_1, QK4_1)
+        w = q * self.d.float().unsqueeze(-1) + self.m.float().unsqueeze(-1)
+        return w.reshape(rows, n)
+
+
+def _dense_array(tensor: Tensor, dense_type: str) -> tuple[np.ndarray, Any]:
+    import gguf
+
+    if dense_type == "f32" or (dense_type == "auto" and tensor.dtype == torch.float32):
+        return tensor.float().numpy(), None
+    if dense_type == "f16" or (dense_type == "auto" and tensor.dtype == torch.float16):
+        _check_fits_f16("dense tensor", tensor)
+        return tensor.to(torch.float16).numpy(), None
+    if dense_type == "auto" and tensor.dtype == torch.bfloat16:
+        # bf16 -> f32 -> bf16 is lossless; gguf's BF16 packer gives the raw bytes.
+        return gguf.quants.quantize(tensor.float().numpy(), gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
+    if dense_type == "auto":
+        return tensor.float().numpy(), None
+    raise ValueError(f"dense_type {dense_type!r} must be 'auto', 'f32' or 'f16'")
+
+
+def _type_name(array: np.ndarray, raw_type) -> str:
+    if raw_type is not None:
+        return raw_type.name
+    return {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}[array.dtype]
+
+
+def _check_fits_f16(name: str, tensor: Tensor) -> None:
+    top = float(tensor.float().abs().max()) if tensor.numel() else 0.0
+    if top > torch.finfo(torch.float16).max:
+        raise FloatingPointError(f"layer {name}: max |w| = {top:.4g} overflows float16; export aborted")
+
+
+def _relative(approx: Tensor, exact: Tensor) -> float:
+    return float((approx - exact).norm() / exact.norm().clamp_min(1e-12))
+
+
+def _llama_hparams(config) -> dict[str, Any]:
+    n_head = config.num_attention_heads
+    n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None
+    if rope_type == "linear":
+        scaling = float(rope["factor"])
+    elif rope_type != "default":
+        raise NotImplementedError(f"GGUF export: rope_type {rope_type!r} is not supported (only default and linear)")
+    return {
+        "context_length": config.max_position_embeddings,
+        "hidden": config.hidden_size,
+        "n_layers": config.num_hidden_layers,
+        "intermediate": config.intermediate_size,
+        "n_head": n_head,
+        "n_head_kv": n_head_kv,
+        "head_dim": head_dim,
+        "rope_theta": float(theta),
+        "rope_scaling": scaling,
+        "rms_eps": float(config.rms_norm_eps),
+        "vocab_size": config.vocab_size,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary
+# --------------------------------------------------------------------------------------------
+
+
+def _add_vocab(writer, tokenizer_source: str | Path, vocab_size: int) -> dict[str, Any]:
+    """Write the tokenizer: llama's SentencePiece model if there is one, else a byte-level BPE."""
+    spm_path = sentencepiece_model_path(tokenizer_source)
+    if spm_path is not None:
+        return _add_sentencepiece_vocab(writer, spm_path, Path(tokenizer_source), vocab_size)
+    tokenizer_json = Path(tokenizer_source) / "tokenizer.json"
+    if tokenizer_json.is_file():
+        return _add_bpe_vocab(writer, tokenizer_json, vocab_size)
+    raise FileNotFoundError(
+        f"GGUF export needs the tokenizer: no tokenizer.model or tokenizer.json in {tokenizer_source!s}"
+    )
+
+
+def _add_sentencepiece_vocab(writer, spm_path: Path, source_dir: Path, vocab_size: int) -> dict[str, Any]:
+    """Tokens, scores and types as in ``convert_hf_to_gguf.py``'s ``_create_vocab_sentencepiece``."""
+    import gguf
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(spm_path))
+    n_sp = sp.vocab_size()
+    if n_sp > vocab_size:
+        raise ValueError(f"tokenizer.model has {n_sp} pieces but the model's vocab_size is {vocab_size}")
+    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for i in range(n_sp):
+        tokens[i] = sp.id_to_piece(i).encode("utf-8")
+        scores[i] = sp.get_score(i)
+        if sp.is_unknown(i):
+            types[i] = gguf.TokenType.UNKNOWN
+        elif sp.is_control(i):
+            types[i] = gguf.TokenType.CONTROL
+        elif sp.is_unused(i):
+            types[i] = gguf.TokenType.UNUSED
+        elif sp.is_byte(i):
+            types[i] = gguf.TokenType.BYTE
+        else:
+            types[i] = gguf.TokenType.NORMAL
+    # Tokens the HF tokenizer added on top of the SentencePiece model (ids >= n_sp).
+    config_file = source_dir / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    for token_id, token in (tokenizer_config.get("added_tokens_decoder") or {}).items():
+        token_id = int(token_id)
+        if n_sp <= token_id < vocab_size:
+            tokens[token_id] = token["content"].encode("utf-8")
+            scores[token_id] = -1000.0
+            types[token_id] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
+
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    special = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
+    special = {k: v for k, v in special.items() if v >= 0}
+    setters = {
+        "bos": writer.add_bos_token_id,
+        "eos": writer.add_eos_token_id,
+        "unk": writer.add_unk_token_id,
+        "pad": writer.add_pad_token_id,
+    }
+    for kind, token_id in special.items():
+        setters[kind](token_id)
+    writer.add_add_bos_token(bool(tokenizer_config.get("add_bos_token", True)))
+    writer.add_add_eos_token(bool(tokenizer_config.get("add_eos_token", False)))
+    writer.add_add_space_prefix(_spm_adds_dummy_prefix(spm_path))
+    return {"type": "llama (SentencePiece)", "pieces": n_sp, "padded_to": vocab_size, "special_ids": special}
+
+
+def _spm_adds_dummy_prefix(spm_path: Path) -> bool:
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(spm_path.read_bytes())
+        return bool(proto.normalizer_spec.add_dummy_prefix)
+    except Exception:  # protobuf missing: SentencePiece's own default
+        return True
+
+
+def _add_bpe_vocab(writer, tokenizer_json: Path, vocab_size: int) -> dict[str, Any]:
+    """A byte-level BPE ``tokenizer.json`` as llama.cpp's ``gpt2`` tokenizer model."""
+    import gguf
+
+    spec = json.loads(tokenizer_json.read_text())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise NotImplementedError(f"{tokenizer_json}: tokenizer model {model.get('type')!r} cannot be written to GGUF")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for token, token_id in model["vocab"].items():
+        if token_id < vocab_size:
+            tokens[token_id], types[token_id] = token, gguf.TokenType.NORMAL
+    for added in spec.get("added_tokens", []):
+        if added["id"] < vocab_size:
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    special = gguf.SpecialVocab(tokenizer_json.parent, load_merges=False, n_vocab=vocab_size)
+    special.add_to_gguf(writer, quiet=True)
+    return {"type": "gpt2 (byte-level BPE)", "pieces": len(model["vocab"]), "padded_to": vocab_size}

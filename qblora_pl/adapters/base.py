@@ -56,6 +56,11 @@ class AdapterModule(nn.Module, ABC):
     def delta_weight(self) -> torch.Tensor:
         """The equivalent dense update ``dW`` (``d_out x d_in``, already scaled)."""
 
+    def add_delta(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``result + forward(x)``; adapters with repeated outputs override it to broadcast the
+        repeat into the addition instead of materialising the repeated tensor."""
+        return result + self(x).to(result.dtype)
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
@@ -100,7 +105,7 @@ class GroupConstantAdapter(AdapterModule):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Mean over consecutive windows of ``pool_window`` input features."""
-        return x.unflatten(-1, (self.d_in // self.pool_window, self.pool_window)).mean(-1)
+        return mean_pool(x, self.pool_window)
 
 
 class AdapterStrategy(ABC):
@@ -145,6 +150,59 @@ class AdapterStrategy(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
         return f"{type(self).__name__}({args})"
+
+
+class _AddRepeated(torch.autograd.Function):
+    """``result + repeat_interleave(low, k)`` with a backward made of strided-slice sums.
+
+    Autograd's own backward of the broadcast reduces over an innermost dimension of size
+    ``k``, which CPU kernels do slowly; summing the ``k`` strided slices is plain adds.
+    """
+
+    @staticmethod
+    def forward(ctx, result: torch.Tensor, low: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.k = k
+        return (result.unflatten(-1, (low.shape[-1], k)) + low.unsqueeze(-1)).flatten(-2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_low = grad[..., 0 :: ctx.k]
+        for j in range(1, ctx.k):
+            grad_low = grad_low + grad[..., j :: ctx.k]
+        return grad, grad_low, None
+
+
+class _MeanPool(torch.autograd.Function):
+    """Mean over consecutive groups of ``k`` features as ``k`` strided-slice adds (small ``k``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.k = k
+        out = x[..., 0::k]
+        for j in range(1, k):
+            out = out + x[..., j::k]
+        return out * (1.0 / k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        k = ctx.k
+        return (grad * (1.0 / k)).unsqueeze(-1).expand(*grad.shape, k).flatten(-2), None
+
+
+def mean_pool(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Average pooling over consecutive groups of ``k`` input features (METHOD.md 2-4)."""
+    if k == 1:
+        return x
+    if k <= 4:
+        return _MeanPool.apply(x, k)
+    return x.unflatten(-1, (x.shape[-1] // k, k)).mean(-1)  # contiguous reduction: fast
+
+
+def add_repeated(result: torch.Tensor, low: torch.Tensor, k_out: int) -> torch.Tensor:
+    """``result + low.repeat_interleave(k_out, -1)`` without building the repeated tensor."""
+    if k_out == 1:
+        return result + low.to(result.dtype)
+    return _AddRepeated.apply(result, low.to(result.dtype), k_out)
 
 
 def require_divisible(layer_name: str, dim_name: str, dim: int, factor_name: str, factor: int) -> None:
@@ -212,8 +270,7 @@ class AdaptedLinear(nn.Module):
         result = self.base_layer(x)
         if self.merged:
             return result
-        delta = self.adapter(self.dropout(x).to(self.adapter.dtype))
-        return result + delta.to(result.dtype)
+        return self.adapter.add_delta(result, self.dropout(x).to(self.adapter.dtype))
 
     @property
     def merges_into_offsets(self) -> bool:

@@ -19,7 +19,7 @@ class LoRAAdapter(AdapterModule):
         self.lora_B = nn.Parameter(torch.zeros(d_out, r))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.lora_A.T) @ self.lora_B.T * self.scaling
+        return ((x @ self.lora_A.T) * self.scaling) @ self.lora_B.T
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qblora_pl.adapters.base import AdapterConfigError, AdapterStrategy, GroupConstantAdapter, require_divisible
+from qblora_pl.adapters.base import AdapterConfigError, AdapterStrategy, GroupConstantAdapter, add_repeated, require_divisible
 from qblora_pl.adapters.budget import choose_k_out
 from qblora_pl.adapters.qalora import resolve_pool_window
 
@@ -23,8 +23,15 @@ class QABLoRAAdapter(GroupConstantAdapter):
         self.k_out, self.pool_window = k_out, pool_window
         self.balanced_M = nn.Parameter(torch.zeros(d_out // k_out, d_in // pool_window))
 
+    def low_rank_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``s * M pool(x)``: the update before its outputs are repeated."""
+        return (self.pool(x) * self.scaling) @ self.balanced_M.T
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.pool(x) @ self.balanced_M.T).repeat_interleave(self.k_out, dim=-1) * self.scaling
+        return self.low_rank_output(x).repeat_interleave(self.k_out, dim=-1)
+
+    def add_delta(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return add_repeated(result, self.low_rank_output(x), self.k_out)
 
     def window_delta(self) -> torch.Tensor:
         return (self.scaling * self.balanced_M / self.pool_window).repeat_interleave(self.k_out, dim=0)

@@ -30,7 +30,7 @@ class QALoRAAdapter(GroupConstantAdapter):
         self.lora_B = nn.Parameter(torch.zeros(d_out, r))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.pool(x) @ self.lora_A.T) @ self.lora_B.T * self.scaling
+        return ((self.pool(x) @ self.lora_A.T) * self.scaling) @ self.lora_B.T
 
     def window_delta(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A) / self.pool_window

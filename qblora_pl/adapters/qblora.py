@@ -19,6 +19,8 @@ from qblora_pl.adapters.base import (
     AdapterConfigError,
     AdapterModule,
     AdapterStrategy,
+    add_repeated,
+    mean_pool,
     kaiming_uniform_,
     low_rank_singular_values,
     require_divisible,
@@ -32,10 +34,16 @@ class QBLoRAAdapter(AdapterModule):
         self.lora_A = nn.Parameter(kaiming_uniform_(torch.empty(rank, d_in // k_in)))
         self.lora_B = nn.Parameter(torch.zeros(d_out // k_out, rank))
 
+    def low_rank_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``s * B A P x``: the update before its outputs are repeated (``d_out / k_out`` wide)."""
+        pooled = mean_pool(x, self.k_in)
+        return ((pooled @ self.lora_A.T) * self.scaling) @ self.lora_B.T
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.unflatten(-1, (self.d_in // self.k_in, self.k_in)).mean(-1)
-        low = (pooled @ self.lora_A.T) @ self.lora_B.T
-        return low.repeat_interleave(self.k_out, dim=-1) * self.scaling
+        return self.low_rank_output(x).repeat_interleave(self.k_out, dim=-1)
+
+    def add_delta(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return add_repeated(result, self.low_rank_output(x), self.k_out)
 
     def delta_weight(self) -> torch.Tensor:
         tile = self.scaling * (self.lora_B @ self.lora_A) / self.k_in

@@ -208,3 +208,25 @@ def test_training_weight_equals_merged_int_weight(name):
     training_weight = dequantized_weight(layer.base_layer, torch.float32) + layer.adapter.delta_weight()
     layer.merge()
     torch.testing.assert_close(layer.base_layer.dequantize(torch.float32), training_weight, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["qblora", "qablora"])
+def test_broadcast_add_equals_materialised_repeat(name):
+    strategy, make_base = STRATEGIES[name]
+    layer = _randomize(strategy.wrap("layer", make_base()))
+    x, result = torch.randn(2, 3, D_IN), torch.randn(2, 3, D_OUT)
+    torch.testing.assert_close(layer.adapter.add_delta(result, x), result + layer.adapter(x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 32])
+def test_pooling_and_repeat_gradients_match_reference_ops(k):
+    from qblora_pl.adapters.base import add_repeated, mean_pool
+
+    x = torch.randn(2, 5, 96 if k != 32 else 128, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: mean_pool(t, k), (x,))
+    reference = x.unflatten(-1, (x.shape[-1] // k, k)).mean(-1)
+    torch.testing.assert_close(mean_pool(x, k), reference)
+    low = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
+    result = torch.randn(2, 5, 24 * k, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda r, l: add_repeated(r, l, k), (result, low))
+    torch.testing.assert_close(add_repeated(result, low, k), result + low.repeat_interleave(k, -1))

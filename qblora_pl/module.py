@@ -74,8 +74,10 @@ class QuantizedCausalLM(pl.LightningModule):
         self.model_name_or_path = model_name_or_path
         self.quantization = quantization if quantization is not None else NF4()
         self.adapter = adapter if adapter is not None else LoRA()
-        self.hparams["quantization"] = self.quantization.describe()
-        self.hparams["adapter"] = {"class": type(self.adapter).__name__, **self.adapter.hparams()}
+        # As class_path / init_args, so that `main.py test --ckpt_path` (LightningCLI restores a
+        # checkpoint's hyper-parameters as model arguments) rebuilds the same strategy and base.
+        self.hparams["quantization"] = class_path_config(self.quantization, self.quantization.init_args())
+        self.hparams["adapter"] = class_path_config(self.adapter, self.adapter.hparams())
         self.target_modules = list(target_modules)
         self.model: torch.nn.Module | None = None
         # Checkpoints hold adapters only, so the frozen base's keys are absent by design;
@@ -223,6 +225,11 @@ class QuantizedCausalLM(pl.LightningModule):
             torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def class_path_config(obj: Any, init_args: dict[str, Any]) -> dict[str, Any]:
+    """``{"class_path": ..., "init_args": ...}``: how jsonargparse (and YAML configs) name an object."""
+    return {"class_path": f"{type(obj).__module__}.{type(obj).__qualname__}", "init_args": dict(init_args)}
 
 
 def check_adapter_spec(saved: dict, current: dict, saved_keys: set[str], current_keys: set[str]) -> None:

@@ -61,3 +61,26 @@ def test_bad_strategy_hyperparameter_is_rejected_at_parse_time(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     with pytest.raises((SystemExit, ValueError)):
         _cli(["--config", str(CONFIG_DIR / "qablora.yaml"), "--model.quantization.init_args.bits", "5"])
+
+
+def test_test_subcommand_restores_the_checkpoints_strategy(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """`main.py test --ckpt_path` re-parses the checkpoint's hyper-parameters as model arguments."""
+    import lightning.pytorch as pl
+
+    monkeypatch.chdir(tmp_path)
+    module = QuantizedCausalLM(str(tiny_model_dir), quantization=GroupwiseInt(bits=4, group_size=32), adapter=QABLoRA(budget_rank=2))
+    data = InstructionDataModule(str(tiny_data_dir), tokenizer_name_or_path=str(tiny_model_dir), batch_size=8)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, limit_val_batches=0, enable_progress_bar=False)
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    cli = _cli(["--config", str(CONFIG_DIR / "qlora.yaml"), "--data.data_path", str(tiny_data_dir)])  # parse check only
+    assert isinstance(cli.model.adapter, LoRA)
+    with mock.patch.object(sys, "argv", ["main.py"]):
+        cli = QBLoRACLI(
+            QuantizedCausalLM, InstructionDataModule, run=True, save_config_kwargs={"overwrite": True},
+            args=["test", "--config", str(CONFIG_DIR / "qablora.yaml"), "--model.model_name_or_path", str(tiny_model_dir),
+                  "--data.data_path", str(tiny_data_dir), "--trainer.callbacks=[]", "--trainer.logger=false",
+                  "--ckpt_path", str(tmp_path / "a.ckpt")],
+        )
+    assert isinstance(cli.model.adapter, QABLoRA) and cli.model.adapter.budget_rank == 2
+    assert "test/loss" in cli.trainer.callback_metrics

@@ -70,8 +70,12 @@ class QuantizationBackend(ABC):
     def load(self, model_name_or_path: str) -> nn.Module:
         """Load the model with every linear layer but the output head quantized and frozen."""
 
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments (every backend stores them as public attributes)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
     def describe(self) -> dict[str, Any]:
-        return {"backend": type(self).__name__, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+        return {"backend": type(self).__name__, **self.init_args()}
 
     def _load_float(self, model_name_or_path: str, dtype: torch.dtype, **kwargs: Any) -> nn.Module:
         from transformers import AutoModelForCausalLM

@@ -27,25 +27,31 @@ TINY_RECORDS = [
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 64, intermediate 128) saved with its tokenizer, HF format."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     directory = tmp_path_factory.mktemp("tiny-llama")
     build_tiny_tokenizer(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    config = tiny_llama_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def tiny_llama_config(vocab_size: int, bos_token_id: int, eos_token_id: int, **overrides):
+    """The fixtures' 2-layer Llama shape (hidden 64, intermediate 128, 4 heads)."""
+    from transformers import LlamaConfig
+
+    shape = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+    shape.update(overrides)
+    return LlamaConfig(vocab_size=vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **shape)
 
 
 @pytest.fixture(scope="session")

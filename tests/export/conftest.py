@@ -11,6 +11,7 @@ import torch
 from qblora_pl.adapters import LoRA, QABLoRA
 from qblora_pl.module import QuantizedCausalLM
 from qblora_pl.quantization import NF4, GroupwiseInt
+from tests.conftest import tiny_llama_config
 
 
 def randomize_adapters(module: QuantizedCausalLM, std: float = 0.3, seed: int = 1) -> QuantizedCausalLM:
@@ -48,16 +49,8 @@ def gqa_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
         if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
             shutil.copy2(path, directory / path.name)
     base = LlamaConfig.from_pretrained(tiny_model_dir)
-    config = LlamaConfig(
-        vocab_size=base.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=base.bos_token_id,
-        eos_token_id=base.eos_token_id,
+    config = tiny_llama_config(
+        base.vocab_size, base.bos_token_id, base.eos_token_id, num_key_value_heads=2, max_position_embeddings=256
     )
     torch.manual_seed(3)
     LlamaForCausalLM(config).save_pretrained(directory)

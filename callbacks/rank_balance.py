@@ -24,8 +24,6 @@ import math
 import sys
 import weakref
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,26 +78,6 @@ def spectrum_statistics(singular_values: torch.Tensor, top_k: int = 4) -> Update
         stable = float(s.square().sum() / (s_max * s_max))
     top = [float(v) for v in s[:top_k]]
     return UpdateSpectrum(s, effective, stable, frobenius, int(s.numel()), top)
-
-
-@contextmanager
-def small_linalg_threads(device: torch.device) -> Iterator[None]:
-    """Run CPU linear algebra on one thread for the duration.
-
-    The spectra come from thin QRs (``d x r``) and ``r x r`` SVDs, too small to gain from
-    threads; on busy shared cores MKL's OpenMP threads made them ~100x slower (25 ms vs
-    0.1 ms per layer measured on 2 loaded cores, docs/rank_balance.md). The count is restored
-    on exit, before the next training step.
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def layer_group(name: str) -> str:
@@ -252,14 +230,12 @@ class RankBalanceDiagnostics(Callback):
         layers = self._layers(pl_module)
         if not layers:
             return {}
-        device = next(next(iter(layers.values())).adapter.parameters()).device
-        with small_linalg_threads(device):
-            spectra = {
-                name: spectrum_statistics(layer.adapter.update_singular_values(), self.top_k)
-                for name, layer in layers.items()
-            }
-            for layer in layers.values():
-                self.base_norm(layer)  # first call only: dequantize the frozen base once
+        spectra = {
+            name: spectrum_statistics(layer.adapter.update_singular_values(), self.top_k)
+            for name, layer in layers.items()
+        }
+        for layer in layers.values():
+            self.base_norm(layer)  # first call only: dequantize the frozen base once
         return spectra
 
     def group_summary(

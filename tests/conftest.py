@@ -14,6 +14,10 @@ import torch
 
 from tests.data.tokenizer_fixture import build_tiny_tokenizer
 
+# The test models are tiny: a second intra-op thread buys nothing, and on an oversubscribed
+# machine OpenMP's spin-waiting made whole fits up to ~70x slower. Set once, never toggled.
+torch.set_num_threads(1)
+
 TINY_RECORDS = [
     {"instruction": f"Add {a} and {b}.", "input": "", "output": str(a + b)}
     for a in range(8)

@@ -24,14 +24,6 @@ METHODS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The 64-wide model gains nothing from threads; on shared, busy cores OpenMP's spinning
-    made this file ~5x slower with 2 threads than with 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class RecordingLogger(Logger):

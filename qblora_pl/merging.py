@@ -16,7 +16,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from qblora_pl.adapters.base import AdaptedLinear
 from qblora_pl.adapters.injection import adapted_layers
 from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
 
@@ -66,7 +65,3 @@ def requantize_merged(model: nn.Module, bits: int, group_size: int, scale_dtype:
         layer.base_layer = quantized
     return errors
 
-
-def assert_all_adapted(layers: dict[str, AdaptedLinear]) -> None:
-    if not layers:
-        raise RuntimeError("the model has no adapted layers to merge")

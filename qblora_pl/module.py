@@ -200,15 +200,15 @@ class QuantizedCausalLM(pl.LightningModule):
             "layers": {name: layer.adapter.shapes() for name, layer in self.adapted_layers().items()},
         }
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
+    def trainable_names(self) -> set[str]:
+        """State-dict keys of the parameters that train (the adapters)."""
+        return {n for n, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         for layer in self.adapted_layers().values():
             if layer.merged:
                 raise RuntimeError("refusing to checkpoint a merged model; unmerge() first")
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        trainable = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["adapter_spec"] = self.adapter_spec()
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
@@ -219,7 +219,7 @@ class QuantizedCausalLM(pl.LightningModule):
         spec = checkpoint.get("adapter_spec")
         if spec is None:
             raise AdapterCheckpointMismatch("checkpoint has no adapter_spec: it was not written by qblora_pl")
-        check_adapter_spec(spec, self.adapter_spec(), set(checkpoint["state_dict"]), set(self.trainable_state_dict()))
+        check_adapter_spec(spec, self.adapter_spec(), set(checkpoint["state_dict"]), self.trainable_names())
         rng = checkpoint.get("rng_states", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])

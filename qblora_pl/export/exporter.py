@@ -180,7 +180,7 @@ def export_from_checkpoint(
     if "adapter_spec" not in checkpoint:
         raise AdapterCheckpointMismatch(f"{ckpt_path} has no adapter_spec: it was not written by qblora_pl")
     check_adapter_spec(
-        checkpoint["adapter_spec"], module.adapter_spec(), set(checkpoint["state_dict"]), set(module.trainable_state_dict())
+        checkpoint["adapter_spec"], module.adapter_spec(), set(checkpoint["state_dict"]), module.trainable_names()
     )
     result = module.load_state_dict(checkpoint["state_dict"], strict=False)
     if result.unexpected_keys:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
+from qblora_pl.distributed import is_sharded, unsharded_copy
 from qblora_pl.export.exporter import EXPORT_FORMATS, check_formats, export_module
 
 
@@ -70,10 +71,14 @@ class MergeExport(pl.Callback):
         return path if path.is_absolute() else Path(trainer.default_root_dir) / path
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        module = pl_module
+        if pl_module.model is not None and is_sharded(pl_module.model):
+            # FSDP: every rank gathers the adapters; rank 0 exports an unsharded twin (docs/fsdp.md).
+            module = unsharded_copy(pl_module, keep=trainer.is_global_zero)
         if not trainer.is_global_zero:
             return
         self.report = export_module(
-            pl_module,
+            module,
             self.resolve_output_dir(trainer),
             trainer=trainer,
             formats=self.formats,

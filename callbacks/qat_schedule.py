@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 
 from qblora_pl.adapters.injection import adapted_layers
+from qblora_pl.distributed import is_sharded
 from qblora_pl.qat import MergedOffsetFakeQuant, MergedWeightFakeQuant
 
 
@@ -117,7 +118,8 @@ class QATSchedule(pl.Callback):
         phase = self.apply(pl_module, trainer.global_step)
         if trainer.global_step % self.log_every_n_steps == 0:
             metrics = {"qat/enabled": float(phase.enabled), "qat/bits": float(phase.bits), "qat/strength": phase.strength}
-            if phase.enabled:
+            # Under FSDP the layers hold shards outside forward; the error of a shard is not the layer's.
+            if phase.enabled and not is_sharded(pl_module):
                 errors = [layer.fake_quant.relative_error(layer) for layer in adapted_layers(pl_module).values()]
                 metrics["qat/relative_quant_error"] = sum(errors) / len(errors)
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)

@@ -20,6 +20,7 @@ from qblora_pl.adapters.injection import (
     inject_adapters,
 )
 from qblora_pl.adapters.lora import LoRA
+from qblora_pl.export.native import is_native_export, load_native
 from qblora_pl.paths import EMBEDDED_MODEL_DIR
 from qblora_pl.quantization.backends import NF4, QuantizationBackend
 
@@ -88,6 +89,10 @@ class QuantizedCausalLM(pl.LightningModule):
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
         if self.model is not None:
+            self._shard_if_distributed()
+            return
+        if is_native_export(self.model_name_or_path):
+            self.model = self._load_native_export()
             return
         rank_zero_info(f"Loading {self.model_name_or_path} with {self.quantization.describe()}")
         model = self.quantization.load(self.model_name_or_path)
@@ -104,6 +109,31 @@ class QuantizedCausalLM(pl.LightningModule):
             + f"\ntrainable params: {trainable:,} | total params: {total:,} | "
             f"trainable%: {100 * trainable / max(total, 1):.4f}"
         )
+        self._shard_if_distributed()
+
+    def _shard_if_distributed(self) -> None:
+        """Under ModelParallelStrategy (configs/fsdp.yaml) apply FSDP2 to the base and adapters."""
+        from qblora_pl.distributed import check_strategy, is_sharded, shard_model
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        check_strategy(strategy)
+        if self.device_mesh is not None and not is_sharded(self.model):
+            shard_model(self.model, self.device_mesh, getattr(strategy, "reshard_after_forward", True))
+
+    def _load_native_export(self) -> torch.nn.Module:
+        """A merged native low-bit export (MergeExport's ``native`` dir), for test / predict only.
+
+        The adapters are already folded into it, so none are injected and the ``quantization`` /
+        ``adapter`` settings are not used; fitting it or loading an adapter checkpoint is an error.
+        """
+        if self._trainer is not None and self._trainer.state.fn == "fit":
+            raise ValueError(f"model_name_or_path {self.model_name_or_path!r} is a merged native export "
+                             "(qblora_config.json): it has no adapters to train; fit from the base model")
+        rank_zero_info(f"Loading the merged native export {self.model_name_or_path} (no adapters injected)")
+        model = load_native(self.model_name_or_path)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return model
 
     def adapted_layers(self):
         return adapted_layers(self.model)
@@ -119,8 +149,9 @@ class QuantizedCausalLM(pl.LightningModule):
         self._step_started_at = time.perf_counter()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        if not torch.isfinite(loss):
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        loss = self._global_token_mean_loss(batch) if distributed else self._loss(batch)
+        if not _finite_everywhere(loss, distributed):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at global step {self.global_step} (batch {batch_idx}); "
                 f"no optimizer step was taken with it. Lower model.learning_rate "
@@ -128,8 +159,24 @@ class QuantizedCausalLM(pl.LightningModule):
                 f"checkpoint with --ckpt_path."
             )
         batch_size = batch["input_ids"].size(0)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=distributed)
         return loss
+
+    def _global_token_mean_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This rank's share of the loss averaged over the response tokens of the *global* batch.
+
+        Each rank returns ``sum of its token losses / (global tokens / world size)``; the data-
+        parallel gradient average then equals the gradient of the one-device loss on the same
+        global batch, whatever the ranks' token counts (docs/fsdp.md, loss parity).
+        """
+        from qblora_pl.distributed import global_token_count
+
+        n_local = (batch["labels"][:, 1:] != -100).sum()
+        per_rank = global_token_count(n_local).float() / self.trainer.world_size
+        return self.model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+            num_items_in_batch=per_rank,
+        ).loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._step_started_at is None:
@@ -174,7 +221,13 @@ class QuantizedCausalLM(pl.LightningModule):
         if not params:
             raise RuntimeError("no trainable parameters: the adapter strategy created none")
         choice = self.hparams.optimizer
-        use_paged = choice == "paged_adamw" or (choice == "auto" and torch.cuda.is_available())
+        sharded = self.device_mesh is not None
+        if sharded and choice == "paged_adamw":
+            raise ValueError(
+                "model.optimizer=paged_adamw: bitsandbytes' paged AdamW cannot step FSDP2's sharded "
+                "(DTensor) adapters; use optimizer: auto or adamw (torch AdamW) under FSDP"
+            )
+        use_paged = choice == "paged_adamw" or (choice == "auto" and torch.cuda.is_available() and not sharded)
         kwargs = dict(lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
         if use_paged:
             import bitsandbytes as bnb
@@ -211,11 +264,17 @@ class QuantizedCausalLM(pl.LightningModule):
         trainable = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["adapter_spec"] = self.adapter_spec()
+        checkpoint["world_size"] = self.trainer.world_size if self._trainer is not None else 1  # informative
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if is_native_export(self.model_name_or_path):
+            raise AdapterCheckpointMismatch(
+                f"model_name_or_path {self.model_name_or_path!r} is a merged native export: its adapters are "
+                "already folded in, so an adapter checkpoint cannot be loaded into it; drop --ckpt_path"
+            )
         spec = checkpoint.get("adapter_spec")
         if spec is None:
             raise AdapterCheckpointMismatch("checkpoint has no adapter_spec: it was not written by qblora_pl")
@@ -225,6 +284,16 @@ class QuantizedCausalLM(pl.LightningModule):
             torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _finite_everywhere(loss: torch.Tensor, distributed: bool) -> bool:
+    """Whether the loss is finite on every rank (one rank stopping alone would hang the others)."""
+    bad = (~torch.isfinite(loss.detach())).sum()
+    if distributed:
+        from qblora_pl.distributed import global_token_count
+
+        bad = global_token_count(bad)
+    return int(bad) == 0
 
 
 def class_path_config(obj: Any, init_args: dict[str, Any]) -> dict[str, Any]:

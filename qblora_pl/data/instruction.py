@@ -26,7 +26,7 @@ from typing import Any
 import datasets
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from qblora_pl.data.prompts import PromptTemplate, get_template
 from qblora_pl.paths import EMBEDDED_DATA_DIR
@@ -390,6 +390,34 @@ class LengthGroupedSampler(Sampler[int]):
         self.epoch = int(state["epoch"])
 
 
+class RankShareSampler(DistributedSampler):
+    """Rank ``r`` of ``W``'s share of another sampler's order: ``order[r::W]``.
+
+    With ``batch_size / W`` examples per rank, global batch ``i`` is then exactly batch ``i`` of
+    a one-device run (``order[i*B : (i+1)*B]``), split over the ranks - so length grouping and the
+    training order survive multi-device training. Lightning's own replacement
+    (``DistributedSamplerWrapper``) reshuffles the wrapped order for training; being a
+    ``DistributedSampler`` this one is left in place. An order not divisible by ``W`` is padded
+    with its first indices, as ``DistributedSampler`` does.
+    """
+
+    def __init__(self, sampler: Sampler[int], num_replicas: int, rank: int) -> None:  # noqa: D107
+        # DistributedSampler.__init__ wants a dataset and a process group; only its type is needed.
+        self.sampler, self.num_replicas, self.rank, self.epoch = sampler, num_replicas, rank, 0
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.sampler)
+        order += order[: (-len(order)) % self.num_replicas]
+        return iter(order[self.rank :: self.num_replicas])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+
 class LengthSortedSampler(Sampler[int]):
     """Evaluation order: longest first (ties in index order), so batches need little padding."""
 
@@ -432,7 +460,8 @@ class InstructionDataModule(L.LightningDataModule):
         test_fraction: Fraction of records held out for testing, as ``val_fraction``.
         split_seed: Seed of the train/val/test split and of the training shuffle (combined with
             the epoch number).
-        batch_size: Training batch size (per device).
+        batch_size: Training batch size (per device; the global batch under
+            ``qblora_pl.distributed.FSDP2Strategy``, which splits it across ranks).
         eval_batch_size: Validation/test/predict batch size; defaults to ``batch_size``.
         group_by_length: Batch training examples of similar length together (shuffled within
             mega-batches of 50 batches) to save padding; evaluation batches are then sorted by
@@ -620,12 +649,37 @@ class InstructionDataModule(L.LightningDataModule):
             sampler.resume(self._resume["epoch"], self._resume["samples_done"])
             self._resume = None
         self._train_sampler = sampler
-        return self._loader(dataset, self.batch_size, sampler)
+        # The sampler orders whole global batches; under FSDP2Strategy each rank loads its share.
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and int(trainer.world_size) > 1 and trainer.distributed_sampler_kwargs:
+            shares = trainer.distributed_sampler_kwargs
+            return self._loader(dataset, self.device_batch_size(self.batch_size, "batch_size"),
+                                RankShareSampler(sampler, shares["num_replicas"], shares["rank"]))
+        return self._loader(dataset, self.device_batch_size(self.batch_size, "batch_size"), sampler)
 
     def _eval_loader(self, split: str) -> DataLoader:
         dataset = self._dataset(split)
         sampler = LengthSortedSampler(dataset.lengths) if self.group_by_length else None
-        return self._loader(dataset, self.eval_batch_size, sampler)
+        return self._loader(dataset, self.device_batch_size(self.eval_batch_size, "eval_batch_size"), sampler)
+
+    def device_batch_size(self, batch_size: int, name: str = "batch_size") -> int:
+        """Examples per rank: ``batch_size / world_size`` when the strategy splits a global batch.
+
+        Strategies that set ``splits_global_batch`` (``qblora_pl.distributed.FSDP2Strategy``) treat
+        ``data.batch_size`` as the global batch, so the optimisation does not change with the
+        number of devices; every other strategy keeps Lightning's per-device meaning.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not getattr(trainer.strategy, "splits_global_batch", False):
+            return batch_size
+        world = int(trainer.world_size)
+        if batch_size % world != 0:
+            raise ValueError(
+                f"data.{name}={batch_size} is the global batch under {type(trainer.strategy).__name__} and "
+                f"must be divisible by the world size {world} (num_nodes {trainer.num_nodes} x devices "
+                f"{world // max(trainer.num_nodes, 1)}); use e.g. data.{name}={max(world, batch_size // world * world)}"
+            )
+        return batch_size // world
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -654,7 +708,8 @@ class InstructionDataModule(L.LightningDataModule):
         if trainer is not None:
             try:
                 batches_done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-                samples_done = batches_done * self.batch_size * int(trainer.world_size)
+                per_rank = self.device_batch_size(self.batch_size)
+                samples_done = batches_done * per_rank * int(trainer.world_size)
             except AttributeError:
                 pass
         if samples_done >= len(self._train_sampler):  # epoch finished: resume at the next one

@@ -149,6 +149,14 @@ def write_native(
     }
 
 
+def is_native_export(path: str | Path) -> bool:
+    """Whether ``path`` is a directory written by :func:`write_native` (it holds ``qblora_config.json``)."""
+    try:
+        return (Path(path).expanduser() / CONFIG_FILE).is_file()
+    except (TypeError, OSError):
+        return False
+
+
 def load_native(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Load a native export as a Hugging Face causal LM whose INT-b layers are GroupwiseIntLinear.
 

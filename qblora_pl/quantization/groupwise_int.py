@@ -272,24 +272,31 @@ class GroupwiseIntQuantizer:
 class GroupwiseIntLinear(nn.Module):
     """Frozen linear layer whose weight is stored group-wise quantized (METHOD.md section 3).
 
-    Buffers (nothing here is a parameter; nothing trains):
+    Frozen parameters (``requires_grad=False``; nothing here trains):
 
     - ``packed_codes``: ``uint8`` ``(d_out, d_in * bits / 8)``, bit-packed codes.
     - ``scales``, ``offsets``: ``(d_out, d_in / group_size)`` in ``scale_dtype``.
     - ``bias`` (optional): ``(d_out,)`` float32 (lossless for fp16 / bf16 / fp32 biases).
 
+    They are parameters rather than buffers so that FSDP2 (``fully_shard``, which shards
+    parameters and replicates buffers) shards the frozen base across ranks; FSDP2 all-gathers a
+    group of mixed dtypes through one byte buffer, so the packed ``uint8`` codes need no float
+    view (docs/fsdp.md). State-dict keys are the same as for buffers. Assigning a plain tensor
+    (``layer.offsets = merged``) wraps it in a frozen parameter.
+
     :meth:`dequantize` is the single code path that produces ``W_hat`` - for the training
     forward and for merges and exports alike. A QA-* merge may replace ``self.offsets`` with
     a float32 tensor (offsets + folded update); ``dequantize`` accepts any float dtype.
 
-    ``module.to(dtype)`` / ``.half()`` move these buffers between devices but never change
+    ``module.to(dtype)`` / ``.half()`` move these tensors between devices but never change
     the dtype of ``scales``, ``offsets`` or ``bias``: a precision plugin casting the model
     must not round the quantization parameters (fp16 -> bf16 would lose three mantissa bits).
 
     Memory per weight: ``(bits + 2 * 16 / group_size) / 8`` bytes with fp16 scales/offsets.
     """
 
-    _QUANT_FLOAT_BUFFERS = ("scales", "offsets", "bias")
+    _QUANT_TENSORS = ("packed_codes", "scales", "offsets", "bias")
+    _QUANT_FLOAT_TENSORS = ("scales", "offsets", "bias")
 
     def __init__(
         self,
@@ -316,22 +323,20 @@ class GroupwiseIntLinear(nn.Module):
         self.bits = bits
         self.group_size = group_size
         self.scale_dtype = scale_dtype
-        self.register_buffer(
-            "packed_codes",
-            torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device),
-        )
-        self.register_buffer(
-            "scales", torch.zeros(out_features, n_groups, dtype=scale_dtype, device=device)
-        )
-        self.register_buffer(
-            "offsets", torch.zeros(out_features, n_groups, dtype=scale_dtype, device=device)
-        )
-        if bias:
-            self.register_buffer(
-                "bias", torch.zeros(out_features, dtype=torch.float32, device=device)
-            )
-        else:
-            self.register_buffer("bias", None)
+        self.packed_codes = torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device)
+        self.scales = torch.zeros(out_features, n_groups, dtype=scale_dtype, device=device)
+        self.offsets = torch.zeros(out_features, n_groups, dtype=scale_dtype, device=device)
+        self.bias = torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The quantized storage is always a frozen parameter (see the class docstring), also when
+        # a merge, a loader or a test assigns a plain tensor to it.
+        if name in self._QUANT_TENSORS and isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        elif name in self._QUANT_TENSORS and value is None:
+            self._parameters[name] = None
+            return
+        super().__setattr__(name, value)
 
     @classmethod
     def from_linear(
@@ -405,14 +410,15 @@ class GroupwiseIntLinear(nn.Module):
         )
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GroupwiseIntLinear:
-        # Let device moves through but keep the storage dtype of the quantization buffers:
+        # Let device moves through but keep the storage dtype of the quantization tensors:
         # ``model.to(torch.bfloat16)`` must not round fp16 scales or a merged fp32 offset.
-        before = {name: self._buffers.get(name) for name in self._QUANT_FLOAT_BUFFERS}
+        # Restored through ``.data`` so the parameter objects (which FSDP tracks) stay the same.
+        before = {name: p.data for name in self._QUANT_FLOAT_TENSORS if (p := self._parameters.get(name)) is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():
-            new = self._buffers.get(name)
-            if old is not None and new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(device=new.device)
+            new = self._parameters.get(name)
+            if new is not None and new.dtype != old.dtype:
+                new.data = old.to(device=new.device)
         return self
 
     def extra_repr(self) -> str:

@@ -135,7 +135,7 @@ def _layer(bits=4, group_size=32, bias=True, d_in=64, d_out=24, seed=0):
     return linear, GroupwiseIntLinear.from_linear(linear, bits, group_size)
 
 
-def test_from_linear_stores_packed_buffers_and_nothing_trains():
+def test_from_linear_stores_packed_frozen_parameters_and_nothing_trains():
     linear, layer = _layer(bits=3, group_size=32)
     assert (layer.in_features, layer.out_features, layer.bits, layer.group_size) == (64, 24, 3, 32)
     assert layer.quantizer == GroupwiseIntQuantizer(3, 32)
@@ -143,8 +143,10 @@ def test_from_linear_stores_packed_buffers_and_nothing_trains():
     assert layer.scales.dtype == layer.offsets.dtype == torch.float16
     assert layer.scales.shape == layer.offsets.shape == (24, 2)
     assert torch.equal(layer.bias, linear.bias.detach())
-    assert list(layer.parameters()) == [] and not hasattr(layer, "weight")
-    assert all(not t.requires_grad for t in layer.buffers())
+    # Frozen parameters, not buffers, so FSDP2 shards them (docs/fsdp.md); nothing trains.
+    assert [n for n, _ in layer.named_parameters()] == ["packed_codes", "scales", "offsets", "bias"]
+    assert list(layer.buffers()) == [] and not hasattr(layer, "weight")
+    assert all(not t.requires_grad for t in layer.parameters())
     assert layer.weight_shape == (24, 64)
     assert "in_features=64, out_features=24, bits=3, group_size=32" in repr(layer)
     # Same codes and parameters as the quantizer gives with fp16-rounded parameters.
@@ -209,7 +211,8 @@ def test_replacing_offsets_with_float32_shifts_weight_by_the_broadcast_delta():
     original = layer.offsets
     delta = _randn(24, 2, seed=9) * 0.01
     layer.offsets = original.float() + delta
-    assert layer.offsets.dtype == torch.float32 and "offsets" in dict(layer.named_buffers())
+    assert layer.offsets.dtype == torch.float32 and "offsets" in dict(layer.named_parameters())
+    assert not layer.offsets.requires_grad
     w_after = layer.dequantize()
     by_hand = layer.codes().float() * layer.scales.float().repeat_interleave(32, 1) + (
         original.float() + delta

@@ -1,0 +1,169 @@
+"""The evaluation-task interface and the record readers the tasks share.
+
+A task has two phases, kept apart on purpose:
+
+1. :meth:`EvaluationTask.load_and_check` reads and validates *every* record (and, for k-shot
+   tasks, the dev split) with no model and no tokenizer. The ``EvaluationSuite`` callback calls
+   it for all tasks in ``setup``, before Lightning builds the model, so a bad row in the last
+   file of the last task fails in seconds, naming the file and the row.
+2. :meth:`EvaluationTask.evaluate` scores the model through a
+   :class:`~qblora_pl.evaluation.scoring.LanguageModelScorer` and returns flat
+   ``{metric: value}`` floats (accumulated in torchmetrics metrics).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from qblora_pl.evaluation.scoring import LanguageModelScorer
+
+RECORD_SUFFIXES = (".json", ".jsonl", ".csv")
+
+
+class EvaluationDataError(ValueError):
+    """An evaluation record (or the task's configuration of its data) is unusable.
+
+    The message names the source (file or hub dataset) and the 0-based row.
+    """
+
+
+class EvaluationTask(ABC):
+    """One evaluation: validated records in, ``{metric: float}`` out.
+
+    Args:
+        name: the task's name in logs (``test/<name>/<metric>``), tables and JSON. Names must be
+            unique within a suite.
+        limit: evaluate only the first ``limit`` records (quick runs); ``None`` for all.
+    """
+
+    default_name: str = "task"
+
+    def __init__(self, name: str | None = None, limit: int | None = None) -> None:
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit={limit} must be >= 1 (or None for all records)")
+        self.name = name or self.default_name
+        if not self.name or "/" in self.name:
+            raise ValueError(f"task name {self.name!r} must be non-empty and contain no '/'")
+        self.limit = limit
+        self._loaded = False
+
+    def load_and_check(self) -> int:
+        """Read and validate all records (once; later calls are free); return how many will be evaluated."""
+        if not self._loaded:
+            self._load()
+            self._loaded = True
+        return self.num_examples()
+
+    @abstractmethod
+    def _load(self) -> None:
+        """Read and validate the records; raise :class:`EvaluationDataError` naming file and row."""
+
+    @abstractmethod
+    def num_examples(self) -> int:
+        """How many examples :meth:`evaluate` scores (after ``limit``)."""
+
+    @abstractmethod
+    def _evaluate(self, scorer: LanguageModelScorer) -> dict[str, float]:
+        """Score the loaded records; return flat metric values."""
+
+    def evaluate(self, scorer: LanguageModelScorer) -> dict[str, float]:
+        """Validate (if not done yet) then score; returns ``{metric: value}``."""
+        self.load_and_check()
+        return self._evaluate(scorer)
+
+    def config(self) -> dict[str, Any]:
+        """The task's settings, for the JSON report."""
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "name": self.name, "limit": self.limit}
+
+    def _limited(self, records: list) -> list:
+        return records if self.limit is None else records[: self.limit]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+# --------------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------------
+
+
+def looks_like_local_path(source: str) -> bool:
+    """A hub dataset name is ``owner/name``; anything path-like or existing is local."""
+    path = Path(source).expanduser()
+    return path.exists() or source.startswith(("/", ".", "~")) or path.suffix in RECORD_SUFFIXES
+
+
+def read_records(path: str | Path, csv_fieldnames: list[str] | None = None) -> list[dict[str, Any]]:
+    """Read a ``.json`` list of objects, a ``.jsonl`` file (one object a line) or a ``.csv`` file.
+
+    A CSV file is read with its header row, unless ``csv_fieldnames`` is given (for headerless
+    files such as the original MMLU CSVs). Raises :class:`EvaluationDataError` naming the file
+    (and the line or row) when it cannot be read or a row is not an object.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise EvaluationDataError(f"{path}: no such file (cwd is {Path.cwd()})")
+    if path.suffix not in RECORD_SUFFIXES:
+        raise EvaluationDataError(f"{path}: unsupported file type {path.suffix!r}; expected .json, .jsonl or .csv")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".csv":
+        reader = csv.DictReader(text.splitlines(), fieldnames=csv_fieldnames)
+        rows = []
+        for i, row in enumerate(reader):
+            if None in row or any(v is None for v in row.values()):
+                width = len(csv_fieldnames or reader.fieldnames or [])
+                raise EvaluationDataError(f"{path}: row {i} (0-based): expected {width} columns "
+                                          f"({', '.join(csv_fieldnames or reader.fieldnames or [])})")
+            rows.append(dict(row))
+        return rows
+    if path.suffix == ".jsonl":
+        rows = []
+        for line_no, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise EvaluationDataError(f"{path}: line {line_no + 1} is not valid JSON: {err}") from err
+    else:
+        try:
+            rows = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as err:
+            raise EvaluationDataError(f"{path}: not valid JSON: {err}") from err
+        if not isinstance(rows, list):
+            raise EvaluationDataError(f"{path}: expected a JSON list of records, got a {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise EvaluationDataError(f"{path}: row {i} (0-based) is a {type(row).__name__}, expected a JSON object")
+    return [dict(row) for row in rows]
+
+
+def load_hub_rows(path: str, name: str | None, split: str) -> list[dict[str, Any]]:
+    """Rows of a Hugging Face hub dataset split, as plain dicts (needs network or the HF cache)."""
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(path, name, split=split)
+    except Exception as err:
+        raise EvaluationDataError(
+            f"{path!r} is not an existing local path (checked {Path(path).expanduser().resolve()}) and loading it "
+            f"as a Hugging Face hub dataset (config={name!r}, split={split!r}) failed: {type(err).__name__}: {err}"
+        ) from err
+    return [dict(row) for row in rows]
+
+
+def require_text(record: Mapping[str, Any], field: str, where: str, allow_empty: bool = False) -> str:
+    """``record[field]`` as a string; :class:`EvaluationDataError` naming ``where`` if absent or not text."""
+    value = record.get(field)
+    if value is None:
+        raise EvaluationDataError(f"{where}: required field {field!r} is missing or null")
+    if not isinstance(value, str):
+        raise EvaluationDataError(f"{where}: field {field!r} must be a string, got {type(value).__name__} ({value!r:.60})")
+    if not allow_empty and not value.strip():
+        raise EvaluationDataError(f"{where}: field {field!r} is empty")
+    return value

@@ -212,15 +212,16 @@ def summarize(results: dict[str, dict], metric: str) -> dict[str, dict[str, tupl
 
 
 def print_table(results: dict[str, dict], metrics: list[str]) -> None:
+    params = {key.rsplit("|", 1)[0]: row["trainable_params"] for key, row in results.items()}
     for metric in metrics:
         table = summarize(results, metric)
         print(f"\n{metric} on the held-out test split (mean ± std over seeds; n = seeds)")
-        print(f"{'method':<14} {'base / low-bit':<14} {'trained model':>20} {'deployed low-bit model':>24}")
+        print(f"{'method':<14} {'base / low-bit':<14} {'trainable':>10} {'trained model':>26} {'deployed low-bit model':>26}")
         for config in sorted(table, key=_order):
             method, base = config.split("|")
             parts = table[config]
             fmt = lambda p: f"{parts[p][0]:.4f} ± {parts[p][1]:.4f} (n={parts[p][2]})" if p in parts else "-"
-            print(f"{method:<14} {base:<14} {fmt('trained'):>20} {fmt('low_bit'):>24}")
+            print(f"{method:<14} {base:<14} {params[config]:>10,} {fmt('trained'):>26} {fmt('low_bit'):>26}")
 
 
 def _order(config: str):

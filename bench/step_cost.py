@@ -1,12 +1,27 @@
-"""Training-step time and peak memory of each adapter strategy, relative to LoRA.
+"""Training-step time and peak memory of each adapter strategy, relative to LoRA and to HF PEFT.
 
     python bench/step_cost.py                       # embedded model, CPU or GPU
     python bench/step_cost.py --model meta-llama/Llama-2-7b-hf --batch-size 4 --seq-len 512
 
 Each strategy runs in its own subprocess (so peak memory is its own), on the same base
-model, batch and budget rank, with the same optimizer (AdamW). Step time is the median over
+model, batch and budget rank, with the same optimizer (AdamW). The ``peft_qlora`` case is
+the reference implementation of QLoRA: Hugging Face PEFT's ``LoraConfig`` / ``get_peft_model``
+over ``AutoModelForCausalLM.from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``
+with exactly the quantization config our ``NF4`` backend uses (NF4, double quantization,
+same compute dtype, uint8 storage), the same target modules, r, alpha, dropout, initialisation
+(A Kaiming-uniform, B zero) and optimizer. ``peft.prepare_model_for_kbit_training`` is *not*
+called by default, because our NF4 path does not do what it does (upcast every non-4-bit
+parameter to fp32, turn on gradient checkpointing); ``--peft-kbit-prep`` calls it with
+``use_gradient_checkpointing=False`` (on a CPU with fp32 compute it then only freezes the
+base, which get_peft_model does anyway). Every case is reported as a ratio to PEFT as well. Step time is the median over
 ``--steps`` timed steps after ``--warmup`` untimed ones; the cases run in ``--repeats``
-interleaved rounds and each case reports its fastest round (robust to background load). Peak memory is CUDA's max allocated
+interleaved rounds and each case reports its fastest round (robust to background load).
+On a shared CPU the process CPU time per step (``time.process_time``, median over the steps,
+least over the rounds) is reported next to it: with one intra-op thread it is what the step
+costs, and other processes' load moves it much less than the wall clock. Because a round runs
+every case back to back, the median over rounds of (case CPU time / PEFT CPU time in the same
+round) - "paired" - cancels most of the load a round saw: it is the figure to quote on a
+shared machine. Peak memory is CUDA's max allocated
 bytes on a GPU; on CPU it is the process's peak resident set size (ru_maxrss) minus the
 resident size once the model is loaded - the memory the training step itself adds.
 Prints a table and writes JSON to ``--out``.
@@ -33,27 +48,73 @@ CASES = {
     "lora_int4": ("GroupwiseInt", "LoRA", "lora_int4"),
     "qalora": ("GroupwiseInt", "QALoRA", "lora_int4"),
     "qablora": ("GroupwiseInt", "QABLoRA", "qalora"),
+    "peft_qlora": ("NF4", "peft.LoRA", "peft_qlora"),  # HF PEFT + bitsandbytes, the reference
 }
+PEFT_CASE = "peft_qlora"
 
 
 def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def build_peft_model(args: argparse.Namespace):
+    """HF PEFT LoRA over transformers + bitsandbytes NF4, configured like our ``qlora`` case."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qblora_pl.adapters import LoRA
+    from qblora_pl.adapters.injection import LLAMA_TARGET_MODULES
+    from qblora_pl.quantization import NF4
+    from qblora_pl.quantization.backends import resolve_dtype
+
+    ours = NF4()  # the defaults our qlora case runs with
+    dtype = resolve_dtype(ours.compute_dtype)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=ours.quant_type,
+        bnb_4bit_use_double_quant=ours.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, quantization_config=config, device_map=device_map)
+    if args.peft_kbit_prep:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = LoRA(r=args.rank, dropout=0.0)  # alpha: our default, so the scaling alpha / r is the same
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=0.0,
+        target_modules=list(LLAMA_TARGET_MODULES),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(0)
+    model = get_peft_model(model, peft_config)
+    model.train()
+    return model
+
+
 def run_case(args: argparse.Namespace) -> dict:
     import torch
 
-    from qblora_pl import adapters, quantization
-    from qblora_pl.module import QuantizedCausalLM
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.case == PEFT_CASE:
+        model = build_peft_model(args)
+    else:
+        from qblora_pl import adapters, quantization
+        from qblora_pl.module import QuantizedCausalLM
 
-    backend_name, strategy_name, _ = CASES[args.case]
-    backend = getattr(quantization, backend_name)(**({"bits": args.bits, "group_size": args.group_size} if backend_name == "GroupwiseInt" else {}))
-    rank_kw = {"budget_rank": args.rank} if strategy_name == "QABLoRA" else {"r": args.rank}
-    strategy = getattr(adapters, strategy_name)(dropout=0.0, **rank_kw)
-    torch.manual_seed(0)
-    module = QuantizedCausalLM(model_name_or_path=args.model, quantization=backend, adapter=strategy)
-    module.configure_model()
-    model = module.model
+        backend_name, strategy_name, _ = CASES[args.case]
+        backend = getattr(quantization, backend_name)(**({"bits": args.bits, "group_size": args.group_size} if backend_name == "GroupwiseInt" else {}))
+        rank_kw = {"budget_rank": args.rank} if strategy_name == "QABLoRA" else {"r": args.rank}
+        strategy = getattr(adapters, strategy_name)(dropout=0.0, **rank_kw)
+        torch.manual_seed(0)
+        module = QuantizedCausalLM(model_name_or_path=args.model, quantization=backend, adapter=strategy)
+        module.configure_model()
+        model = module.model
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (args.batch_size, args.seq_len), device=device)
@@ -64,9 +125,9 @@ def run_case(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     rss_loaded = _rss_bytes()
-    times = []
+    times, cpu_times = [], []
     for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -76,15 +137,19 @@ def run_case(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_bytes() - rss_loaded
     return {
         "case": args.case,
         "trainable_params": sum(p.numel() for p in params),
         "step_time_s": statistics.median(times),
+        "step_cpu_s": statistics.median(cpu_times),
         "peak_memory_bytes": peak,
         "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_growth_during_steps",
         "tokens_per_s": args.batch_size * args.seq_len / statistics.median(times),
         "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "base_linear_type": sorted({type(m).__name__ for n, m in model.named_modules() if n.endswith(".base_layer")}),
     }
 
 
@@ -100,7 +165,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over all cases; the fastest round of each case is reported")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads per case (0: torch's default / OMP_NUM_THREADS)")
+    parser.add_argument("--peft-kbit-prep", action="store_true", help="call peft.prepare_model_for_kbit_training(use_gradient_checkpointing=False) in the PEFT case")
     parser.add_argument("--out", default="bench/results/step_cost.json")
+    parser.add_argument("--plot", default=None, help="PNG bar chart (default: --out with .png)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args()
     if args.model is None:
@@ -111,36 +179,143 @@ def main() -> None:
         print(json.dumps(run_case(args)))
         return
 
+    if PEFT_CASE in args.cases:
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            print("peft is not installed (pip install peft): the peft_qlora case is skipped", file=sys.stderr)
+            args.cases = [c for c in args.cases if c != PEFT_CASE]
     results: dict[str, dict] = {}
     for round_index in range(args.repeats):  # interleaved, so background load hits every case alike
         for case in args.cases:
             cmd = [sys.executable, __file__, "--case", case, "--model", args.model]
-            for key in ("rank", "bits", "group_size", "batch_size", "seq_len", "steps", "warmup"):
+            for key in ("rank", "bits", "group_size", "batch_size", "seq_len", "steps", "warmup", "threads"):
                 cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+            if args.peft_kbit_prep:
+                cmd.append("--peft-kbit-prep")
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 raise SystemExit(f"case {case} failed:\n{out.stderr[-3000:]}")
             run = json.loads(out.stdout.strip().splitlines()[-1])
             run["rounds_ms"] = results.get(case, {}).get("rounds_ms", []) + [run["step_time_s"] * 1000]
+            run["rounds_cpu_ms"] = results.get(case, {}).get("rounds_cpu_ms", []) + [run["step_cpu_s"] * 1000]
             if case not in results or run["step_time_s"] < results[case]["step_time_s"]:
                 results[case] = run
-            results[case]["rounds_ms"] = run["rounds_ms"]
-            print(f"  round {round_index + 1}/{args.repeats} {case}: {run['step_time_s'] * 1000:.1f} ms/step", file=sys.stderr)
+            results[case]["rounds_ms"], results[case]["rounds_cpu_ms"] = run["rounds_ms"], run["rounds_cpu_ms"]
+            results[case]["best_cpu_ms"] = min(run["rounds_cpu_ms"])
+            print(
+                f"  round {round_index + 1}/{args.repeats} {case}: {run['step_time_s'] * 1000:.1f} ms/step wall, "
+                f"{run['step_cpu_s'] * 1000:.1f} ms CPU",
+                file=sys.stderr,
+            )
 
-    print(f"\nmodel={args.model} rank={args.rank} INT{args.bits} g{args.group_size} batch={args.batch_size}x{args.seq_len} device={results[args.cases[0]]['device']}")
-    print(f"{'case':<10} {'params':>9} {'ms/step':>9} {'tok/s':>9} {'peak MiB':>9} {'vs':>10} {'time x':>7} {'mem x':>7}")
+    peft = results.get(PEFT_CASE)
+    print(f"\nmodel={args.model} rank={args.rank} INT{args.bits} g{args.group_size} batch={args.batch_size}x{args.seq_len} device={results[args.cases[0]]['device']} threads={results[args.cases[0]]['torch_threads']}")
+    print(
+        f"{'case':<10} {'params':>9} {'ms/step':>9} {'CPU ms':>8} {'tok/s':>9} {'peak MiB':>9} {'vs':>10} {'time x':>7} {'mem x':>7}"
+        f" {'time x PEFT':>11} {'CPU x PEFT':>10} {'paired':>7} {'mem x PEFT':>10}"
+    )
     for case, r in results.items():
         ref = results.get(CASES[case][2])
         t_ratio = r["step_time_s"] / ref["step_time_s"] if ref else float("nan")
         m_ratio = r["peak_memory_bytes"] / max(ref["peak_memory_bytes"], 1) if ref else float("nan")
         r["reference"], r["time_ratio"], r["memory_ratio"] = CASES[case][2], t_ratio, m_ratio
-        print(
-            f"{case:<10} {r['trainable_params']:>9,} {r['step_time_s'] * 1000:>9.1f} {r['tokens_per_s']:>9.0f} "
-            f"{r['peak_memory_bytes'] / 2**20:>9.1f} {CASES[case][2]:>10} {t_ratio:>7.3f} {m_ratio:>7.3f}"
+        r["time_ratio_vs_peft"] = r["step_time_s"] / peft["step_time_s"] if peft else None
+        r["memory_ratio_vs_peft"] = r["peak_memory_bytes"] / max(peft["peak_memory_bytes"], 1) if peft else None
+        r["cpu_time_ratio_vs_peft"] = r["best_cpu_ms"] / peft["best_cpu_ms"] if peft else None
+        # Same-round pairs: each round runs every case back to back, so a ratio within a round
+        # cancels most of the load that round saw; the median over rounds is the robust figure.
+        r["paired_cpu_ratio_vs_peft_per_round"] = (
+            [a / b for a, b in zip(r["rounds_cpu_ms"], peft["rounds_cpu_ms"])] if peft else None
         )
+        r["paired_cpu_ratio_vs_peft_median"] = (
+            statistics.median(r["paired_cpu_ratio_vs_peft_per_round"]) if peft else None
+        )
+        r["paired_wall_ratio_vs_peft_median"] = (
+            statistics.median(a / b for a, b in zip(r["rounds_ms"], peft["rounds_ms"])) if peft else None
+        )
+        on_cpu = r["device"] == "cpu"  # on a GPU the step is not CPU-bound: pair the wall times
+        r["paired_ratio_vs_peft"] = r["paired_cpu_ratio_vs_peft_median" if on_cpu else "paired_wall_ratio_vs_peft_median"]
+        r["median_round_ms"] = statistics.median(r["rounds_ms"])
+        fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+        print(
+            f"{case:<10} {r['trainable_params']:>9,} {r['step_time_s'] * 1000:>9.1f} {r['best_cpu_ms']:>8.1f} {r['tokens_per_s']:>9.0f} "
+            f"{r['peak_memory_bytes'] / 2**20:>9.1f} {CASES[case][2]:>10} {t_ratio:>7.3f} {m_ratio:>7.3f}"
+            f" {fmt(r['time_ratio_vs_peft']):>11} {fmt(r['cpu_time_ratio_vs_peft']):>10}"
+            f" {fmt(r['paired_ratio_vs_peft']):>7} {fmt(r['memory_ratio_vs_peft']):>10}"
+        )
+    if peft:
+        print(
+            "ms/step and time x: each case's fastest round (wall clock); CPU ms: its least process CPU time per "
+            "step over the rounds (much less sensitive to other processes' load than wall time); paired: median over "
+            "rounds of the case's CPU time (wall time on a GPU) / PEFT's in the same round; median-round wall ms/step: "
+            + ", ".join(f"{c} {r['median_round_ms']:.1f}" for c, r in results.items())
+        )
+    environment = _environment()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    Path(args.out).write_text(json.dumps({"args": vars(args), "environment": environment, "results": results}, indent=2))
     print(f"wrote {args.out}")
+    plot = args.plot or str(Path(args.out).with_suffix(".png"))
+    _plot(results, args, environment, plot)
+    print(f"wrote {plot}")
+
+
+def _environment() -> dict:
+    import os
+    import platform
+
+    import torch
+
+    versions = {"torch": torch.__version__}
+    for package in ("transformers", "bitsandbytes", "peft", "lightning"):
+        try:
+            versions[package] = __import__(package).__version__
+        except Exception:  # noqa: BLE001 - optional
+            versions[package] = None
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "versions": versions,
+    }
+
+
+def _plot(results: dict, args: argparse.Namespace, environment: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(results)
+    colors = ["#888888" if c == PEFT_CASE else ("#1f77b4" if CASES[c][0] == "NF4" else "#2ca02c") for c in cases]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    panels = (
+        ("ms / step, wall (fastest round)", [results[c]["step_time_s"] * 1000 for c in cases], "time_ratio_vs_peft"),
+        ("CPU ms / step (least round); label: paired x PEFT", [results[c]["best_cpu_ms"] for c in cases],
+         "paired_ratio_vs_peft"),
+        ("tokens / s", [results[c]["tokens_per_s"] for c in cases], None),
+        ("peak memory MiB" + (" (RSS growth)" if results[cases[0]]["device"] == "cpu" else ""),
+         [results[c]["peak_memory_bytes"] / 2**20 for c in cases], "memory_ratio_vs_peft"),
+    )
+    for ax, (title, values, ratio_key) in zip(axes, panels):
+        bars = ax.bar(cases, values, color=colors)
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=35)
+        if ratio_key and results[cases[0]].get(ratio_key) is not None:
+            for bar, c in zip(bars, cases):
+                ax.annotate(f"{results[c][ratio_key]:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+    device = results[cases[0]]["device"]
+    fig.suptitle(
+        f"train step, batch {args.batch_size}x{args.seq_len}, rank {args.rank}, {device} "
+        f"({environment['cpu_count']} cores, {results[cases[0]]['torch_threads']} thread(s)); labels: x PEFT; "
+        "blue NF4, green INT4 g32, grey HF PEFT",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

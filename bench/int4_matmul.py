@@ -5,7 +5,9 @@
 
 Times, for the same random weight quantized to INT4 (``GroupwiseIntLinear.from_linear``):
 the dense fp32 and bf16 matmul of the dequantized weight, ``GroupwiseIntLinear.forward`` (what
-the native export runs: unpack + dequantize the whole weight, then a dense matmul), and
+the native export runs by default: unpack + dequantize the whole weight, then a dense matmul;
+its ``dequantize`` and ``codes`` parts timed alone), the same layer with
+``use_int4_kernel(True)`` (the opt-in fast path: cached int4pack weight, bf16 compute), and
 torch's CPU INT4 kernel ``aten._weight_int4pack_mm_for_cpu`` on the same codes and groups
 (``w = (q - 8) * scale + zero`` with ``zero = offset + 8 * scale``; bf16 activations, scales and
 zeros, so it is not bit-exact). Process CPU time per call, least of ``--rounds`` interleaved
@@ -15,6 +17,7 @@ rounds of ``--calls`` calls. CPU only.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -45,7 +48,14 @@ def main() -> None:
         "dense fp32 F.linear": lambda: torch.nn.functional.linear(x, weight),
         "dense bf16 F.linear": (lambda w=weight.bfloat16(), xb=x.bfloat16(): torch.nn.functional.linear(xb, w)),
         "GroupwiseIntLinear.forward": lambda: layer(x),
+        "  of which dequantize()": lambda: layer.dequantize(torch.float32),
+        "  of which codes() (unpack)": lambda: layer.codes(),
     }
+    if layer.int4_kernel_unsupported_reason() is None:
+        fast = copy.deepcopy(layer).use_int4_kernel(True)
+        cases["GroupwiseIntLinear int4 kernel"] = lambda: fast(x)
+        with torch.inference_mode():
+            fast_error = float((fast(x) - x @ weight.T).norm() / (x @ weight.T).norm())
     kernel = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
     if kernel is not None:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(layer.codes().to(torch.int32), 1)
@@ -67,6 +77,8 @@ def main() -> None:
         print(f"{name:<34} {seconds * 1e6:>10.1f} us/call   {best['dense fp32 F.linear'] / seconds:>6.2f}x fp32")
     if kernel is not None:
         print(f"int4pack kernel max |error| / max |y| vs the dequantized weight: {error:.2e} (bf16 activations)")
+    if "GroupwiseIntLinear int4 kernel" in cases:
+        print(f"use_int4_kernel(True) layer: ||y - y_exact|| / ||y_exact|| = {fast_error:.2e}")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,15 @@
    (embeddings and head kept F32) is timed too (``gguf_q4_1_default``).
 3. Perplexity on the embedded validation split (every record; response tokens as in training,
    and all non-pad tokens) of: the INT4 base before training, the trained adapter model
-   (unmerged), the merged model in memory, the native export (``load_native``), the 16-bit HF
+   (unmerged), the merged model in memory, the native export (``load_native``; and with
+   ``fast_int4=True``, ``native_int4_kernel``), the 16-bit HF
    export (float32 compute), and both GGUF files through llama.cpp (llama-cpp-python).
 4. Greedy decode speed, batch 1, a fixed prompt plus ``--new-tokens`` tokens (EOS does not stop
    it; prefill included), ``--repeats`` interleaved rounds over all backends, best and median
    round reported (wall clock; and tokens per process CPU-second, less sensitive to other
    processes on a shared machine): the 16-bit HF model in torch (fp16 and bf16 weights and compute) and upcast to
-   fp32, our native INT4 model in torch, llama.cpp on F16 and on Q4_1. Each generated sequence
+   fp32, our native INT4 model in torch (exact dequantize path, and ``load_native(fast_int4=True)``: torch's
+   INT4 kernel, bf16 compute, row ``torch_native_int4_kernel``), llama.cpp on F16 and on Q4_1. Each generated sequence
    is compared with the fp32 torch one (greedy agreement).
 
 Use one thread per process (``--threads``, default 1) for comparable figures on a shared CPU.
@@ -328,9 +330,11 @@ def main() -> None:
     del model, module
 
     native = load_native(native_dir)
+    native_kernel = load_native(native_dir, fast_int4=True)  # torch's INT4 kernel, bf16 compute
     dense32 = load_hf_dense(hf_dir)
     if not args.synthetic:
         ppl["native_int4"] = torch_perplexity(native, val_batches)
+        ppl["native_int4_kernel"] = torch_perplexity(native_kernel, val_batches)
         ppl["hf_16bit_export_fp32_compute"] = torch_perplexity(dense32, val_batches)
     if have_llama_cpp and not args.synthetic:
         ppl["llama_cpp_gguf_q4_1"] = llama_cpp_perplexity(q4_path, val_batches, args.threads)
@@ -347,6 +351,7 @@ def main() -> None:
             dense = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype)
             decoders[f"torch_hf_{label}"] = TorchDecoder(dense, prompt_ids, args.new_tokens)
     decoders["torch_native_int4"] = TorchDecoder(native, prompt_ids, args.new_tokens)
+    decoders["torch_native_int4_kernel"] = TorchDecoder(native_kernel, prompt_ids, args.new_tokens)
     if have_llama_cpp:
         decoders["llama_cpp_f16"] = LlamaCppDecoder(f16_path, prompt_ids, args.new_tokens, args.threads)
         decoders["llama_cpp_q4_1"] = LlamaCppDecoder(q4_path, prompt_ids, args.new_tokens, args.threads)
@@ -383,11 +388,17 @@ def main() -> None:
         "native_int4_vs_torch_fp32_cpu_time": (
             decode["torch_native_int4"]["tokens_per_cpu_s_best"] / decode["torch_hf_fp32"]["tokens_per_cpu_s_best"]
         ),
+        "native_int4_kernel_vs_torch_fp32": ratio("torch_native_int4_kernel", "torch_hf_fp32"),
+        "native_int4_kernel_vs_torch_fp32_cpu_time": (
+            decode["torch_native_int4_kernel"]["tokens_per_cpu_s_best"] / decode["torch_hf_fp32"]["tokens_per_cpu_s_best"]
+        ),
     }
     if not args.skip_torch_16bit:
         torch_16 = max(("torch_hf_fp16", "torch_hf_bf16"), key=lambda n: decode[n]["tokens_per_s_best"])
         ratios["torch_fastest_16bit"] = torch_16
         ratios["native_int4_vs_torch_fastest_16bit"] = ratio("torch_native_int4", torch_16)
+        ratios["native_int4_kernel_vs_torch_fastest_16bit"] = ratio("torch_native_int4_kernel", torch_16)
+        ratios["native_int4_kernel_vs_torch_bf16"] = ratio("torch_native_int4_kernel", "torch_hf_bf16")
     if have_llama_cpp:
         ratios["llama_cpp_q4_1_vs_f16"] = ratio("llama_cpp_q4_1", "llama_cpp_f16")
         ratios["llama_cpp_q4_1_default_vs_f16"] = ratio("llama_cpp_q4_1_default", "llama_cpp_f16")

@@ -44,7 +44,7 @@ from qblora_pl.export.snapshot import (
     dtype_name,
 )
 from qblora_pl.export.tokenizer_files import copy_tokenizer_files
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear, enable_int4_inference
 from qblora_pl.quantization.packing import pack_codes
 
 NATIVE_FORMAT = "qblora-native"
@@ -157,13 +157,18 @@ def is_native_export(path: str | Path) -> bool:
         return False
 
 
-def load_native(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_native(path: str | Path, device: str | torch.device = "cpu", *, fast_int4: bool = False) -> nn.Module:
     """Load a native export as a Hugging Face causal LM whose INT-b layers are GroupwiseIntLinear.
 
     The skeleton is built from the stored HF config, each quantized layer is replaced by an
     empty :class:`GroupwiseIntLinear` with the stored bits, group size and buffer dtypes, and the
     weights load with ``strict=True`` - a missing or unexpected tensor is an error. Returns the
     model in eval mode.
+
+    ``fast_int4=True`` switches the INT4 layers to torch's INT4 kernel for inference
+    (:func:`~qblora_pl.quantization.groupwise_int.enable_int4_inference`): much faster decode,
+    but bfloat16 compute, so no longer bit-exact with the trained model (about 4e-3 relative
+    per-layer output error). The default keeps the exact float32 dequantize path.
     """
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -213,7 +218,10 @@ def load_native(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
             offsets = model.get_submodule(name).offsets
             if dtype_name(offsets.dtype) != entry["offset_dtype"]:
                 raise RuntimeError(f"layer {name}: offsets loaded as {offsets.dtype}, stored {entry['offset_dtype']}")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if fast_int4:
+        enable_int4_inference(model)
+    return model
 
 
 def _requantize(linear: LinearSnapshot, bits: int, group_size: int) -> tuple[QuantizedParts, float]:

@@ -20,10 +20,18 @@ Three pieces:
   wrap it; they never copy it.
 - :func:`quantize_linear_layers` - swaps a model's target ``nn.Linear`` layers for
   :class:`GroupwiseIntLinear` in place.
+
+Opt-in fast inference (INT4 only): :meth:`GroupwiseIntLinear.use_int4_kernel` /
+:func:`enable_int4_inference` route the no-grad forward through torch's weight-only INT4
+kernels (``aten._weight_int4pack_mm_for_cpu`` on CPU, ``aten._weight_int4pack_mm`` on CUDA)
+instead of dequantizing the whole weight per call. Those kernels compute in bfloat16, so this
+path is *not* bit-exact (about 4e-3 relative output error); training, merges, exports and the
+default forward keep the exact float32 dequantize path.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -38,10 +46,37 @@ __all__ = [
     "SUPPORTED_GROUP_SIZES",
     "GroupwiseIntQuantizer",
     "GroupwiseIntLinear",
+    "INT4_KERNEL_GROUP_SIZES",
+    "Int4KernelFallbackWarning",
+    "enable_int4_inference",
     "quantize_linear_layers",
 ]
 
 SUPPORTED_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
+
+#: Group sizes torch's INT4 weight-only kernels accept (every ``SUPPORTED_GROUP_SIZES`` entry is one).
+INT4_KERNEL_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)
+#: Activation dtypes the fast path accepts (they are cast to bfloat16 for the kernel and back).
+_INT4_KERNEL_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Int4KernelFallbackWarning(UserWarning):
+    """A layer with the INT4 kernel enabled ran (or was left on) the exact dequantize path."""
+
+
+_INT4_WARNED: set[str] = set()  # fallback reasons already warned about (one warning per reason)
+
+
+def _warn_int4_fallback_once(reason: str) -> None:
+    if reason in _INT4_WARNED:
+        return
+    _INT4_WARNED.add(reason)
+    warnings.warn(
+        f"GroupwiseIntLinear: INT4 kernel not used, exact dequantize path instead: {reason} "
+        f"(warned once per reason)",
+        Int4KernelFallbackWarning,
+        stacklevel=3,
+    )
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -174,8 +209,15 @@ class GroupwiseIntQuantizer:
                     f"{name} have shape {tuple(t.shape)}, expected {expected} for codes of "
                     f"shape {tuple(codes.shape)} and group_size={self.group_size}"
                 )
-        q = codes.float().reshape(*expected, self.group_size)
-        w = q * scales.float().unsqueeze(-1) + offsets.float().unsqueeze(-1)
+        scales = scales.float().unsqueeze(-1)
+        offsets = offsets.float().unsqueeze(-1)
+        if torch.is_grad_enabled() and (scales.requires_grad or offsets.requires_grad):
+            w = codes.float().reshape(*expected, self.group_size) * scales + offsets
+        else:
+            # Same two roundings (a product, then a sum; no fused multiply-add), in place on one
+            # fresh float32 buffer instead of three: bit-identical, about 2x faster on CPU.
+            w = codes.to(torch.float32, copy=True).reshape(*expected, self.group_size)
+            w.mul_(scales).add_(offsets)
         return w.reshape(codes.shape)
 
     def fake_quantize(self, weight: Tensor, param_dtype: torch.dtype | None = None) -> Tensor:
@@ -323,6 +365,8 @@ class GroupwiseIntLinear(nn.Module):
         self.bits = bits
         self.group_size = group_size
         self.scale_dtype = scale_dtype
+        self._int4_kernel = False  # opt-in fast inference path (use_int4_kernel)
+        self._int4_cache: tuple | None = None  # (key, packed weight, scales_and_zeros)
         self.packed_codes = torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device)
         self.scales = torch.zeros(out_features, n_groups, dtype=scale_dtype, device=device)
         self.offsets = torch.zeros(out_features, n_groups, dtype=scale_dtype, device=device)
@@ -335,7 +379,10 @@ class GroupwiseIntLinear(nn.Module):
             value = nn.Parameter(value, requires_grad=False)
         elif name in self._QUANT_TENSORS and value is None:
             self._parameters[name] = None
+            self.__dict__["_int4_cache"] = None
             return
+        if name in self._QUANT_TENSORS:
+            self.__dict__["_int4_cache"] = None  # e.g. a QA-* merge replacing the offsets
         super().__setattr__(name, value)
 
     @classmethod
@@ -397,9 +444,134 @@ class GroupwiseIntLinear(nn.Module):
         return w if dtype is None else w.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``y = x W_hat^T + b`` with ``W_hat`` dequantized on the fly in ``x.dtype``."""
+        """``y = x W_hat^T + b`` with ``W_hat`` dequantized on the fly in ``x.dtype``.
+
+        With :meth:`use_int4_kernel` enabled and autograd off, torch's INT4 kernel instead
+        (bfloat16 compute, not bit-exact; see :meth:`use_int4_kernel`).
+        """
+        if getattr(self, "_int4_kernel", False):
+            reason = self._int4_runtime_reason(x)
+            if reason is None:
+                return self._int4_forward(x)
+            _warn_int4_fallback_once(reason)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype), bias)
+
+    # ------------------------------------------------------------------ INT4 kernel path
+    def int4_kernel_unsupported_reason(self, device: torch.device | str | None = None) -> str | None:
+        """Why torch's INT4 kernel cannot run this layer on ``device`` (default: where its codes
+        are), or ``None`` if it can. Structural reasons only (bits, group size, shape, device,
+        torch build); the per-call ones (autograd, input dtype) are checked in ``forward``."""
+        device = torch.device(device) if device is not None else self.packed_codes.device
+        if self.bits != 4:
+            return f"bits={self.bits} (the kernel is INT4 only)"
+        if self.group_size not in INT4_KERNEL_GROUP_SIZES:
+            return f"group_size={self.group_size} (the kernel takes {INT4_KERNEL_GROUP_SIZES})"
+        if device.type == "cpu":
+            if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+                return f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu"
+            if self.out_features % 16 != 0:
+                return f"out_features={self.out_features} is not a multiple of 16 (CPU kernel)"
+        elif device.type == "cuda":
+            if not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+                return f"torch {torch.__version__} has no aten._weight_int4pack_mm"
+            if self.out_features % 8 != 0:
+                return f"out_features={self.out_features} is not a multiple of 8 (CUDA kernel)"
+            if self.in_features % 32 != 0:
+                return f"in_features={self.in_features} is not a multiple of 32 (CUDA kernel)"
+            major, _ = torch.cuda.get_device_capability(device)
+            if major < 8 and torch.version.hip is None:
+                return f"CUDA compute capability {major}.x < 8.0 (the kernel needs sm80+)"
+        else:
+            return f"device type {device.type!r} (the kernel runs on cpu and cuda)"
+        return None
+
+    def use_int4_kernel(self, enabled: bool = True) -> GroupwiseIntLinear:
+        """Opt in to (or out of) torch's weight-only INT4 kernel for inference forwards.
+
+        When enabled, ``forward`` under ``torch.no_grad()`` / ``torch.inference_mode()`` calls
+        ``aten._weight_int4pack_mm_for_cpu`` (CPU) or ``aten._weight_int4pack_mm`` (CUDA)
+        instead of dequantizing the weight. The kernels compute ``(q - 8) * s + z`` with
+        ``s = scale`` and ``z = offset + 8 * scale`` - exactly ``scale * q + offset`` - but with
+        bfloat16 activations, scales and zeros (float32 accumulation), so outputs are within
+        about 4e-3 relative of the exact path, not bit-equal. The input is cast to bfloat16 and
+        the output back to the input's dtype. The kernel's packed weight and
+        ``scales_and_zeros`` are built on the first call and cached (about as much memory
+        again as the packed codes), rebuilt when the codes, scales or offsets change (a merge,
+        ``load_state_dict``, a device move).
+
+        With autograd enabled, or an input dtype other than float32 / float16 / bfloat16,
+        ``forward`` takes the exact path and warns once per reason
+        (:class:`Int4KernelFallbackWarning`): training is never affected. Raises
+        ``ValueError`` naming the reason if the layer cannot use the kernel at all
+        (:meth:`int4_kernel_unsupported_reason`). Returns ``self``.
+        """
+        if enabled:
+            reason = self.int4_kernel_unsupported_reason()
+            if reason is not None:
+                raise ValueError(f"{self.extra_repr()}: cannot use the INT4 kernel: {reason}")
+        self._int4_kernel = bool(enabled)
+        self._int4_cache = None
+        return self
+
+    @property
+    def int4_kernel_enabled(self) -> bool:
+        return getattr(self, "_int4_kernel", False)
+
+    def _int4_runtime_reason(self, x: Tensor) -> str | None:
+        if torch.is_grad_enabled():
+            return "autograd is enabled (the kernel has no backward; run under torch.no_grad() or torch.inference_mode())"
+        if x.dtype not in _INT4_KERNEL_INPUT_DTYPES:
+            return f"input dtype {x.dtype} (the kernel takes float32 / float16 / bfloat16 inputs, computed in bfloat16)"
+        if x.device != self.packed_codes.device:
+            return f"input on {x.device}, layer on {self.packed_codes.device}"
+        cache = self._int4_cache
+        if cache is not None and cache[0][0] == x.device:
+            return None  # structurally checked when the cache was built
+        return self.int4_kernel_unsupported_reason(x.device)
+
+    def _int4_cache_key(self) -> tuple:
+        tensors = (self.packed_codes, self.scales, self.offsets)
+        return (self.packed_codes.device, *((t.data_ptr(), t._version, t.dtype) for t in tensors))
+
+    def _int4_packed(self) -> tuple[Tensor, Tensor]:
+        """The kernel's packed weight and bfloat16 ``scales_and_zeros``, cached until the
+        codes, scales or offsets change (in place or by assignment) or the layer moves."""
+        key = self._int4_cache_key()
+        cache = self._int4_cache
+        if cache is not None and cache[0] == key:
+            return cache[1], cache[2]
+        with torch.no_grad():
+            codes = self.codes()  # uint8 (N, K), 0..15
+            if codes.device.type == "cpu":
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+            else:
+                # CUDA takes (N, K/2) uint8 with the even column in the high nibble.
+                nibbles = ((codes[:, 0::2] << 4) | codes[:, 1::2]).contiguous()
+                inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)
+                packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, inner_k_tiles)
+            # W = scale * q + offset = (q - 8) * scale + (offset + 8 * scale), in float32 before
+            # the one rounding to bfloat16. Shape (K / g, N, 2).
+            scales = self.scales.float()
+            zeros = self.offsets.float() + 8.0 * scales
+            scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self._int4_cache = (key, packed, scales_and_zeros)
+        return packed, scales_and_zeros
+
+    def _int4_forward(self, x: Tensor) -> Tensor:
+        packed, scales_and_zeros = self._int4_packed()
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        if x2.shape[0] == 0:
+            y = x2.new_zeros(0, self.out_features)
+        elif x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2, packed, self.group_size, scales_and_zeros)
+        y = y.to(x.dtype).reshape(*lead, self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
 
     def memory_bytes(self) -> int:
         """Bytes held by the packed codes, scales, offsets and bias."""
@@ -413,6 +585,7 @@ class GroupwiseIntLinear(nn.Module):
         # Let device moves through but keep the storage dtype of the quantization tensors:
         # ``model.to(torch.bfloat16)`` must not round fp16 scales or a merged fp32 offset.
         # Restored through ``.data`` so the parameter objects (which FSDP tracks) stay the same.
+        self._int4_cache = None
         before = {name: p.data for name in self._QUANT_FLOAT_TENSORS if (p := self._parameters.get(name)) is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():
@@ -422,11 +595,47 @@ class GroupwiseIntLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}, "
             f"scale_dtype={self.scale_dtype}"
         )
+        return text + (", int4_kernel=True" if self.int4_kernel_enabled else "")
+
+
+def enable_int4_inference(model: nn.Module, enabled: bool = True) -> list[str]:
+    """Switch every eligible :class:`GroupwiseIntLinear` of ``model`` to torch's INT4 kernel.
+
+    See :meth:`GroupwiseIntLinear.use_int4_kernel`: inference forwards (autograd off) then run
+    in bfloat16 through the kernel - fast, not bit-exact; training keeps the exact path.
+    Layers the kernel cannot run (not 4-bit, an ``out_features`` the kernel cannot tile, an
+    unsupported device) stay on the exact path, named in one :class:`Int4KernelFallbackWarning`.
+    ``enabled=False`` switches every layer back. Returns the qualified names of the layers
+    switched (on or off).
+    """
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GroupwiseIntLinear)]
+    if not enabled:
+        for _, layer in layers:
+            layer.use_int4_kernel(False)
+        return [n for n, _ in layers]
+    switched, skipped = [], {}
+    for name, layer in layers:
+        reason = layer.int4_kernel_unsupported_reason()
+        if reason is None:
+            layer.use_int4_kernel(True)
+            switched.append(name)
+        else:
+            skipped[name] = reason
+    if skipped:
+        listed = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:8])
+        more = f" (+{len(skipped) - 8} more)" if len(skipped) > 8 else ""
+        warnings.warn(
+            f"enable_int4_inference: {len(skipped)} of {len(layers)} GroupwiseIntLinear layer(s) "
+            f"stay on the exact dequantize path: {listed}{more}",
+            Int4KernelFallbackWarning,
+            stacklevel=2,
+        )
+    return switched
 
 
 def quantize_linear_layers(

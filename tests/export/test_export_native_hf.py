@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -90,3 +91,20 @@ def test_nf4_export_after_an_eval_forward_matches_a_fresh_one(tiny_model_dir, tm
     for key, weight in fresh.items():
         # bitsandbytes' repacking rounds the block absmax to bf16: tiny, but not zero.
         assert (after[key] - weight).norm() <= 1e-3 * weight.norm(), key
+
+
+def test_native_fast_int4_load_is_close_and_opt_in(qablora_module, tmp_path):
+    """``load_native(..., fast_int4=True)``: every INT4 layer on torch's INT4 kernel (bf16
+    compute), logits close to the exact load; the default load stays exact."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("torch has no CPU INT4 kernel")
+    batch = fixed_token_batch(qablora_module.model.config.vocab_size, seed=2)
+    export_module(qablora_module, tmp_path, formats=["native"], verify=False, log=lambda _: None)
+    exact_model = load_native(tmp_path / "native")
+    fast_model = load_native(tmp_path / "native", fast_int4=True)
+    layers = [m for m in fast_model.modules() if isinstance(m, GroupwiseIntLinear)]
+    assert layers and all(m.int4_kernel_enabled for m in layers)
+    assert not any(m.int4_kernel_enabled for m in exact_model.modules() if isinstance(m, GroupwiseIntLinear))
+    exact, fast = _logits(exact_model, batch), _logits(fast_model, batch)
+    assert float((fast - exact).norm() / exact.norm()) < 2e-2
+    assert (fast.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9

@@ -125,10 +125,10 @@ def train_one(args, method: str, seed: int, bits: int | None, group_size: int | 
     return module, data, time.perf_counter() - started
 
 
-def test_batches(data, device, limit: int | None) -> list[dict[str, torch.Tensor]]:
-    data.setup("test")
+def eval_batches(data, device, limit: int | None, split: str = "test") -> list[dict[str, torch.Tensor]]:
+    data.setup(split if split == "test" else "validate")
     batches = []
-    for i, batch in enumerate(data.test_dataloader()):
+    for i, batch in enumerate(data.test_dataloader() if split == "test" else data.val_dataloader()):
         if limit is not None and i >= limit:
             break
         batches.append({k: v.to(device) for k, v in batch.items()})
@@ -145,7 +145,7 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
 
     if qat:
         module, data, seconds = train_one(args, method, seed, None, None, qat_bits=bits, qat_group_size=group_size)
-        model, batches = module.model, test_batches(data, module.device, args.test_batches)
+        model, batches = module.model, eval_batches(data, module.device, args.test_batches, args.eval_split)
         trained = score(model, batches)
         merge_adapters(model)
         requantize_merged(model, bits=bits, group_size=group_size)
@@ -156,7 +156,7 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
         unmerge_adapters(model)
         return {run_key(method, seed, bits, group_size, qat=True): row}
     module, data, seconds = train_one(args, method, seed, bits, group_size)
-    model, batches = module.model, test_batches(data, module.device, args.test_batches)
+    model, batches = module.model, eval_batches(data, module.device, args.test_batches, args.eval_split)
     params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     trained = score(model, batches)
     how = merge_adapters(model)
@@ -211,11 +211,11 @@ def summarize(results: dict[str, dict], metric: str) -> dict[str, dict[str, tupl
     return {c: {p: (*mean_std(v), len(v)) for p, v in parts.items()} for c, parts in groups.items()}
 
 
-def print_table(results: dict[str, dict], metrics: list[str]) -> None:
+def print_table(results: dict[str, dict], metrics: list[str], split: str = "test") -> None:
     params = {key.rsplit("|", 1)[0]: row["trainable_params"] for key, row in results.items()}
     for metric in metrics:
         table = summarize(results, metric)
-        print(f"\n{metric} on the held-out test split (mean ± std over seeds; n = seeds)")
+        print(f"\n{metric} on the held-out {split} split (mean ± std over seeds; n = seeds)")
         print(f"{'method':<14} {'base / low-bit':<14} {'trainable':>10} {'trained model':>26} {'deployed low-bit model':>26}")
         for config in sorted(table, key=_order):
             method, base = config.split("|")
@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-target-length", type=int, default=64)
     parser.add_argument("--holdout-fraction", type=float, default=0.05, help="val and test share of a single-file dataset")
     parser.add_argument("--test-batches", type=int, default=None, help="score only the first N test batches")
+    parser.add_argument("--eval-split", choices=["test", "val"], default="test",
+                        help="val: for choosing hyper-parameters (e.g. a learning rate) without touching the test split")
     parser.add_argument("--no-exact-match", action="store_true", help="free-text responses: report loss only")
     parser.add_argument("--qat-bits", type=int, nargs="*", default=[],
                         help="also train QLoRA / Q-BLoRA with QAT to INT-b (each --group-sizes) and re-quantize to it")
@@ -305,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qat-ramp", type=int, default=30, help="QATSchedule ramp_steps")
     parser.add_argument("--out", default=None, help="JSON results (default bench/results/accuracy_<tag>.json)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--include", nargs="*", default=[],
+                        help="also report the runs of these JSON files (same settings; e.g. QAT runs made in parallel)")
     parser.add_argument("--progress", action="store_true", help="Lightning progress bars for each run")
     args = parser.parse_args(argv)
     if not args.progress:  # one line per run instead of Lightning's and the adapter table's output
@@ -315,8 +319,10 @@ def main(argv: list[str] | None = None) -> None:
     stored = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     results: dict[str, dict] = stored["runs"]
     run_selection = ("report_only", "progress", "out", "seeds", "methods", "bits", "group_sizes", "qat_bits", "qat_only",
-                     "qat_start", "qat_ramp")  # QAT runs record their schedule in their own rows
+                     "qat_start", "qat_ramp", "include")  # QAT runs record their schedule in their own rows
     settings = {k: v for k, v in vars(args).items() if k not in run_selection}
+    if args.eval_split == "test":
+        del settings["eval_split"]  # results stored before the option existed are test-split results
     if results and stored.get("settings") != settings and not args.report_only:
         raise SystemExit(f"{out} holds runs made with other settings:\n  {stored.get('settings')}\n  now: {settings}\n"
                          "pass another --out (or --tag) or delete the file")
@@ -335,10 +341,15 @@ def main(argv: list[str] | None = None) -> None:
               f"deployed loss {shown['loss']:.4f}, exact match {shown['exact_match']:.3f} "
               f"({time.perf_counter() - started:.0f}s)", flush=True)
 
+    for extra in args.include:
+        other = json.loads(Path(extra).read_text())
+        if other.get("settings") != settings:
+            raise SystemExit(f"{extra} was made with other settings:\n  {other.get('settings')}\n  here: {settings}")
+        results = {**results, **other["runs"]}
     metrics = ["loss"] + ([] if args.no_exact_match else ["exact_match"])
     print(f"\n{args.tag}: {args.steps} steps, batch {args.batch_size}, budget rank {args.rank}, "
           f"lr {args.lr} (QLoRA, Q-BLoRA) / {args.qa_lr} (QA-*), data {args.data}")
-    print_table(results, metrics)
+    print_table(results, metrics, args.eval_split)
     for metric in metrics:
         png = out.with_name(f"{out.stem}_{metric}.png")
         plot(results, metric, png, f"{args.tag}: deployed low-bit model, test {metric} (mean ± std over seeds)")

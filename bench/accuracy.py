@@ -224,6 +224,22 @@ def print_table(results: dict[str, dict], metrics: list[str], split: str = "test
             print(f"{method:<14} {base:<14} {params[config]:>10,} {fmt('trained'):>26} {fmt('low_bit'):>26}")
 
 
+def markdown_table(results: dict[str, dict], metric: str) -> str:
+    """The table as Markdown (for README.md): one row per method and deployed format."""
+    params = {key.rsplit("|", 1)[0]: row["trainable_params"] for key, row in results.items()}
+    table = summarize(results, metric)
+    lines = [f"| method | deployed as | trainable params | trained model {metric} | deployed low-bit model {metric} | seeds |",
+             "|---|---|---|---|---|---|"]
+    for config in sorted(table, key=_order):
+        method, base = config.split("|")
+        parts = table[config]
+        name = LABEL[method.split("+")[0]] + {"ptq": " + RTN", "qat": " + QAT + RTN"}.get(method.partition("+")[2], "")
+        deployed = "NF4 + adapter (unmerged)" if base == "nf4" else base.replace("int", "INT").replace("_g", " g")
+        cell = lambda p: f"{parts[p][0]:.4f} ± {parts[p][1]:.4f}" if p in parts else "—"
+        lines.append(f"| {name} | {deployed} | {params[config]:,} | {cell('trained')} | {cell('low_bit')} | {parts['trained'][2]} |")
+    return "\n".join(lines)
+
+
 def _order(config: str):
     method, base = config.split("|")
     bits = int(base[3]) if base.startswith("int") else 16
@@ -307,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qat-ramp", type=int, default=30, help="QATSchedule ramp_steps")
     parser.add_argument("--out", default=None, help="JSON results (default bench/results/accuracy_<tag>.json)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
     parser.add_argument("--include", nargs="*", default=[],
                         help="also report the runs of these JSON files (same settings; e.g. QAT runs made in parallel)")
     parser.add_argument("--progress", action="store_true", help="Lightning progress bars for each run")
@@ -319,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     stored = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     results: dict[str, dict] = stored["runs"]
     run_selection = ("report_only", "progress", "out", "seeds", "methods", "bits", "group_sizes", "qat_bits", "qat_only",
-                     "qat_start", "qat_ramp", "include")  # QAT runs record their schedule in their own rows
+                     "qat_start", "qat_ramp", "include", "markdown")  # QAT runs record their schedule in their own rows
     settings = {k: v for k, v in vars(args).items() if k not in run_selection}
     if args.eval_split == "test":
         del settings["eval_split"]  # results stored before the option existed are test-split results
@@ -350,6 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.tag}: {args.steps} steps, batch {args.batch_size}, budget rank {args.rank}, "
           f"lr {args.lr} (QLoRA, Q-BLoRA) / {args.qa_lr} (QA-*), data {args.data}")
     print_table(results, metrics, args.eval_split)
+    if args.markdown:
+        for metric in metrics:
+            print(f"\n{markdown_table(results, metric)}")
     for metric in metrics:
         png = out.with_name(f"{out.stem}_{metric}.png")
         plot(results, metric, png, f"{args.tag}: deployed low-bit model, test {metric} (mean ± std over seeds)")

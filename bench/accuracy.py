@@ -106,7 +106,8 @@ def train_one(args, method: str, seed: int, bits: int | None, group_size: int | 
     data = InstructionDataModule(
         args.data, tokenizer_name_or_path=args.model, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
         max_source_length=args.max_source_length, max_target_length=args.max_target_length,
-        split_seed=0, val_fraction=args.holdout_fraction, test_fraction=args.holdout_fraction,
+        split_seed=0, shuffle_seed=seed,  # a fixed split; the seed sets the init and the data order
+        val_fraction=args.holdout_fraction, test_fraction=args.holdout_fraction,
     )
     callbacks = []
     if qat_bits is not None:
@@ -338,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     run_selection = ("report_only", "progress", "out", "seeds", "methods", "bits", "group_sizes", "qat_bits", "qat_only",
                      "qat_start", "qat_ramp", "include", "markdown")  # QAT runs record their schedule in their own rows
     settings = {k: v for k, v in vars(args).items() if k not in run_selection}
+    settings["seed_sets"] = "adapter init, dropout and training order (split fixed)"
     if args.eval_split == "test":
         del settings["eval_split"]  # results stored before the option existed are test-split results
     if results and stored.get("settings") != settings and not args.report_only:

@@ -458,8 +458,10 @@ class InstructionDataModule(L.LightningDataModule):
         val_fraction: Fraction of records held out for validation when ``data_path`` is a single
             file or a hub dataset (ignored for a pre-split directory).
         test_fraction: Fraction of records held out for testing, as ``val_fraction``.
-        split_seed: Seed of the train/val/test split and of the training shuffle (combined with
-            the epoch number).
+        split_seed: Seed of the train/val/test split, and of the training shuffle unless
+            ``shuffle_seed`` is given.
+        shuffle_seed: Seed of the training order (combined with the epoch number); default
+            ``split_seed``. Vary it to repeat an experiment over data orders on a fixed split.
         batch_size: Training batch size (per device; the global batch under
             ``qblora_pl.distributed.FSDP2Strategy``, which splits it across ranks).
         eval_batch_size: Validation/test/predict batch size; defaults to ``batch_size``.
@@ -484,6 +486,7 @@ class InstructionDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
         split_seed: int = 42,
+        shuffle_seed: int | None = None,
         batch_size: int = 4,
         eval_batch_size: int | None = None,
         group_by_length: bool = True,
@@ -514,6 +517,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed
+        self.shuffle_seed = split_seed if shuffle_seed is None else shuffle_seed
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.group_by_length = group_by_length
@@ -643,7 +647,7 @@ class InstructionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("train")
-        sampler = LengthGroupedSampler(dataset.lengths, self.batch_size, seed=self.split_seed,
+        sampler = LengthGroupedSampler(dataset.lengths, self.batch_size, seed=self.shuffle_seed,
                                        group_by_length=self.group_by_length)
         if self._resume is not None:
             sampler.resume(self._resume["epoch"], self._resume["samples_done"])
@@ -714,7 +718,8 @@ class InstructionDataModule(L.LightningDataModule):
                 pass
         if samples_done >= len(self._train_sampler):  # epoch finished: resume at the next one
             epoch, samples_done = epoch + 1, 0
-        return {"epoch": epoch, "samples_done": samples_done, "split_seed": self.split_seed}
+        return {"epoch": epoch, "samples_done": samples_done, "split_seed": self.split_seed,
+                "shuffle_seed": self.shuffle_seed}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         if not state_dict:
@@ -722,6 +727,9 @@ class InstructionDataModule(L.LightningDataModule):
         if state_dict.get("split_seed", self.split_seed) != self.split_seed:
             raise ValueError(f"checkpoint data order used split_seed={state_dict['split_seed']}, this run uses "
                              f"split_seed={self.split_seed}; resume with the same seed")
+        if state_dict.get("shuffle_seed", self.shuffle_seed) != self.shuffle_seed:
+            raise ValueError(f"checkpoint data order used shuffle_seed={state_dict['shuffle_seed']}, this run uses "
+                             f"shuffle_seed={self.shuffle_seed}; resume with the same seed")
         self._resume = {"epoch": int(state_dict["epoch"]), "samples_done": int(state_dict["samples_done"])}
         if self._train_sampler is not None:
             self._train_sampler.resume(self._resume["epoch"], self._resume["samples_done"])

@@ -309,9 +309,23 @@ def test_state_dict_round_trip_skips_consumed_samples(tokenizer_dir, tmp_path):
     sampler = dm.train_dataloader().sampler
     assert list(sampler) == reference[12:]
     assert list(sampler) == reference  # the skip applies once
-    assert dm.state_dict() == {"epoch": 2, "samples_done": 0, "split_seed": dm.split_seed}
+    assert dm.state_dict() == {"epoch": 2, "samples_done": 0, "split_seed": dm.split_seed, "shuffle_seed": dm.split_seed}
     with pytest.raises(ValueError, match="split_seed=1"):
         dm.load_state_dict({"epoch": 0, "samples_done": 0, "split_seed": 1})
+    with pytest.raises(ValueError, match="shuffle_seed=7"):
+        dm.load_state_dict({"epoch": 0, "samples_done": 0, "split_seed": dm.split_seed, "shuffle_seed": 7})
+
+
+def test_shuffle_seed_changes_the_training_order_not_the_split(tokenizer_dir, tmp_path):
+    data = write_jsonl(tmp_path / "all.jsonl", make_records(40))
+    kwargs = dict(batch_size=4, val_fraction=0.1, test_fraction=0.1, split_seed=3)
+    default, same, other = (make_dm(data, tokenizer_dir, **kwargs, **extra) for extra in ({}, {"shuffle_seed": 3}, {"shuffle_seed": 4}))
+    for split in ("train", "val", "test"):
+        assert default.records(split) == other.records(split)
+    order = lambda dm: dm.train_dataloader().sampler.order(0)
+    assert order(default) == order(same)
+    assert order(default) != order(other)
+    assert sorted(order(default)) == sorted(order(other))
 
 
 def test_trainer_resume_mid_epoch_replays_the_same_batches(tokenizer_dir, tmp_path):

@@ -241,6 +241,29 @@ def markdown_table(results: dict[str, dict], metric: str) -> str:
     return "\n".join(lines)
 
 
+def pivot_markdown(results: dict[str, dict], metric: str) -> str:
+    """Deployed low-bit models side by side: one row per format, one column per method."""
+    table = summarize(results, metric)
+    columns = [m for m in ("qlora+ptq", "qlora+qat", "qblora+ptq", "qblora+qat", "qalora", "qablora")
+               if any(c.startswith(m + "|") for c in table)]
+    header = {"qlora+ptq": "QLoRA + RTN", "qlora+qat": "QLoRA + QAT + RTN", "qblora+ptq": "Q-BLoRA + RTN",
+              "qblora+qat": "Q-BLoRA + QAT + RTN", "qalora": "QA-LoRA", "qablora": "QA-BLoRA"}
+    formats = sorted({c.split("|")[1] for c in table if c.split("|")[1] != "nf4"},
+                     key=lambda b: (-int(b[3]), int(b.split("_g")[1])))
+    lines = ["| deployed as | " + " | ".join(header[c] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for fmt in formats:
+        cells = []
+        for column in columns:
+            cell = table.get(f"{column}|{fmt}", {}).get("low_bit")
+            cells.append(f"{cell[0]:.3f} ± {cell[1]:.3f}" if cell else "—")
+        lines.append(f"| {fmt.replace('int', 'INT').replace('_g', ' g')} | " + " | ".join(cells) + " |")
+    unmerged = [f"{LABEL[m]} {table[f'{m}|nf4']['trained'][0]:.3f} ± {table[f'{m}|nf4']['trained'][1]:.3f}"
+                for m in ("qlora", "qblora") if f"{m}|nf4" in table]
+    if unmerged:
+        lines.append(f"\nUnmerged NF4 + adapter (not a low-bit deployment): {', '.join(unmerged)}.")
+    return "\n".join(lines)
+
+
 def _order(config: str):
     method, base = config.split("|")
     bits = int(base[3]) if base.startswith("int") else 16
@@ -371,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(results, metrics, args.eval_split)
     if args.markdown:
         for metric in metrics:
-            print(f"\n{markdown_table(results, metric)}")
+            print(f"\n{markdown_table(results, metric)}\n\n{pivot_markdown(results, metric)}")
     for metric in metrics:
         png = out.with_name(f"{out.stem}_{metric}.png")
         plot(results, metric, png, f"{args.tag}: deployed low-bit model, test {metric} (mean ± std over seeds)")

@@ -61,24 +61,18 @@ def build_peft_model(args: argparse.Namespace):
     """HF PEFT LoRA over transformers + bitsandbytes NF4, configured like our ``qlora`` case."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from qblora_pl.adapters import LoRA
     from qblora_pl.adapters.injection import LLAMA_TARGET_MODULES
     from qblora_pl.quantization import NF4
     from qblora_pl.quantization.backends import resolve_dtype
 
-    ours = NF4()  # the defaults our qlora case runs with
+    ours = NF4()  # the defaults our qlora case runs with: the same BitsAndBytesConfig
     dtype = resolve_dtype(ours.compute_dtype)
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=ours.quant_type,
-        bnb_4bit_use_double_quant=ours.double_quant,
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=dtype, quantization_config=ours.bitsandbytes_config(), device_map=ours.device_map()
     )
-    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, quantization_config=config, device_map=device_map)
     if args.peft_kbit_prep:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = LoRA(r=args.rank, dropout=0.0)  # alpha: our default, so the scaling alpha / r is the same

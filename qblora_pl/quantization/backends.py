@@ -100,19 +100,27 @@ class NF4(QuantizationBackend):
             raise ValueError(f"quant_type={quant_type!r} must be 'nf4' or 'fp4'")
         self.quant_type, self.double_quant, self.compute_dtype = quant_type, double_quant, compute_dtype
 
-    def load(self, model_name_or_path: str) -> nn.Module:
+    def bitsandbytes_config(self):
+        """The ``transformers.BitsAndBytesConfig`` this backend loads with (also used by bench/)."""
         from transformers import BitsAndBytesConfig
 
-        dtype = resolve_dtype(self.compute_dtype)
-        config = BitsAndBytesConfig(
+        return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=self.quant_type,
             bnb_4bit_use_double_quant=self.double_quant,
-            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_compute_dtype=resolve_dtype(self.compute_dtype),
             bnb_4bit_quant_storage=torch.uint8,
         )
-        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-        model = self._load_float(model_name_or_path, dtype, quantization_config=config, device_map=device_map)
+
+    @staticmethod
+    def device_map() -> dict[str, Any]:
+        return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+
+    def load(self, model_name_or_path: str) -> nn.Module:
+        dtype = resolve_dtype(self.compute_dtype)
+        model = self._load_float(
+            model_name_or_path, dtype, quantization_config=self.bitsandbytes_config(), device_map=self.device_map()
+        )
         model.requires_grad_(False)
         return model
 

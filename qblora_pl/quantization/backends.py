@@ -1,18 +1,19 @@
 """Quantization backends: how the frozen base model is loaded and quantized.
 
 Chosen in YAML by ``class_path`` (``model.quantization``), independent of the adapter method
-(STYLE.md practice 2). Each backend loads a Hugging Face causal LM from a local directory
-or a hub name and returns it with its target linear layers quantized and frozen.
+(STYLE.md practice 2). Each backend loads a Hugging Face causal LM from a local directory,
+a ``.gguf`` file or a hub name (``qblora_pl.sources``) and returns it with its target linear layers quantized and frozen.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from qblora_pl.quantization.base_layers import keep_nf4_layers_trainable
 
 DTypeName = Literal["float32", "bfloat16", "float16", "auto"]
 
@@ -25,23 +26,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in dtypes:
         raise ValueError(f"dtype {name!r} is not one of {sorted(dtypes) + ['auto']}")
     return dtypes[name]
-
-
-def check_model_source(model_name_or_path: str) -> None:
-    """Fail early and clearly when a local-looking model path does not exist.
-
-    Hub names (``meta-llama/Llama-2-7b-hf``) pass through to ``from_pretrained``; anything that
-    looks like a filesystem path must be a directory with a ``config.json``. The default
-    configs never fall back to a random model.
-    """
-    path = Path(model_name_or_path)
-    looks_local = path.is_absolute() or model_name_or_path.startswith((".", "~")) or path.exists()
-    if looks_local and not (path.expanduser() / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model directory {model_name_or_path!r} has no config.json. If this is the embedded "
-            f"default, the shipped model is missing from the package (rebuild it with "
-            f"scripts/build_base_model.py); otherwise pass a Hugging Face model directory or hub name."
-        )
 
 
 def cast_float_modules(model: nn.Module, dtype: torch.dtype) -> None:
@@ -78,10 +62,9 @@ class QuantizationBackend(ABC):
         return {"backend": type(self).__name__, **self.init_args()}
 
     def _load_float(self, model_name_or_path: str, dtype: torch.dtype, **kwargs: Any) -> nn.Module:
-        from transformers import AutoModelForCausalLM
+        from qblora_pl.sources import load_causal_lm
 
-        check_model_source(model_name_or_path)
-        return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype, **kwargs)
+        return load_causal_lm(model_name_or_path, dtype=dtype, **kwargs)
 
 
 class NF4(QuantizationBackend):
@@ -122,6 +105,7 @@ class NF4(QuantizationBackend):
             model_name_or_path, dtype, quantization_config=self.bitsandbytes_config(), device_map=self.device_map()
         )
         model.requires_grad_(False)
+        keep_nf4_layers_trainable(model)
         return model
 
 

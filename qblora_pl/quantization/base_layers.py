@@ -70,6 +70,47 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> t
     return weight if dtype is None else weight.to(dtype)
 
 
+def keep_nf4_layers_trainable(model: nn.Module) -> int:
+    """Make every bitsandbytes 4-bit layer of ``model`` compute through its autograd path.
+
+    On CPUs with AVX512-BF16, bitsandbytes' ``Linear4bit`` rewrites its weight in place into a
+    kernel layout on the first eval-mode forward whose input does not require grad (Lightning's
+    sanity check, every validation) and from then on computes every forward - training ones
+    too - with ``gemv_4bit``, which has no autograd kernel: the gradient through the frozen base
+    is silently dropped, and the eval forwards themselves are computed in bf16. Here the
+    repacking is switched off, any layer already repacked is restored to the canonical layout,
+    and a forward pre-hook restores it should anything repack it later. Training and
+    evaluation then compute the same function with correct gradients whatever ran before.
+    Idempotent; returns the number of 4-bit layers seen.
+    """
+    count = 0
+    for module in model.modules():
+        if not is_nf4_linear(module):
+            continue
+        count += 1
+        module.support_avx512bf16_for_cpu = False
+        _restore_canonical_nf4_layout(module)
+        if not getattr(module, "_qblora_layout_hook", False):
+            module.register_forward_pre_hook(_nf4_layout_pre_hook)
+            module._qblora_layout_hook = True
+    return count
+
+
+def _nf4_layout_pre_hook(module: nn.Module, args: tuple) -> None:
+    _restore_canonical_nf4_layout(module)
+
+
+def _restore_canonical_nf4_layout(module: nn.Module) -> None:
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        if getattr(module, "quant_state", None) is not None:
+            module.quant_state = weight.quant_state
+
+
 def _dequantize_nf4(module: nn.Module) -> torch.Tensor:
     """Dequantize a bnb 4-bit layer, whichever storage layout it is in right now.
 

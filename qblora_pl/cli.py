@@ -22,6 +22,16 @@ class QBLoRACLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
         parser.set_defaults({"trainer.precision": default_precision()})
 
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        from lightning.pytorch.callbacks import ProgressBar
+
+        from callbacks.progress import StepProgressBar
+
+        configured = [*(config.get("callbacks") or []), *callbacks]
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            callbacks = [*callbacks, StepProgressBar()]  # "Epoch 0", not Lightning's "Epoch 0/-2"
+        return super()._instantiate_trainer(config, callbacks)
+
 
 def main(args=None) -> QBLoRACLI:
     return QBLoRACLI(

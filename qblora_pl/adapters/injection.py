@@ -66,17 +66,24 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameters, counting packed low-bit weights by their logical size."""
+    """``(trainable, total)`` parameters, counting packed low-bit weights by their logical size.
+
+    A tensor shared by several modules (tied input embedding and output head) counts once.
+    """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = 0
+    seen: set[int] = set()
     for module in model.modules():
         if isinstance(module, AdaptedLinear):
             continue  # its children are counted on their own
+        own = [t for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)) if id(t) not in seen]
         if is_base_linear(module):
+            if any(id(t) in seen for t in module.parameters(recurse=False)):
+                continue  # e.g. an output head tied to the input embedding
             total += logical_numel(module)
         else:
-            total += sum(p.numel() for p in module.parameters(recurse=False))
-            total += sum(b.numel() for b in module.buffers(recurse=False) if b.is_floating_point())
+            total += sum(t.numel() for t in own if t.is_floating_point() or isinstance(t, nn.Parameter))
+        seen.update(id(t) for t in own)
     return trainable, total
 
 

@@ -32,9 +32,9 @@ def copy_tokenizer_files(source: str | Path, destination: Path) -> list[str]:
                 shutil.copy2(src / name, destination / name)
                 copied.append(name)
     else:
-        from transformers import AutoTokenizer
+        from qblora_pl.sources import load_tokenizer
 
-        AutoTokenizer.from_pretrained(str(source)).save_pretrained(destination)
+        load_tokenizer(str(source)).save_pretrained(destination)
         copied = sorted(p.name for p in destination.iterdir() if p.name in TOKENIZER_FILES)
     if not any(name in copied for name in ("tokenizer.model", "tokenizer.json")):
         raise FileNotFoundError(

@@ -43,9 +43,9 @@ SAMPLE_TEXTS = (
 
 def text_batch(tokenizer_source: str | Path, texts: tuple[str, ...] = SAMPLE_TEXTS) -> dict[str, torch.Tensor]:
     """A few fixed English sentences tokenized by the model's own tokenizer (pads masked out)."""
-    from transformers import AutoTokenizer
+    from qblora_pl.sources import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
+    tokenizer = load_tokenizer(str(tokenizer_source))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     encoded = tokenizer(list(texts), padding=True, return_tensors="pt")

@@ -1,0 +1,91 @@
+"""SmolLM2-135M-Instruct end to end: GGUF in, NF4 gradients after an eval forward, chat answers."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+pytestmark = pytest.mark.realmodel
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_gguf_file_loads_model_and_tokenizer_with_chat_template(smollm2_gguf):
+    from qblora_pl.adapters.injection import count_parameters
+    from qblora_pl.sources import ModelSource, load_causal_lm, load_tokenizer
+
+    assert ModelSource.parse(str(smollm2_gguf)).kind == "gguf"
+    assert ModelSource.parse(str(smollm2_gguf.parent)).kind == "gguf"  # a folder with one .gguf
+    tokenizer = load_tokenizer(str(smollm2_gguf))
+    model = load_causal_lm(str(smollm2_gguf), dtype=torch.float32).eval()
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert model.config.tie_word_embeddings
+    _, total = count_parameters(model)
+    assert 134_000_000 < total < 135_000_000  # tied embeddings counted once
+    assert tokenizer.chat_template
+
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
+
+
+def _dense_reference(model: nn.Module) -> nn.Module:
+    from qblora_pl.quantization.base_layers import dequantized_weight, is_nf4_linear
+
+    reference = copy.deepcopy(model)
+    for module in list(reference.modules()):
+        for child_name, child in list(module.named_children()):
+            if is_nf4_linear(child):
+                dense = nn.Linear(child.in_features, child.out_features, bias=False)
+                with torch.no_grad():
+                    dense.weight.copy_(dequantized_weight(child, torch.float32))
+                setattr(module, child_name, dense.requires_grad_(False))
+    return reference
+
+
+def _grads(model, ids):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "an autograd kernel was not registered"
+        model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("cpu_kind", ["this_cpu", "avx512bf16_cpu"])
+def test_nf4_qblora_gradients_after_validation_equal_dequantized_reference(smollm2_gguf, cpu_kind, monkeypatch):
+    """The real-model check of the NF4 fix: adapter gradients to 1e-5 of the W_hat reference."""
+    from qblora_pl.adapters import QBLoRA
+    from qblora_pl.adapters.injection import inject_adapters
+    from qblora_pl.quantization import NF4
+
+    if cpu_kind == "avx512bf16_cpu":  # bitsandbytes then repacks on eval forwards, whatever this CPU is
+        import bitsandbytes.nn.modules as bnb_modules
+
+        monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    model = NF4(compute_dtype="float32").load(str(smollm2_gguf))
+    inject_adapters(model, QBLoRA(r=8, alpha=16, dropout=0.0), TARGETS)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    reference = _dense_reference(model)
+    ids = torch.randint(100, 40000, (2, 16), generator=g)
+    expected = _grads(reference, ids)
+    model.eval()
+    with torch.no_grad():  # what a validation does
+        model(input_ids=ids)
+    after = _grads(model, ids)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.15.mlp.down_proj", "model.layers.29.mlp.up_proj"):
+        for key in [k for k in expected if k.startswith(name)]:
+            assert expected[key].abs().max() > 0
+    worst = max(float((after[k] - expected[k]).abs().max()) for k in expected)
+    assert worst < 1e-5, f"max |grad - reference| = {worst:.3e}"

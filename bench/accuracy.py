@@ -108,6 +108,7 @@ def train_one(args, method: str, seed: int, bits: int | None, group_size: int | 
         max_source_length=args.max_source_length, max_target_length=args.max_target_length,
         split_seed=0, shuffle_seed=seed,  # a fixed split; the seed sets the init and the data order
         val_fraction=args.holdout_fraction, test_fraction=args.holdout_fraction,
+        drop_empty=True,  # Alpaca has records with an empty output; dropped after the split, so it is unchanged
     )
     callbacks = []
     if qat_bits is not None:
@@ -352,6 +353,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="also report the runs of these JSON files (same settings; e.g. QAT runs made in parallel)")
     parser.add_argument("--progress", action="store_true", help="Lightning progress bars for each run")
     args = parser.parse_args(argv)
+    if args.model:  # a .gguf file: its converted HF directory (qblora_pl.sources)
+        from qblora_pl.sources import pretrained_name_or_path
+
+        args.model = pretrained_name_or_path(args.model)
     if not args.progress:  # one line per run instead of Lightning's and the adapter table's output
         for name in ("lightning.pytorch", "lightning.fabric", "lightning_utilities"):
             logging.getLogger(name).setLevel(logging.WARNING)

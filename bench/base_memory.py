@@ -27,6 +27,10 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
     args = parser.parse_args()
+    if args.model:  # a .gguf file: its converted HF directory (qblora_pl.sources)
+        from qblora_pl.sources import pretrained_name_or_path
+
+        args.model = pretrained_name_or_path(args.model)
 
     print(f"model={args.model}")
     print(f"{'bits':>4} {'group':>5} {'layers':>6} {'weights':>10} {'bytes':>10} {'B/weight':>9} {'formula':>8} {'model MiB':>10} {'fp16 MiB':>9}")

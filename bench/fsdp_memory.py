@@ -67,6 +67,10 @@ def main() -> None:
     parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.model:  # a .gguf file: its converted HF directory (qblora_pl.sources)
+        from qblora_pl.sources import pretrained_name_or_path
+
+        args.model = pretrained_name_or_path(args.model)
     if args.world:
         child(args)
         return

@@ -284,6 +284,10 @@ def main() -> None:
     parser.add_argument("--export-dir", default="build/bench_lowbit")
     parser.add_argument("--out", default="bench/results/lowbit_model.json")
     args = parser.parse_args()
+    if args.model:  # a .gguf file: its converted HF directory (qblora_pl.sources)
+        from qblora_pl.sources import pretrained_name_or_path
+
+        args.model = pretrained_name_or_path(args.model)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
 

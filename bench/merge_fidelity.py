@@ -81,6 +81,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/merge_fidelity.json")
     args = parser.parse_args()
+    if args.model:  # a .gguf file: its converted HF directory (qblora_pl.sources)
+        from qblora_pl.sources import pretrained_name_or_path
+
+        args.model = pretrained_name_or_path(args.model)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     results = {}

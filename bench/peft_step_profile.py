@@ -39,6 +39,10 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.model:  # a .gguf file: its converted HF directory (qblora_pl.sources)
+        from qblora_pl.sources import pretrained_name_or_path
+
+        args.model = pretrained_name_or_path(args.model)
     torch.set_num_threads(args.threads)
 
     ns = argparse.Namespace(model=args.model, rank=args.rank, peft_kbit_prep=False)

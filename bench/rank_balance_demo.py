@@ -148,6 +148,7 @@ def run_method(method: str, args: argparse.Namespace, logdir: Path) -> dict:
         args.data, tokenizer_name_or_path=args.model, batch_size=args.batch_size,
         max_source_length=args.max_source_length, max_target_length=args.max_target_length,
         max_train_examples=args.max_train_examples, split_seed=args.seed,
+        drop_empty=True,  # Alpaca has records with an empty output
     )
     diagnostics = TimedRankBalance(every_n_steps=args.every_n_steps, print_summary=False)  # printed below
     timer = LoopTimer()
@@ -206,6 +207,10 @@ def main() -> None:
     parser.add_argument("--logdir", type=Path, default=None, help="TensorBoard directory (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
+    if args.model:  # a .gguf file: its converted HF directory (qblora_pl.sources)
+        from qblora_pl.sources import pretrained_name_or_path
+
+        args.model = pretrained_name_or_path(args.model)
     if args.scratch_model is not None:
         args.model = str(build_scratch_model(args.scratch_model, args.data))
     if args.model == str(EMBEDDED_MODEL_DIR) and not (EMBEDDED_MODEL_DIR / "config.json").exists():

@@ -165,6 +165,10 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="PNG bar chart (default: --out with .png)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args()
+    if args.model:  # a .gguf file: its converted HF directory (qblora_pl.sources)
+        from qblora_pl.sources import pretrained_name_or_path
+
+        args.model = pretrained_name_or_path(args.model)
     if args.model is None:
         from qblora_pl.paths import EMBEDDED_MODEL_DIR
 

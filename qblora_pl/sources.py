@@ -155,6 +155,13 @@ def load_tokenizer(model_name_or_path: str | os.PathLike | ModelSource, **kwargs
         raise
 
 
+def pretrained_name_or_path(model_name_or_path: str | os.PathLike) -> str:
+    """What plain ``from_pretrained`` calls can take for any source: a local directory (a
+    ``.gguf`` file's conversion) or the hub name. For scripts that hand the model to other
+    libraries (PEFT, lm-eval, bench/)."""
+    return ModelSource.parse(model_name_or_path).pretrained_dir()
+
+
 def model_files_dir(model_name_or_path: str | os.PathLike) -> Path | None:
     """The local Hugging Face directory behind a source (GGUF: its conversion), None for a hub name."""
     source = ModelSource.parse(model_name_or_path)

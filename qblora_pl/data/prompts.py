@@ -1,5 +1,8 @@
 """Prompt templates that turn Alpaca-style records into the source text of a training example.
 
+(``prompt_template: chat`` is the other choice: the tokenizer's own chat template renders
+conversations and Alpaca records alike, see :mod:`qblora_pl.data.tokenization`.)
+
 A record has an ``instruction``, an optional ``input`` (extra context) and an ``output`` (the
 response). The template only builds the *source* (everything the model is conditioned on); the
 response is appended by the data module, which is also where the loss mask is decided
@@ -53,18 +56,39 @@ PLAIN_TEMPLATE = PromptTemplate(
 
 TEMPLATES: dict[str, PromptTemplate] = {"alpaca": ALPACA_TEMPLATE, "plain": PLAIN_TEMPLATE}
 
+CHAT = "chat"
+"""The template name that renders with the tokenizer's own chat template
+(``tokenizer.apply_chat_template``) instead of a :class:`PromptTemplate`; see
+:func:`qblora_pl.data.tokenization.render_conversation`."""
+
+
+def _unknown(name: Any) -> ValueError:
+    known = ", ".join(repr(n) for n in [*sorted(TEMPLATES), CHAT])
+    return ValueError(f"unknown prompt template {name!r}; known templates: {known}")
+
 
 def get_template(name_or_template: str | PromptTemplate) -> PromptTemplate:
-    """Look up a named template (``"alpaca"``, ``"plain"``); a ``PromptTemplate`` passes through."""
+    """Look up a named template (``"alpaca"``, ``"plain"``); a ``PromptTemplate`` passes through.
+
+    ``"chat"`` is not a ``PromptTemplate`` (the tokenizer renders it); use
+    :func:`resolve_template` where it is allowed.
+    """
     if isinstance(name_or_template, PromptTemplate):
         return name_or_template
+    if name_or_template == CHAT:
+        raise ValueError("prompt template 'chat' renders with the tokenizer's chat template and has no "
+                         f"fixed prompt text; here use one of {', '.join(map(repr, sorted(TEMPLATES)))}")
     try:
         return TEMPLATES[name_or_template]
     except (KeyError, TypeError):
-        known = ", ".join(repr(name) for name in sorted(TEMPLATES))
-        raise ValueError(
-            f"unknown prompt template {name_or_template!r}; known templates: {known}"
-        ) from None
+        raise _unknown(name_or_template) from None
+
+
+def resolve_template(name_or_template: str | PromptTemplate) -> PromptTemplate | str:
+    """A :class:`PromptTemplate`, or the string ``"chat"`` for the tokenizer's chat template."""
+    if name_or_template == CHAT:
+        return CHAT
+    return get_template(name_or_template)
 
 
 def format_prompt(record: Mapping[str, Any], template: str | PromptTemplate = "alpaca") -> str:

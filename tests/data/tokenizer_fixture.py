@@ -5,6 +5,10 @@
 ``<unk>``, and saves it so ``AutoTokenizer.from_pretrained(directory)`` loads it. It has no pad
 token, like Llama's. Byte-level BPE decodes any text exactly, so tests can compare decoded spans
 with the source strings.
+
+``build_tiny_chat_tokenizer(directory)`` is the same tokenizer with ChatML's special tokens
+(``<|im_start|>``, ``<|im_end|>``, the latter also eos, as in SmolLM2) and a ChatML chat template
+like SmolLM2's (without its default system prompt), for ``prompt_template: chat`` tests.
 """
 
 from __future__ import annotations
@@ -22,7 +26,22 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(directory: str | Path, vocab_size: int = 400) -> Path:
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_tiny_chat_tokenizer(directory: str | Path, chat_template: str = CHATML_TEMPLATE) -> Path:
+    """The tiny tokenizer with ChatML special tokens, ``<|im_end|>`` as eos and ``chat_template``."""
+    return build_tiny_tokenizer(directory, extra_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                eos_token="<|im_end|>", chat_template=chat_template)
+
+
+def build_tiny_tokenizer(directory: str | Path, vocab_size: int = 400, extra_special_tokens: list[str] = (),
+                         eos_token: str = "</s>", chat_template: str | None = None) -> Path:
     """Train, wrap and save the tiny tokenizer into ``directory``; return the directory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -33,7 +52,7 @@ def build_tiny_tokenizer(directory: str | Path, vocab_size: int = 400) -> Path:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>"],
+        special_tokens=["<unk>", "<s>", "</s>", *extra_special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -42,6 +61,11 @@ def build_tiny_tokenizer(directory: str | Path, vocab_size: int = 400) -> Path:
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
     )
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token=eos_token,
+                                      unk_token="<unk>")
+    if extra_special_tokens:
+        wrapped.add_special_tokens({"additional_special_tokens": list(extra_special_tokens)})
+    if chat_template is not None:
+        wrapped.chat_template = chat_template
     wrapped.save_pretrained(directory)
     return directory

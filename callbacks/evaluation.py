@@ -103,12 +103,12 @@ def _tokenizer_for(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
     tokenizer = getattr(datamodule, "tokenizer", None)
     if tokenizer is not None:
         return tokenizer
-    from transformers import AutoTokenizer
+    from qblora_pl.sources import load_tokenizer
 
     source = getattr(pl_module, "model_name_or_path", None)
     if source is None:
         raise RuntimeError("EvaluationSuite needs a tokenizer: the datamodule has none and the module has no model_name_or_path")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)  # a model directory, a .gguf file (its converted directory) or a hub name
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer

@@ -12,7 +12,7 @@ See docs/evaluation.md.
 from qblora_pl.evaluation.base import EvaluationDataError, EvaluationTask, read_records
 from qblora_pl.evaluation.instruction import GreedyExactMatch, InstructionPerplexity, normalize_answer
 from qblora_pl.evaluation.multiple_choice import MMLU, RECORD_FORMATS, ZeroShotMultipleChoice
-from qblora_pl.evaluation.scoring import LanguageModelScorer
+from qblora_pl.evaluation.scoring import LanguageModelScorer, NonFiniteLogitsError
 from qblora_pl.evaluation.suite import TASKS, check_tasks, format_results_table, resolve_tasks, run_tasks, write_report
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "InstructionPerplexity",
     "LanguageModelScorer",
     "MMLU",
+    "NonFiniteLogitsError",
     "RECORD_FORMATS",
     "TASKS",
     "ZeroShotMultipleChoice",

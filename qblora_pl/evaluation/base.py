@@ -92,69 +92,74 @@ class EvaluationTask(ABC):
 # --------------------------------------------------------------------------------------------
 
 
-def looks_like_local_path(source: str) -> bool:
-    """A hub dataset name is ``owner/name``; anything path-like or existing is local."""
-    path = Path(source).expanduser()
-    return path.exists() or source.startswith(("/", ".", "~")) or path.suffix in RECORD_SUFFIXES
-
-
 def read_records(path: str | Path, csv_fieldnames: list[str] | None = None) -> list[dict[str, Any]]:
     """Read a ``.json`` list of objects, a ``.jsonl`` file (one object a line) or a ``.csv`` file.
 
     A CSV file is read with its header row, unless ``csv_fieldnames`` is given (for headerless
-    files such as the original MMLU CSVs). Raises :class:`EvaluationDataError` naming the file
-    (and the line or row) when it cannot be read or a row is not an object.
+    files such as the original MMLU CSVs). CSV goes through the :mod:`csv` module on a file opened
+    with ``newline=''``, so a quoted field keeps its embedded newlines (``\\n``, ``\\r\\n``) and
+    characters that :meth:`str.splitlines` would split on (``\\x85``, ``\\u2028``) stay text; JSONL
+    lines end at ``\\n`` only, for the same reason. Files are UTF-8 (a leading byte-order mark is
+    dropped). Raises :class:`EvaluationDataError` naming the file (and the line or row) when it
+    cannot be read or a row is not an object.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise EvaluationDataError(f"{path}: no such file (cwd is {Path.cwd()})")
     if path.suffix not in RECORD_SUFFIXES:
         raise EvaluationDataError(f"{path}: unsupported file type {path.suffix!r}; expected .json, .jsonl or .csv")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines(), fieldnames=csv_fieldnames)
-        rows = []
-        for i, row in enumerate(reader):
-            if None in row or any(v is None for v in row.values()):
-                width = len(csv_fieldnames or reader.fieldnames or [])
-                raise EvaluationDataError(f"{path}: row {i} (0-based): expected {width} columns "
-                                          f"({', '.join(csv_fieldnames or reader.fieldnames or [])})")
-            rows.append(dict(row))
-        return rows
-    if path.suffix == ".jsonl":
-        rows = []
-        for line_no, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
+    try:
+        if path.suffix == ".csv":
+            return _read_csv(path, csv_fieldnames)
+        if path.suffix == ".jsonl":
+            rows = _read_jsonl(path)
+        else:
+            text = path.read_text(encoding="utf-8-sig")
             try:
-                rows.append(json.loads(line))
+                rows = json.loads(text) if text.strip() else []
             except json.JSONDecodeError as err:
-                raise EvaluationDataError(f"{path}: line {line_no + 1} is not valid JSON: {err}") from err
-    else:
-        try:
-            rows = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as err:
-            raise EvaluationDataError(f"{path}: not valid JSON: {err}") from err
-        if not isinstance(rows, list):
-            raise EvaluationDataError(f"{path}: expected a JSON list of records, got a {type(rows).__name__}")
+                raise EvaluationDataError(f"{path}: not valid JSON: {err}") from err
+            if not isinstance(rows, list):
+                raise EvaluationDataError(f"{path}: expected a JSON list of records, got a {type(rows).__name__}")
+    except UnicodeDecodeError as err:
+        raise EvaluationDataError(f"{path}: not UTF-8 text: {err}") from err
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise EvaluationDataError(f"{path}: row {i} (0-based) is a {type(row).__name__}, expected a JSON object")
     return [dict(row) for row in rows]
 
 
-def load_hub_rows(path: str, name: str | None, split: str) -> list[dict[str, Any]]:
-    """Rows of a Hugging Face hub dataset split, as plain dicts (needs network or the HF cache)."""
-    import datasets
+def _read_csv(path: Path, fieldnames: list[str] | None) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle, fieldnames=fieldnames)
+        i = -1
+        try:
+            for i, row in enumerate(reader):
+                if None in row or any(v is None for v in row.values()):
+                    names = list(fieldnames or reader.fieldnames or [])
+                    got = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+                    raise EvaluationDataError(
+                        f"{path}: row {i} (0-based): expected {len(names)} columns ({', '.join(names)}), got {got} "
+                        f"(the row ends on line {reader.line_num})")
+                rows.append(dict(row))
+        except csv.Error as err:
+            raise EvaluationDataError(f"{path}: row {i + 1} (0-based; line {reader.line_num}): not valid CSV: {err}") from err
+    return rows
 
-    try:
-        rows = datasets.load_dataset(path, name, split=split)
-    except Exception as err:
-        raise EvaluationDataError(
-            f"{path!r} is not an existing local path (checked {Path(path).expanduser().resolve()}) and loading it "
-            f"as a Hugging Face hub dataset (config={name!r}, split={split!r}) failed: {type(err).__name__}: {err}"
-        ) from err
-    return [dict(row) for row in rows]
+
+def _read_jsonl(path: Path) -> list[Any]:
+    rows = []
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        # Split at "\n" only: JSON strings may hold raw \x85 / \u2028, which str.splitlines splits at.
+        for line_no, line in enumerate(handle.read().split("\n")):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise EvaluationDataError(f"{path}: line {line_no + 1} is not valid JSON: {err}") from err
+    return rows
 
 
 def require_text(record: Mapping[str, Any], field: str, where: str, allow_empty: bool = False) -> str:

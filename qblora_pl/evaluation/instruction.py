@@ -20,16 +20,10 @@ from torchmetrics.text import Perplexity
 
 from qblora_pl.data.instruction import IGNORE_INDEX, InstructionCollator, tokenize_records
 from qblora_pl.data.prompts import get_template
-from qblora_pl.evaluation.base import (
-    EvaluationDataError,
-    EvaluationTask,
-    load_hub_rows,
-    looks_like_local_path,
-    read_records,
-    require_text,
-)
+from qblora_pl.evaluation.base import EvaluationDataError, EvaluationTask, read_records, require_text
 from qblora_pl.evaluation.scoring import LanguageModelScorer
 from qblora_pl.paths import EMBEDDED_DATA_DIR
+from qblora_pl.sources import load_hub_dataset, looks_like_local_path
 
 _SPLIT_STEMS = {"train": ("train",), "val": ("val", "validation"), "validation": ("val", "validation"), "test": ("test",)}
 
@@ -50,7 +44,7 @@ def load_instruction_records(data_path: str, split: str) -> list[dict[str, str]]
             path = found[0]
         rows, source = read_records(path), str(path)
     else:
-        rows, source = load_hub_rows(data_path, None, split), f"hub dataset {data_path!r} (split={split!r})"
+        rows, source = load_hub_dataset(data_path, None, split, error=EvaluationDataError), f"hub dataset {data_path!r} (split={split!r})"
     records = []
     for i, row in enumerate(rows):
         where = f"{source}: row {i} (0-based)"

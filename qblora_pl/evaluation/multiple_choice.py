@@ -22,16 +22,10 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from qblora_pl.evaluation.base import (
-    EvaluationDataError,
-    EvaluationTask,
-    load_hub_rows,
-    looks_like_local_path,
-    read_records,
-    require_text,
-)
+from qblora_pl.evaluation.base import EvaluationDataError, EvaluationTask, read_records, require_text
 from qblora_pl.evaluation.scoring import LanguageModelScorer
 from qblora_pl.paths import EMBEDDED_DATA_DIR
+from qblora_pl.sources import load_hub_dataset, looks_like_local_path
 
 LETTERS = ("A", "B", "C", "D")
 MMLU_CSV_COLUMNS = ["question", "A", "B", "C", "D", "answer"]
@@ -126,7 +120,7 @@ def load_mmlu_split(source: str, split: str, subjects: list[str] | None = None,
     if not looks_like_local_path(source):
         records = []
         for config in subjects or [hub_config]:
-            rows = load_hub_rows(source, config, split)
+            rows = load_hub_dataset(source, config, split, error=EvaluationDataError)
             where = f"hub dataset {source!r} (config={config!r}, split={split!r})"
             records += [check_mmlu_record(r, f"{where}: row {i} (0-based)", subject=config) for i, r in enumerate(rows)]
         return _filter_subjects(records, subjects, source)
@@ -164,6 +158,17 @@ def _filter_subjects(records: list[dict[str, Any]], subjects: list[str] | None, 
     return [r for r in records if r["subject"] in subjects]
 
 
+def first_per_subject(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The first ``n`` records of each subject, in their original order (a deterministic subset)."""
+    seen: dict[str, int] = defaultdict(int)
+    kept = []
+    for record in records:
+        if seen[record["subject"]] < n:
+            seen[record["subject"]] += 1
+            kept.append(record)
+    return kept
+
+
 class MMLU(EvaluationTask):
     """MMLU-format k-shot multiple choice, scored by the answer letters' next-token logits.
 
@@ -177,18 +182,27 @@ class MMLU(EvaluationTask):
         split: the split to evaluate (``test``; ``validation`` on the hub).
         dev_split: the split the k shots come from (the first ``k_shot`` records of the subject).
         k_shot: examples in each prompt (5 in the paper, 0 for zero-shot).
-        subjects: evaluate only these subjects (hub: one config each); ``None`` for all.
+        subjects: evaluate only these subjects (hub: one config each; original CSV layout: the
+            ``<subject>_{split}.csv`` files); ``None`` for all.
         hub_config: the hub configuration holding every subject (``all`` for ``cais/mmlu``).
+        limit_per_subject: evaluate only the first ``N`` test questions of each subject, in file
+            (dataset) order - a fixed subset for CPU budgets, the same questions lm-evaluation-harness
+            scores with ``--limit N`` on its per-subject ``mmlu_<subject>`` tasks (it too takes the
+            first ``N`` documents of each task). ``None`` for all.
+        limit: the first ``N`` questions overall (after ``limit_per_subject``), for quick runs.
     """
 
     default_name = "mmlu"
 
     def __init__(self, data_path: str = str(EMBEDDED_DATA_DIR / "mmlu"), split: str = "test", dev_split: str = "dev",
                  k_shot: int = 5, subjects: list[str] | None = None, hub_config: str = "all", name: str | None = None,
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, limit_per_subject: int | None = None) -> None:
         super().__init__(name, limit)
         if k_shot < 0:
             raise ValueError(f"k_shot={k_shot} must be >= 0")
+        if limit_per_subject is not None and limit_per_subject < 1:
+            raise ValueError(f"limit_per_subject={limit_per_subject} must be >= 1 (or None for every question)")
+        self.limit_per_subject = limit_per_subject
         self.data_path = data_path
         self.split = split
         self.dev_split = dev_split
@@ -200,7 +214,10 @@ class MMLU(EvaluationTask):
         self.scoring: str | None = None  # letter_logits or letter_loglikelihood, set by evaluate
 
     def _load(self) -> None:
-        records = self._limited(load_mmlu_split(self.data_path, self.split, self.subjects, self.hub_config))
+        records = load_mmlu_split(self.data_path, self.split, self.subjects, self.hub_config)
+        if self.limit_per_subject is not None:
+            records = first_per_subject(records, self.limit_per_subject)
+        records = self._limited(records)
         if not records:
             raise EvaluationDataError(f"{self.data_path}: split {self.split!r} has no records")
         shots: dict[str, list[dict[str, Any]]] = {}
@@ -231,7 +248,8 @@ class MMLU(EvaluationTask):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "data_path": self.data_path, "split": self.split, "dev_split": self.dev_split,
-                "k_shot": self.k_shot, "subjects": self.subjects, "scoring": self.scoring}
+                "k_shot": self.k_shot, "subjects": self.subjects, "limit_per_subject": self.limit_per_subject,
+                "scoring": self.scoring}
 
     def prompts(self, scorer: LanguageModelScorer) -> tuple[list[list[int]], list[list[list[int]]], int]:
         """Token ids of each question's prompt, of its four answers (``" A"`` ...), and how many prompts lost shots.
@@ -327,11 +345,43 @@ def _piqa(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
 
 
 def _arc(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-    choices = row.get("choices") or {}
-    texts, labels = choices.get("text"), choices.get("label")
+    """ARC in either layout, as lm-eval's ``arc_easy`` / ``arc_challenge`` tasks prompt it.
+
+    * the official AI2 JSONL: ``{"id", "question": {"stem", "choices": [{"text", "label"}, ...]},
+      "answerKey"}``;
+    * the hub's flattened rows (``allenai/ai2_arc``): ``{"id", "question", "choices": {"text": [...],
+      "label": [...]}, "answerKey"}``.
+
+    Labels are letters (``A``..``E``) or digits (``1``..``5``); 3 to 5 choices occur. The gold
+    index is the position of ``answerKey`` among the labels (lm-eval's
+    ``choices.label.index(answerKey)``), so the key must be one of the labels.
+    """
+    question = row.get("question")
+    if isinstance(question, Mapping):  # official layout
+        stem, raw = question.get("stem"), question.get("choices")
+        if not isinstance(raw, list) or not all(isinstance(c, Mapping) for c in raw):
+            raise _RowError(f"'question.choices' must be a list of {{text, label}} objects, got {raw!r:.80}")
+        texts, labels = [c.get("text") for c in raw], [c.get("label") for c in raw]
+        where = "'question.stem'"
+    else:  # hub layout
+        choices = row.get("choices")
+        if not isinstance(choices, Mapping):
+            raise _RowError("neither the official ARC layout ('question' with 'stem' and 'choices') nor the hub "
+                            f"layout ('question' text and 'choices' with 'text' and 'label' lists): got keys {sorted(row)}")
+        stem, texts, labels = question, choices.get("text"), choices.get("label")
+        where = "'question'"
+    if not isinstance(stem, str) or not stem.strip():
+        raise _RowError(f"the question text {where} is missing or empty")
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() for x in labels):
+        raise _RowError(f"every choice needs a text label (letters or digits), got labels {labels!r:.80}")
+    if not isinstance(texts, list) or len(texts) != len(labels):
+        raise _RowError(f"{len(labels)} labels but choice texts {texts!r:.80}")
+    if len(set(labels)) != len(labels):
+        raise _RowError(f"repeated choice labels {labels}")
     key = row.get("answerKey")
-    gold = labels.index(key) if isinstance(labels, list) and key in labels else key
-    return f"Question: {row.get('question')}\nAnswer:", texts, gold
+    if not isinstance(key, str) or key.strip() not in labels:
+        raise _RowError(f"answerKey {key!r} is not one of the choice labels {', '.join(labels)}")
+    return f"Question: {stem}\nAnswer:", texts, labels.index(key.strip())
 
 
 def _boolq(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
@@ -343,6 +393,26 @@ def _boolq(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
 RECORD_FORMATS: dict[str, Callable[[Mapping[str, Any]], tuple[Any, Any, Any]]] = {
     "generic": _generic, "hellaswag": _hellaswag, "piqa": _piqa, "arc": _arc, "boolq": _boolq,
 }
+
+#: ``record_format: auto`` picks the first format whose keys the first row has.
+_FORMAT_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("generic", ("query", "choices")), ("arc", ("question", "answerKey")), ("hellaswag", ("ctx_a", "endings")),
+    ("piqa", ("goal", "sol1", "sol2")), ("boolq", ("passage", "question")),
+)
+
+
+class _RowError(Exception):
+    """A record converter's complaint about one row; the caller adds the file and row."""
+
+
+def detect_record_format(row: Mapping[str, Any], where: str) -> str:
+    """The record format of a row, from its keys (``record_format: auto``)."""
+    for name, keys in _FORMAT_KEYS:
+        if all(k in row for k in keys):
+            return name
+    expected = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in _FORMAT_KEYS)
+    raise EvaluationDataError(f"{where}: cannot tell the record format from the keys {sorted(row)}; expected ({expected}) "
+                              "or set record_format")
 
 
 def check_choice_record(query: Any, choices: Any, gold: Any, where: str) -> dict[str, Any]:
@@ -386,40 +456,55 @@ class ZeroShotMultipleChoice(EvaluationTask):
             (``hellaswag``, ``allenai/ai2_arc``, ``ybisk/piqa``, ``google/boolq``). Default: the
             embedded ARC-style set built from the instruction test split.
         record_format: how a row maps to query / choices / gold: ``generic`` (``query``,
-            ``choices``, ``gold`` index or letter), ``hellaswag``, ``piqa``, ``arc``, ``boolq``.
+            ``choices``, ``gold`` index or letter), ``hellaswag``, ``piqa``, ``arc`` (the official
+            AI2 JSONL layout or the hub's flattened one), ``boolq``; ``auto`` (default) picks one
+            from the first row's keys.
         hf_name: hub configuration (``ARC-Easy``).
         hf_split: hub split (``validation``).
         target_delimiter: text between the query and each choice (lm-eval's default ``" "``).
+        limit: evaluate only the first ``N`` records in file order (every record is still
+            validated) - the same questions as lm-evaluation-harness's ``--limit N``.
     """
 
     default_name = "zero_shot"
 
     def __init__(self, data_path: str = str(EMBEDDED_DATA_DIR / "zero_shot" / "test.json"),
-                 record_format: Literal["generic", "hellaswag", "piqa", "arc", "boolq"] = "generic",
+                 record_format: Literal["auto", "generic", "hellaswag", "piqa", "arc", "boolq"] = "auto",
                  hf_name: str | None = None, hf_split: str = "validation", target_delimiter: str = " ",
                  name: str | None = None, limit: int | None = None) -> None:
         super().__init__(name, limit)
-        if record_format not in RECORD_FORMATS:
-            raise ValueError(f"record_format={record_format!r} is not one of {sorted(RECORD_FORMATS)}")
+        if record_format != "auto" and record_format not in RECORD_FORMATS:
+            raise ValueError(f"record_format={record_format!r} is not one of {['auto', *sorted(RECORD_FORMATS)]}")
         self.data_path = data_path
         self.record_format = record_format
         self.hf_name = hf_name
         self.hf_split = hf_split
         self.target_delimiter = target_delimiter
         self.records: list[dict[str, Any]] = []
+        self.detected_format: str | None = None
 
     def _load(self) -> None:
-        convert = RECORD_FORMATS[self.record_format]
         if looks_like_local_path(self.data_path):
             rows = read_records(self.data_path)
             source = str(Path(self.data_path).expanduser())
         else:
-            rows = load_hub_rows(self.data_path, self.hf_name, self.hf_split)
+            rows = load_hub_dataset(self.data_path, self.hf_name, self.hf_split, error=EvaluationDataError)
             source = f"hub dataset {self.data_path!r} (config={self.hf_name!r}, split={self.hf_split!r})"
+        if not rows:
+            raise EvaluationDataError(f"{source}: no records")
+        fmt = self.record_format
+        if fmt == "auto":
+            fmt = detect_record_format(rows[0], f"{source}: row 0 (0-based)")
+        self.detected_format = fmt
+        convert = RECORD_FORMATS[fmt]
         records = []
         for i, row in enumerate(rows):
             where = f"{source}: row {i} (0-based)"
-            record = check_choice_record(*convert(row), where)
+            try:
+                fields = convert(row)
+            except _RowError as err:
+                raise EvaluationDataError(f"{where}: {err}") from None
+            record = check_choice_record(*fields, where)
             task = row.get("task")
             if isinstance(task, str) and task:
                 record["task"] = task
@@ -433,6 +518,7 @@ class ZeroShotMultipleChoice(EvaluationTask):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "data_path": self.data_path, "record_format": self.record_format,
+                "detected_format": self.detected_format,
                 "hf_name": self.hf_name, "hf_split": self.hf_split, "target_delimiter": self.target_delimiter}
 
     def requests(self, scorer: LanguageModelScorer) -> list[tuple[list[int], list[int]]]:

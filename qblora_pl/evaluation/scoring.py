@@ -17,6 +17,11 @@ handling adds one (as the training data does, see ``tokenize_records``); run the
 Batches are left-padded with explicit ``position_ids``, so every row's last token sits at the
 same index and the LM head only runs on the last ``n`` positions (``logits_to_keep``); padding
 does not change any row's logits (tested against unpadded single rows).
+
+Every logit that is read is checked: a model that produces NaN or infinite logits (diverged
+weights, a broken export or quantization) raises :class:`NonFiniteLogitsError` instead of
+reporting an accuracy - argmax over NaNs silently picks the first option, so an all-NaN model
+would otherwise "score" the share of ``A`` answers.
 """
 
 from __future__ import annotations
@@ -27,6 +32,39 @@ from typing import Any
 
 import torch
 from torch import nn
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The scored model produced NaN or infinite logits; no metric computed from them would mean anything."""
+
+
+def check_finite(logits: torch.Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteLogitsError` if ``logits`` holds NaN or +-inf (a no-op otherwise)."""
+    finite = torch.isfinite(logits)
+    if bool(finite.all()):
+        return
+    bad = int((~finite).sum())
+    nan = int(torch.isnan(logits).sum())
+    raise NonFiniteLogitsError(
+        f"the model produced non-finite logits while scoring {what}: {bad} of {logits.numel()} values are NaN or inf "
+        f"({nan} NaN). Its weights or activations are broken (a diverged fine-tune, a bad checkpoint, export or "
+        "quantization, or fp16 overflow); no accuracy is reported from such logits. Check the model, e.g. "
+        "any(not p.isfinite().all() for p in model.parameters())"
+    )
+
+
+def _nan_guard_processor(what: str):
+    """A ``LogitsProcessor`` that raises on NaN / +inf scores (-inf is a legitimate processor mask)."""
+    from transformers import LogitsProcessor
+
+    class _Guard(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            broken = torch.isnan(scores) | torch.isposinf(scores)
+            if bool(broken.any()):
+                check_finite(scores.masked_fill(torch.isneginf(scores), 0.0), what)
+            return scores
+
+    return _Guard()
 
 
 def bos_prefix(tokenizer: Any) -> list[int]:
@@ -139,6 +177,7 @@ class LanguageModelScorer:
                 for b, i in enumerate(batch):
                     target = torch.as_tensor(spans[i], device=logprobs.device)
                     rows = logprobs[b, keep - len(target):]
+                    check_finite(rows, desc)
                     chosen = rows.gather(-1, target[:, None]).squeeze(-1)
                     greedy = bool((rows.argmax(-1) == target).all())
                     results[i] = (float(chosen.sum()), greedy)
@@ -159,6 +198,7 @@ class LanguageModelScorer:
         with self._progress(len(rows), desc) as bar:
             for batch in self._batches([len(r) for r in rows]):
                 logprobs = torch.log_softmax(self._last_logits([rows[i] for i in batch], 1)[:, -1], dim=-1)
+                check_finite(logprobs, desc)
                 for b, i in enumerate(batch):
                     results[i] = logprobs[b, torch.as_tensor(candidates[i], device=logprobs.device)].cpu()
                 bar.update(len(batch))
@@ -169,8 +209,10 @@ class LanguageModelScorer:
     def token_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Full float32 logits of a right-padded ``{"input_ids", "attention_mask"}`` batch."""
         device = self.device
-        out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        return out.logits.float()
+        mask = batch["attention_mask"].to(device)
+        logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask).logits.float()
+        check_finite(logits[mask.bool()], "token logits")
+        return logits
 
     @torch.inference_mode()
     def greedy_generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -181,6 +223,8 @@ class LanguageModelScorer:
         was_training = self.model.training
         self.model.eval()
         device = self.device
+        from transformers import LogitsProcessorList
+
         with self._progress(len(rows), desc) as bar:
             for batch in self._batches([len(r) for r in rows]):
                 width = max(len(rows[i]) for i in batch)
@@ -192,6 +236,7 @@ class LanguageModelScorer:
                 out = self.model.generate(
                     input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                     do_sample=False, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                    logits_processor=LogitsProcessorList([_nan_guard_processor(desc)]),
                 )
                 for b, i in enumerate(batch):
                     new = out[b, width:].tolist()

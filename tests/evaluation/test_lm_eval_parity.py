@@ -15,9 +15,11 @@ def test_multiple_choice_accuracy_equals_lm_eval_harness():
     pytest.importorskip("lm_eval")
     import lm_eval_parity
 
-    report = lm_eval_parity.compare(limit=60, k_shot=5, batch_size=16)  # the embedded model and records
+    # the embedded model and records: the first 60 zero-shot questions, the first 10 of each MMLU subject
+    report = lm_eval_parity.compare(limit=60, k_shot=5, batch_size=16, mmlu_limit_per_subject=10, log=lambda _: None)
     for task, result in report.items():
         assert result["agreement"] == 1.0, (task, result)
+        assert result["prompts_identical"] == 1.0, (task, result)
         assert result["max_abs_ll_diff"] < 1e-3, (task, result)
         assert result["ours_acc"] == pytest.approx(result["lm_eval_acc"], abs=1e-6), (task, result)
     assert report["zero_shot"]["ours_acc_norm"] == pytest.approx(report["zero_shot"]["lm_eval_acc_norm"], abs=1e-6)

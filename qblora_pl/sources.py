@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from qblora_pl.paths import EMBEDDED_PREFIX, resolve_model_reference
+
 #: File suffixes that always mean "a local file" (hub names never end in them).
 LOCAL_FILE_SUFFIXES = frozenset({".json", ".jsonl", ".csv", ".gguf", ".parquet", ".txt", ".safetensors", ".bin"})
 
@@ -39,6 +41,10 @@ _GGUF_CACHE_FORMAT = 1
 
 class SourceError(ValueError):
     """A model or data source that cannot be used; the message names the value and why."""
+
+
+class SourceNotFoundError(SourceError, FileNotFoundError):
+    """A local-looking model or data path that does not exist."""
 
 
 def looks_like_local_path(source: str | os.PathLike) -> bool:
@@ -72,16 +78,24 @@ class ModelSource:
     path: Path | None = None
 
     @classmethod
-    def parse(cls, model_name_or_path: str | os.PathLike) -> "ModelSource":
-        """Classify and check a model reference; raise :class:`SourceError` naming a bad value."""
+    def parse(cls, model_name_or_path: str | os.PathLike, *, tokenizer_only: bool = False) -> "ModelSource":
+        """Classify and check a model reference; raise :class:`SourceError` naming a bad value.
+
+        ``tokenizer_only`` also accepts a directory holding just tokenizer files.
+        """
         spec = os.fspath(model_name_or_path)
         if not spec or not spec.strip():
             raise SourceError("model_name_or_path is empty; pass a model directory, a .gguf file or a hub name")
+        if spec.startswith(EMBEDDED_PREFIX):  # embedded:tiny-llama, the model shipped in the package
+            try:
+                spec = resolve_model_reference(spec)
+            except ValueError as err:
+                raise SourceError(str(err)) from err
         if not looks_like_local_path(spec):
             return cls(spec, "hub")
         path = Path(spec).expanduser()
         if not path.exists():
-            raise SourceError(
+            raise SourceNotFoundError(
                 f"model path {spec!r} does not exist (resolved to {path.resolve()}); pass an existing "
                 "model directory, a .gguf file, or a Hugging Face hub name such as "
                 "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -94,6 +108,8 @@ class ModelSource:
                 )
             return cls(spec, "gguf", path.resolve())
         if (path / "config.json").is_file():
+            return cls(spec, "directory", path.resolve())
+        if tokenizer_only and any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             return cls(spec, "directory", path.resolve())
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -146,7 +162,8 @@ def load_tokenizer(model_name_or_path: str | os.PathLike | ModelSource, **kwargs
     """``AutoTokenizer.from_pretrained`` for any model source (a GGUF file's embedded tokenizer too)."""
     from transformers import AutoTokenizer
 
-    source = model_name_or_path if isinstance(model_name_or_path, ModelSource) else ModelSource.parse(model_name_or_path)
+    source = (model_name_or_path if isinstance(model_name_or_path, ModelSource)
+              else ModelSource.parse(model_name_or_path, tokenizer_only=True))
     try:
         return AutoTokenizer.from_pretrained(source.pretrained_dir(), **kwargs)
     except OSError as err:

@@ -186,7 +186,7 @@ class InstructionDataModule(L.LightningDataModule):
             if self.tokenizer_name_or_path is None:
                 raise ValueError("tokenizer_name_or_path is not set; pass the model's path or hub name "
                                  "(the CLI links it to the model's path)")
-            tokenizer = _load_tokenizer(self.tokenizer_name_or_path)
+            tokenizer = load_tokenizer(self.tokenizer_name_or_path)  # a .gguf file or tokenizer-only dir too
             if tokenizer.pad_token_id is None:
                 # Any id works: padding is masked by attention_mask=0 and labels=-100. Setting it on
                 # the tokenizer keeps generation code (which needs a pad id) consistent with training.
@@ -377,17 +377,3 @@ def _copy(record: Record) -> Record:
         return {"messages": [dict(m) for m in record["messages"]]}
     return dict(record)
 
-
-def _load_tokenizer(name_or_path: str) -> Any:
-    """:func:`qblora_pl.sources.load_tokenizer`, plus tokenizer-only directories (no ``config.json``).
-
-    ``sources`` classifies *model* references and refuses a directory without ``config.json``;
-    a directory holding just a tokenizer is a valid tokenizer source, so it is read directly.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir() and not (path / "config.json").exists() and (
-            (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path))
-    return load_tokenizer(name_or_path)

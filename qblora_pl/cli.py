@@ -1,12 +1,55 @@
-"""LightningCLI entry point: ``python main.py {fit,validate,test,predict} --config ...``."""
+"""LightningCLI entry point: ``python main.py {fit,validate,test,predict} --config ...``.
+
+On top of Lightning's CLI:
+
+* ``--ckpt_path`` never overrides the config silently. Lightning re-parses a checkpoint's
+  hyper-parameters over the configuration; here they are *compared* with it instead
+  (:meth:`QBLoRACLI._parse_ckpt_path`). The method, base, adapter shape and target modules come
+  from the checkpoint only where the config leaves them at their defaults (``main.py test
+  --ckpt_path X`` without a config); set to something else they stop the run with both values.
+  The learning rate, warm-up, weight decay, data and trainer settings are the config's, and
+  each one that differs from the checkpoint's is logged.
+* ``--ckpt_path last`` is the newest ``last*.ckpt`` of this config's earlier runs
+  (``<save_dir>/<name>/version_*/checkpoints/``); with none it stops instead of training anew.
+* A checkpoint file that cannot be read is named (:class:`~qblora_pl.checkpoints.UnreadableCheckpoint`).
+* ``lightning.pytorch.callbacks.ModelCheckpoint`` in a config becomes
+  :class:`callbacks.checkpoint.AdapterCheckpoint` (same arguments and files): it never writes
+  non-finite adapters and stops on Ctrl-C at a step boundary.
+* A ``fit`` that fails before its first step and wrote no checkpoint leaves no ``version_N``.
+"""
 
 from __future__ import annotations
 
+import glob
+import importlib
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
+from qblora_pl.checkpoints import CHANGEABLE_ADAPTER_ARGS, UnreadableCheckpoint, read_checkpoint
 from qblora_pl.data.instruction import InstructionDataModule
 from qblora_pl.module import QuantizedCausalLM
+from qblora_pl.paths import portable_model_reference, resolve_model_reference
+from qblora_pl.sources import SourceError
+
+#: Model arguments that define what a checkpoint's adapters are: they may not change on resume.
+IDENTITY_ARGS = ("model_name_or_path", "quantization", "adapter", "target_modules")
+#: Model arguments a resumed run may change (the config's value is used and the change logged).
+CHANGEABLE_ARGS = ("learning_rate", "warmup_steps", "weight_decay", "optimizer", "gradient_checkpointing",
+                   "divergence_patience")
+_LIGHTNING_CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
+_SAFE_CHECKPOINT = "callbacks.checkpoint.AdapterCheckpoint"
+
+
+class ResumeConfigError(ValueError):
+    """``--ckpt_path`` and the configuration disagree on something a checkpoint cannot change."""
 
 
 def default_precision() -> str:
@@ -19,8 +62,124 @@ def default_precision() -> str:
 class QBLoRACLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data module tokenizes with the model's own tokenizer unless told otherwise.
-        parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
+        # (embedded:tiny-llama resolved to this installation's path, as the model loads it)
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path",
+                              compute_fn=resolve_model_reference)
         parser.set_defaults({"trainer.precision": default_precision()})
+
+    # ------------------------------------------------------------------ --ckpt_path
+    def _parse_ckpt_path(self) -> None:
+        """Compare the checkpoint's hyper-parameters with the config (Lightning overwrites it with them)."""
+        self._ckpt_step = 0
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry"):
+            return
+        if ckpt_path == "last":
+            ckpt_path = self._find_last_checkpoint(config)
+            rank_zero_info(f"--ckpt_path last: {ckpt_path}")
+            config["ckpt_path"] = ckpt_path
+        checkpoint = read_checkpoint(ckpt_path, what="--ckpt_path")
+        self._ckpt_step = int(checkpoint.get("global_step", 0))
+        saved = dict(checkpoint.get("hyper_parameters") or {})
+        defaults = self._subcommand_parsers[subcommand].get_defaults().get("model")
+        model = config.get("model")
+        from_checkpoint: dict[str, Any] = {}
+        for key in IDENTITY_ARGS:
+            if key not in saved:
+                continue
+            now, default = _plain(model.get(key)), _plain(defaults.get(key) if defaults is not None else None)
+            recorded = saved[key]
+            if key == "model_name_or_path":
+                recorded = portable_model_reference(resolve_model_reference(recorded))
+            if _same_arg(now, default):
+                if not _same_arg(now, recorded):
+                    from_checkpoint[key] = recorded
+            elif not _same_arg(now, recorded):
+                if key == "model_name_or_path":
+                    # Another location of the same base (a moved checkout, a local copy of a hub
+                    # model): allowed; the base's sizes are checked against the checkpoint on load.
+                    rank_zero_info(f"--ckpt_path {ckpt_path}: base model {now!r} instead of the recorded "
+                                   f"{recorded!r} (it must be the same base; its sizes are checked on load)")
+                    continue
+                raise ResumeConfigError(
+                    f"--ckpt_path {ckpt_path} was trained with model.{key}={_show(recorded)}, but the config / command "
+                    f"line sets model.{key}={_show(now)}. A checkpoint's method, base and adapter shape cannot change: "
+                    f"drop the differing setting (the checkpoint's is used) or start a new run without --ckpt_path"
+                )
+        if subcommand == "fit":
+            self._log_resume_changes(ckpt_path, checkpoint, saved, model, config)
+        if from_checkpoint:
+            rank_zero_info(f"--ckpt_path {ckpt_path}: model settings from the checkpoint: "
+                           + ", ".join(f"{k}={_show(v)}" for k, v in from_checkpoint.items()))
+            self.config = self.parser.parse_object({subcommand: {"model": from_checkpoint}}, self.config)
+
+    def _log_resume_changes(self, ckpt_path, checkpoint: dict, saved: dict, model, config) -> None:
+        # Changed model.learning_rate etc. (CHANGEABLE_ARGS) are applied and logged by the module's on_load_checkpoint.
+        saved_data = checkpoint.get("datamodule_hyper_parameters") or {}
+        data = config.get("data")
+        for key, value in sorted(saved_data.items()):
+            if key.startswith("_") or key == "tokenizer_name_or_path" or data is None or key not in data:
+                continue
+            if not _same_arg(_plain(data.get(key)), value):
+                rank_zero_info(f"Resume: data.{key} = {data.get(key)!r} (the checkpoint's run used {value!r})")
+        max_steps = config.get("trainer", {}).get("max_steps", -1)
+        step = int(checkpoint.get("global_step", 0))
+        if max_steps is not None and max_steps != -1 and max_steps <= step:
+            raise ResumeConfigError(
+                f"--ckpt_path {ckpt_path} is at global step {step} and trainer.max_steps={max_steps}: nothing to "
+                f"train. Raise --trainer.max_steps above {step} to continue"
+            )
+        rank_zero_info(f"Resuming from {ckpt_path} at global step {step}"
+                       + (f" (trainer.max_steps={max_steps})" if max_steps not in (None, -1) else ""))
+
+    def _find_last_checkpoint(self, config) -> str:
+        """The newest ``last*.ckpt`` of this configuration's earlier runs."""
+        trainer = config.get("trainer") or {}
+        root = trainer.get("default_root_dir") or os.getcwd()
+        patterns = []
+        for callback in trainer.get("callbacks") or []:
+            dirpath = (callback.get("init_args") or {}).get("dirpath") if hasattr(callback, "get") else None
+            if dirpath:
+                patterns.append(os.path.join(dirpath, "last*.ckpt"))
+        loggers = trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            args = logger.get("init_args") if hasattr(logger, "get") else None
+            if args is not None and args.get("save_dir") is not None:
+                name = args.get("name") if args.get("name") is not None else "lightning_logs"
+                save_dir = args.get("save_dir")
+                save_dir = save_dir if os.path.isabs(save_dir) else os.path.join(root, save_dir)
+                patterns.append(os.path.join(save_dir, name or "", "version_*", "checkpoints", "last*.ckpt"))
+        if loggers is None or loggers is True:
+            patterns.append(os.path.join(root, "lightning_logs", "version_*", "checkpoints", "last*.ckpt"))
+        patterns.append(os.path.join(root, "checkpoints", "last*.ckpt"))
+        found = [p for pattern in patterns for p in glob.glob(pattern) if os.path.isfile(p)]
+        if not found:
+            raise ResumeConfigError(
+                "--ckpt_path last: there is no last checkpoint to resume from (looked for "
+                + ", ".join(patterns) + "). Pass a checkpoint file, or drop --ckpt_path to start a new run"
+            )
+        return max(found, key=os.path.getmtime)
+
+    # ------------------------------------------------------------------ configuration checks
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        trainer = config.get("trainer")
+        accumulate = trainer.get("accumulate_grad_batches") if trainer is not None else None
+        if accumulate is not None and (not isinstance(accumulate, int) or accumulate < 1):
+            raise ResumeConfigError(
+                f"trainer.accumulate_grad_batches={accumulate!r}: it must be an integer >= 1 "
+                "(1 = an optimizer step per batch)"
+            )
+        for callback in (trainer.get("callbacks") or []) if trainer is not None else []:
+            if hasattr(callback, "get") and callback.get("class_path") == _LIGHTNING_CHECKPOINT:
+                callback["class_path"] = _SAFE_CHECKPOINT  # same arguments; see callbacks/checkpoint.py
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         from lightning.pytorch.callbacks import ProgressBar
@@ -32,12 +191,87 @@ class QBLoRACLI(LightningCLI):
             callbacks = [*callbacks, StepProgressBar()]  # "Epoch 0", not Lightning's "Epoch 0/-2"
         return super()._instantiate_trainer(config, callbacks)
 
+    # ------------------------------------------------------------------ failed runs
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if subcommand == "fit":
+                self._remove_empty_run_dir()
+            raise
+
+    def _remove_empty_run_dir(self) -> None:
+        """Remove this fit's ``version_N`` when it trained no step and holds no checkpoint."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.global_step > getattr(self, "_ckpt_step", 0) or not trainer.is_global_zero:
+            return
+        try:
+            log_dir = trainer.logger.log_dir if trainer.logger is not None else None
+        except Exception:
+            return
+        if not log_dir or not os.path.isdir(log_dir) or not Path(log_dir).name.startswith("version_"):
+            return
+        allowed = ("hparams.yaml", "config.yaml", "events.out.tfevents", "metrics.csv")
+        for path in Path(log_dir).rglob("*"):
+            if path.is_file() and not path.name.startswith(allowed):
+                return  # a checkpoint or anything else: keep the directory
+        shutil.rmtree(log_dir, ignore_errors=True)
+        rank_zero_info(f"Removed {log_dir}: the run failed before its first step and wrote no checkpoint")
+
+
+def _plain(value: Any) -> Any:
+    """jsonargparse Namespaces as plain dicts (class_path / init_args), other values unchanged."""
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _same_arg(a: Any, b: Any) -> bool:
+    """Whether two model arguments mean the same (class paths compared as classes, numbers by value)."""
+    if isinstance(a, dict) and isinstance(b, dict) and "class_path" in a and "class_path" in b:
+        if _load_class(a["class_path"]) is not _load_class(b["class_path"]):
+            return False
+        a_args, b_args = a.get("init_args") or {}, b.get("init_args") or {}
+        return all(_same_arg(a_args[k], b_args[k]) for k in set(a_args) & set(b_args) - CHANGEABLE_ADAPTER_ARGS)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_arg(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-12)
+    if isinstance(a, str) and isinstance(b, str) and a != b:
+        try:  # two spellings of one model location (embedded:tiny-llama and its path)
+            return portable_model_reference(resolve_model_reference(a)) == portable_model_reference(resolve_model_reference(b))
+        except (OSError, ValueError):
+            return False
+    return a == b
+
+
+def _load_class(class_path: str):
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return class_path
+
+
+def _show(value: Any) -> str:
+    """``LoRA(r=8, alpha=16)`` for a class_path dict, repr otherwise."""
+    if isinstance(value, dict) and "class_path" in value:
+        args = ", ".join(f"{k}={v!r}" for k, v in (value.get("init_args") or {}).items())
+        return f"{str(value['class_path']).rsplit('.', 1)[-1]}({args})"
+    return repr(value)
+
 
 def main(args=None) -> QBLoRACLI:
-    return QBLoRACLI(
-        QuantizedCausalLM,
-        InstructionDataModule,
-        seed_everything_default=42,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        return QBLoRACLI(
+            QuantizedCausalLM,
+            InstructionDataModule,
+            seed_everything_default=42,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except (ResumeConfigError, UnreadableCheckpoint, SourceError) as err:
+        print(f"main.py: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from err

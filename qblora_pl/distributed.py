@@ -290,11 +290,13 @@ class FSDP2Strategy(ModelParallelStrategy):
                 f"{path} is a directory (a sharded distributed checkpoint). {type(self).__name__} reads "
                 f"and writes single-file adapter checkpoints (.ckpt), which load at any world size."
             )
-        checkpoint = torch.load(path, map_location="cpu", weights_only=bool(weights_only))
+        from qblora_pl.checkpoints import read_checkpoint
+
+        checkpoint = read_checkpoint(path)
         module = self.lightning_module
         assert module is not None
         if "adapter_spec" in checkpoint and hasattr(module, "adapter_spec"):
-            from qblora_pl.module import check_adapter_spec
+            from qblora_pl.checkpoints import check_adapter_spec
 
             check_adapter_spec(
                 checkpoint["adapter_spec"], module.adapter_spec(), set(checkpoint["state_dict"]), module.trainable_names()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import random
 import time
 from typing import Any, Literal
 
@@ -21,14 +23,20 @@ from qblora_pl.adapters.injection import (
 )
 from qblora_pl.adapters.lora import LoRA
 from qblora_pl.export.native import is_native_export, load_native
-from qblora_pl.paths import EMBEDDED_MODEL_DIR
+from qblora_pl.checkpoints import (  # noqa: F401  (AdapterCheckpointMismatch, check_adapter_spec: old import names)
+    ADAPTER_CHECKPOINT_FORMAT,
+    AdapterCheckpointMismatch,
+    NonFiniteAdapterError,
+    base_fingerprint,
+    check_adapter_spec,
+    non_finite_entries,
+)
+from qblora_pl.paths import EMBEDDED_MODEL, portable_model_reference, resolve_model_reference
 from qblora_pl.quantization.backends import NF4, QuantizationBackend
 
-ADAPTER_CHECKPOINT_FORMAT = 1
 
-
-class AdapterCheckpointMismatch(RuntimeError):
-    """An adapter checkpoint does not fit the model it is being loaded into."""
+class TrainingDiverged(FloatingPointError):
+    """The training loss sits at ln(vocab_size): the model predicts the uniform distribution."""
 
 
 class QuantizedCausalLM(pl.LightningModule):
@@ -39,8 +47,9 @@ class QuantizedCausalLM(pl.LightningModule):
     optimizer and the loop state - never the frozen base.
 
     Args:
-        model_name_or_path: a Hugging Face causal LM directory or hub name
-            (e.g. ``meta-llama/Llama-2-7b-hf``). Default: the small Llama shipped in the package.
+        model_name_or_path: a Hugging Face causal LM directory, a ``.gguf`` file or a hub name
+            (e.g. ``meta-llama/Llama-2-7b-hf``). Default: ``embedded:tiny-llama``, the small Llama
+            shipped in the package (checkpoints record it by that name, not by its path).
         quantization: how the frozen base is stored (``NF4``, ``GroupwiseInt``, ``NoQuantization``).
         adapter: the method (``LoRA``, ``QBLoRA``, ``QALoRA``, ``QABLoRA``).
         target_modules: last name components of the linear layers to adapt.
@@ -50,11 +59,14 @@ class QuantizedCausalLM(pl.LightningModule):
         optimizer: ``auto`` (bitsandbytes paged AdamW on CUDA, torch AdamW elsewhere),
             ``adamw`` or ``paged_adamw``.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        divergence_patience: stop with :class:`TrainingDiverged` when the training loss has sat at
+            ``ln(vocab_size)`` (the loss of a uniform prediction: the model has diverged and
+            predicts nothing) for this many steps in a row; 0 disables the check.
     """
 
     def __init__(
         self,
-        model_name_or_path: str = str(EMBEDDED_MODEL_DIR),
+        model_name_or_path: str = EMBEDDED_MODEL,
         quantization: QuantizationBackend | None = None,
         adapter: AdapterStrategy | None = None,
         target_modules: list[str] = list(LLAMA_TARGET_MODULES),
@@ -63,16 +75,22 @@ class QuantizedCausalLM(pl.LightningModule):
         weight_decay: float = 0.0,
         optimizer: Literal["auto", "adamw", "paged_adamw"] = "auto",
         gradient_checkpointing: bool = False,
+        divergence_patience: int = 10,
     ) -> None:
         super().__init__()
         if learning_rate <= 0 or not math.isfinite(learning_rate):
             raise ValueError(f"learning_rate={learning_rate} must be a positive finite number")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+        if divergence_patience < 0:
+            raise ValueError(f"divergence_patience={divergence_patience} must be >= 0 (0 disables the check)")
         # Hyper-parameters stay plain data (checkpoints load with weights_only=True): the
         # strategy and backend objects are recorded by their class and arguments.
         self.save_hyperparameters(ignore=["quantization", "adapter"])
-        self.model_name_or_path = model_name_or_path
+        # Loaded from this installation's path; recorded portably (embedded:tiny-llama), so a
+        # checkpoint of the embedded model still loads after the checkout moves.
+        self.model_name_or_path = resolve_model_reference(model_name_or_path)
+        self.hparams["model_name_or_path"] = portable_model_reference(model_name_or_path)
         self.quantization = quantization if quantization is not None else NF4()
         self.adapter = adapter if adapter is not None else LoRA()
         # As class_path / init_args, so that `main.py test --ckpt_path` (LightningCLI restores a
@@ -85,6 +103,9 @@ class QuantizedCausalLM(pl.LightningModule):
         # on_load_checkpoint checks the adapter keys and shapes itself.
         self.strict_loading = False
         self._step_started_at: float | None = None
+        self._uniform_loss_steps = 0  # consecutive steps with the loss at ln(vocab_size)
+        self._farthest_from_uniform = 0.0  # largest |loss - ln V| / ln V seen so far (checkpointed)
+        self._diverged: str | None = None  # why the adapters must not be checkpointed any more
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -110,6 +131,25 @@ class QuantizedCausalLM(pl.LightningModule):
             f"trainable%: {100 * trainable / max(total, 1):.4f}"
         )
         self._shard_if_distributed()
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            self._check_batch_fits_data()
+
+    def _check_batch_fits_data(self) -> None:
+        """Refuse a batch larger than the training set before a step (it would be one giant batch)."""
+        datamodule = self.trainer.datamodule
+        batch_size = getattr(datamodule, "batch_size", None)
+        records = getattr(datamodule, "records", None)
+        if not isinstance(batch_size, int) or not callable(records):
+            return
+        n_train = len(records("train"))
+        if batch_size > n_train:
+            raise ValueError(
+                f"data.batch_size={batch_size} is larger than the training split ({n_train} records): every step "
+                f"would be one batch of all {n_train} records (and likely run out of memory). Use "
+                f"--data.batch_size <= {n_train}, and --trainer.accumulate_grad_batches for a larger effective batch"
+            )
 
     def _shard_if_distributed(self) -> None:
         """Under ModelParallelStrategy (configs/fsdp.yaml) apply FSDP2 to the base and adapters."""
@@ -147,20 +187,71 @@ class QuantizedCausalLM(pl.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started_at = time.perf_counter()
+        torch.manual_seed(_batch_seed(self.current_epoch, batch_idx, self.global_rank))
+
+    def on_test_start(self) -> None:
+        bad = non_finite_entries({n: p for n, p in self.named_parameters()})
+        if bad:
+            raise NonFiniteAdapterError(
+                f"refusing to test a model with non-finite weights: {', '.join(bad)}. The checkpoint or export "
+                "was written by a diverged run; use an earlier checkpoint"
+            )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         distributed = self._trainer is not None and self.trainer.world_size > 1
         loss = self._global_token_mean_loss(batch) if distributed else self._loss(batch)
         if not _finite_everywhere(loss, distributed):
+            loss = loss.detach()
+            bad = non_finite_entries({n: p for n, p in self.named_parameters() if p.requires_grad})
+            if bad:
+                self._diverged = f"the adapters hold non-finite values since step {self.global_step}: {', '.join(bad)}"
             raise FloatingPointError(
                 f"training loss is {loss.item()} at global step {self.global_step} (batch {batch_idx}); "
-                f"no optimizer step was taken with it. Lower model.learning_rate "
-                f"(now {self.hparams.learning_rate}) or check the data; resume from the last "
-                f"checkpoint with --ckpt_path."
+                f"no optimizer step was taken with it"
+                + (f", but the adapters are already non-finite ({', '.join(bad)}), so no checkpoint is written "
+                   "with them" if bad else "")
+                + f". Lower model.learning_rate (now {self.hparams.learning_rate}) or check the data, and "
+                f"resume from the last good checkpoint: --ckpt_path <run>/checkpoints/last.ckpt "
+                f"--model.learning_rate <lower> (the new learning rate replaces the checkpoint's)."
             )
+        self._check_uniform_loss(loss, distributed)
         batch_size = batch["input_ids"].size(0)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=distributed)
         return loss
+
+    def _check_uniform_loss(self, loss: torch.Tensor, distributed: bool) -> None:
+        """Stop when the loss has sat at ln(vocab_size) for ``divergence_patience`` steps in a row.
+
+        A pretrained base's loss is away from ln(V) (on the embedded model it starts at 11.4, above
+        ln(4096) = 8.318); one that has been away and is now pinned at ln(V) (within 0.01%) means
+        the logits have collapsed to a uniform prediction (typically a learning rate far too high),
+        which no further step recovers from. The run stops and no later checkpoint is written. A
+        randomly initialised model, which *starts* at ln(V), is not flagged until it has left it.
+        """
+        patience = self.hparams.get("divergence_patience", 0)
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        if not patience or not vocab:
+            return
+        uniform = math.log(vocab)
+        value = float(loss.detach())
+        self._farthest_from_uniform = max(self._farthest_from_uniform, abs(value - uniform) / uniform)
+        was_away = self._farthest_from_uniform > 0.02
+        at_uniform = torch.as_tensor(was_away and abs(value - uniform) < 1e-4 * uniform, dtype=torch.long)
+        if distributed:  # every rank must agree, or one would stop alone
+            from qblora_pl.distributed import global_token_count
+
+            at_uniform = (global_token_count(at_uniform) == self.trainer.world_size).long()
+        self._uniform_loss_steps = self._uniform_loss_steps + 1 if int(at_uniform) else 0
+        if self._uniform_loss_steps >= patience:
+            good = self.global_step - self._uniform_loss_steps
+            self._diverged = f"training diverged: the loss has been ln(vocab_size) since the update of step {good + 1}"
+            raise TrainingDiverged(
+                f"training diverged: train loss {value:.4f} = ln(vocab_size={vocab}) = {uniform:.4f} (a uniform "
+                f"prediction) for {self._uniform_loss_steps} steps in a row, after having been "
+                f"{100 * self._farthest_from_uniform:.0f}% away from it. model.learning_rate={self.hparams.learning_rate} is far too high: lower it "
+                f"and resume with --ckpt_path from a checkpoint of global step {good} or earlier (later ones hold "
+                f"diverged adapters; none is written now). model.divergence_patience=0 disables this check."
+            )
 
     def _global_token_mean_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """This rank's share of the loss averaged over the response tokens of the *global* batch.
@@ -243,15 +334,23 @@ class QuantizedCausalLM(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def adapter_spec(self) -> dict[str, Any]:
-        """What an adapter checkpoint must match: method, hyper-parameters, base, shapes."""
-        return {
+        """What an adapter checkpoint must match: method, hyper-parameters, base, shapes.
+
+        ``model_name_or_path`` is recorded portably (``embedded:tiny-llama``) and is informative:
+        another path to the same base is accepted, ``base`` (the base config's sizes) is checked.
+        """
+        spec = {
             "format": ADAPTER_CHECKPOINT_FORMAT,
             "strategy": f"{type(self.adapter).__module__}.{type(self.adapter).__qualname__}",
             "strategy_hparams": self.adapter.hparams(),
             "quantization": self.quantization.describe(),
-            "model_name_or_path": self.model_name_or_path,
+            "model_name_or_path": portable_model_reference(self.model_name_or_path),
             "layers": {name: layer.adapter.shapes() for name, layer in self.adapted_layers().items()},
         }
+        config = getattr(self.model, "config", None)
+        if config is not None:
+            spec["base"] = base_fingerprint(config)
+        return spec
 
     def trainable_names(self) -> set[str]:
         """State-dict keys of the parameters that train (the adapters)."""
@@ -263,9 +362,21 @@ class QuantizedCausalLM(pl.LightningModule):
                 raise RuntimeError("refusing to checkpoint a merged model; unmerge() first")
         trainable = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # Never write diverged / non-finite adapters: they would replace a good last.ckpt.
+        bad = non_finite_entries(checkpoint["state_dict"])
+        if bad or self._diverged:
+            raise NonFiniteAdapterError(
+                f"refusing to write a checkpoint at global step {self.global_step}: "
+                + (f"the adapters hold non-finite values ({', '.join(bad)})" if bad else self._diverged)
+            )
         checkpoint["adapter_spec"] = self.adapter_spec()
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"]["model_name_or_path"] = portable_model_reference(self.model_name_or_path)
         checkpoint["world_size"] = self.trainer.world_size if self._trainer is not None else 1  # informative
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        checkpoint["farthest_from_uniform_loss"] = self._farthest_from_uniform
+        # Dropout draws are re-seeded per batch (on_train_batch_start), so these only matter to
+        # user code drawing from the global generators between batches.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": _python_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
@@ -279,11 +390,92 @@ class QuantizedCausalLM(pl.LightningModule):
         if spec is None:
             raise AdapterCheckpointMismatch("checkpoint has no adapter_spec: it was not written by qblora_pl")
         check_adapter_spec(spec, self.adapter_spec(), set(checkpoint["state_dict"]), self.trainable_names())
+        bad = non_finite_entries(checkpoint["state_dict"])
+        if bad:
+            raise NonFiniteAdapterError(f"the checkpoint's adapters hold non-finite values: {', '.join(bad)}; "
+                                        "use a checkpoint written before the run diverged")
+        self._apply_changed_optimisation(checkpoint)
+        self._farthest_from_uniform = max(self._farthest_from_uniform, float(checkpoint.get("farthest_from_uniform_loss", 0.0)))
         rng = checkpoint.get("rng_states", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        if "python" in rng:
+            _set_python_rng_state(rng["python"])
+
+    def _apply_changed_optimisation(self, checkpoint: dict[str, Any]) -> None:
+        """Make a learning rate / weight decay changed on resume take effect, and say so.
+
+        The optimizer and scheduler states saved in the checkpoint carry the old values (AdamW's
+        ``lr``, LambdaLR's ``base_lrs``); loading them as they are would silently keep the old
+        learning rate. They are rewritten here with the configured values before Lightning loads them.
+        """
+        saved = checkpoint.get("hyper_parameters") or {}
+        changes = {}
+        for key in ("learning_rate", "weight_decay"):
+            old, new = saved.get(key), self.hparams.get(key)
+            if old is not None and new is not None and float(old) != float(new):
+                changes[key] = (old, new)
+        for key in ("warmup_steps", "gradient_checkpointing", "optimizer", "divergence_patience"):
+            if key in saved and saved[key] != self.hparams.get(key):
+                rank_zero_info(f"Resume: model.{key} changed from {saved[key]!r} (checkpoint) to {self.hparams.get(key)!r}")
+        if not changes:
+            return
+        lr, wd = self.hparams.learning_rate, self.hparams.weight_decay
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                if "learning_rate" in changes:
+                    group["initial_lr"] = lr
+                    if "lr" in group and saved.get("learning_rate"):
+                        group["lr"] = group["lr"] * lr / float(saved["learning_rate"])  # keeps the warm-up factor
+                if "weight_decay" in changes and "weight_decay" in group:
+                    group["weight_decay"] = wd
+        if "learning_rate" in changes:
+            for sched in checkpoint.get("lr_schedulers", []):
+                if "base_lrs" in sched:
+                    sched["base_lrs"] = [lr for _ in sched["base_lrs"]]
+                if "_last_lr" in sched and saved.get("learning_rate"):
+                    sched["_last_lr"] = [v * lr / float(saved["learning_rate"]) for v in sched["_last_lr"]]
+        for key, (old, new) in changes.items():
+            rank_zero_info(f"Resume: model.{key} changed from {old} (checkpoint) to {new}; "
+                           "the restored optimizer and scheduler use the new value")
+
+
+def _batch_seed(epoch: int, batch_idx: int, rank: int) -> int:
+    """The torch seed for one training batch: a function of the run seed, epoch, batch and rank.
+
+    Re-seeding before every batch makes the dropout masks of batch ``i`` independent of what else
+    drew random numbers before it (dataloader iterators, sanity validation, a restart), so a run
+    resumed from any checkpoint draws exactly what the uninterrupted run drew.
+    """
+    base = int(os.environ.get("PL_GLOBAL_SEED", "0") or 0)
+    return (((base * 1_000_003 + epoch) * 1_000_003 + batch_idx) * 1_009 + rank) % (2**63 - 1)
+
+
+def _python_rng_state() -> dict[str, Any]:
+    """Python's and numpy's global RNG states as plain data (checkpoints load with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"random": [version, list(internal), gauss]}
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
+    except ImportError:
+        pass
+    return state
+
+
+def _set_python_rng_state(state: dict[str, Any]) -> None:
+    if "random" in state:
+        version, internal, gauss = state["random"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def _finite_everywhere(loss: torch.Tensor, distributed: bool) -> bool:
@@ -299,23 +491,3 @@ def _finite_everywhere(loss: torch.Tensor, distributed: bool) -> bool:
 def class_path_config(obj: Any, init_args: dict[str, Any]) -> dict[str, Any]:
     """``{"class_path": ..., "init_args": ...}``: how jsonargparse (and YAML configs) name an object."""
     return {"class_path": f"{type(obj).__module__}.{type(obj).__qualname__}", "init_args": dict(init_args)}
-
-
-def check_adapter_spec(saved: dict, current: dict, saved_keys: set[str], current_keys: set[str]) -> None:
-    """Raise AdapterCheckpointMismatch naming what differs; a mismatch never loads silently."""
-    if saved["strategy"] != current["strategy"]:
-        raise AdapterCheckpointMismatch(
-            f"checkpoint adapter is {saved['strategy']} but the model uses {current['strategy']}"
-        )
-    if saved["quantization"] != current["quantization"]:
-        raise AdapterCheckpointMismatch(
-            f"checkpoint was trained on base {saved['quantization']} but the model's base is {current['quantization']}"
-        )
-    for name, shapes in current["layers"].items():
-        if saved["layers"].get(name) != shapes:
-            raise AdapterCheckpointMismatch(
-                f"layer {name}: checkpoint adapter shapes {saved['layers'].get(name)} != model's {shapes}"
-            )
-    if saved_keys != current_keys:
-        extra, missing = sorted(saved_keys - current_keys)[:5], sorted(current_keys - saved_keys)[:5]
-        raise AdapterCheckpointMismatch(f"adapter keys differ: unexpected {extra}, missing {missing}")

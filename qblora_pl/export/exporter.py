@@ -165,9 +165,13 @@ def export_from_checkpoint(
     ckpt_path: str | Path,
     output_dir: str | Path = "exports",
     formats: Sequence[str] = EXPORT_FORMATS,
+    model_name_or_path: str | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Load an adapter checkpoint into ``module`` (or a module rebuilt from it) and export.
+
+    ``model_name_or_path`` replaces the base model location the checkpoint recorded (the same
+    base elsewhere: its config sizes are checked against the checkpoint's).
 
     ``module`` is a :class:`~qblora_pl.module.QuantizedCausalLM` configured like the training
     run, or None to rebuild it from the checkpoint's recorded model path, quantization backend,
@@ -175,11 +179,21 @@ def export_from_checkpoint(
     module (a mismatch raises ``AdapterCheckpointMismatch``). ``kwargs`` go to
     :func:`export_module` / :func:`export_merged`.
     """
-    from qblora_pl.module import AdapterCheckpointMismatch, check_adapter_spec
+    from qblora_pl.checkpoints import (
+        AdapterCheckpointMismatch,
+        NonFiniteAdapterError,
+        check_adapter_spec,
+        non_finite_entries,
+        read_checkpoint,
+    )
 
-    checkpoint = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(ckpt_path)
+    bad = non_finite_entries(checkpoint["state_dict"])
+    if bad:
+        raise NonFiniteAdapterError(f"{ckpt_path}: the adapters hold non-finite values ({', '.join(bad)}); "
+                                    "refusing to export them. Use a checkpoint written before the run diverged")
     if module is None:
-        module = module_from_checkpoint(checkpoint)
+        module = module_from_checkpoint(checkpoint, model_name_or_path)
     module.configure_model()
     if "adapter_spec" not in checkpoint:
         raise AdapterCheckpointMismatch(f"{ckpt_path} has no adapter_spec: it was not written by qblora_pl")
@@ -192,8 +206,12 @@ def export_from_checkpoint(
     return export_module(module, output_dir, formats=formats, **kwargs)
 
 
-def module_from_checkpoint(checkpoint: dict[str, Any]):
-    """Rebuild the :class:`~qblora_pl.module.QuantizedCausalLM` an adapter checkpoint came from."""
+def module_from_checkpoint(checkpoint: dict[str, Any], model_name_or_path: str | None = None):
+    """Rebuild the :class:`~qblora_pl.module.QuantizedCausalLM` an adapter checkpoint came from.
+
+    The recorded base (``embedded:tiny-llama`` or a path / hub name) is used unless
+    ``model_name_or_path`` names another location of it.
+    """
     from qblora_pl.module import QuantizedCausalLM
     from qblora_pl.quantization import backends
 
@@ -208,7 +226,7 @@ def module_from_checkpoint(checkpoint: dict[str, Any]):
         raise ValueError(f"refusing to import adapter strategy {spec['strategy']!r} from outside qblora_pl")
     strategy_cls = getattr(importlib.import_module(strategy_module), strategy_name)
     return QuantizedCausalLM(
-        model_name_or_path=spec["model_name_or_path"],
+        model_name_or_path=model_name_or_path or spec["model_name_or_path"],
         quantization=backend_cls(**_accepted(backend_cls, quant)),
         adapter=strategy_cls(**_accepted(strategy_cls, spec["strategy_hparams"])),
         target_modules=hparams.get("target_modules", sorted({n.rsplit(".", 1)[-1] for n in spec["layers"]})),

@@ -1,0 +1,43 @@
+"""Test callbacks that inject faults into a real `main.py fit` run: signals, diverged adapters."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning.pytorch as pl
+
+
+class SignalAtStep(pl.Callback):
+    """Send ``signal_name`` (``SIGINT``, ``SIGKILL``) to this process when global step ``step`` starts.
+
+    The signal arrives during the step (in ``on_train_batch_start``, before the forward), as a
+    Ctrl-C or a ``kill -9`` from outside would: the step's work is then still to be done.
+    """
+
+    def __init__(self, step: int, signal_name: str = "SIGINT") -> None:
+        self.step = step
+        self.signal_name = signal_name
+        self.sent = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.sent and trainer.global_step == self.step:
+            self.sent = True
+            print(f"signal_at_step: sending {self.signal_name} at global step {trainer.global_step}", flush=True)
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+class PoisonAdapters(pl.Callback):
+    """Fill every adapter with NaN after the optimizer step of global step ``step`` (a diverged update)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            import torch
+
+            with torch.no_grad():
+                for param in pl_module.parameters():
+                    if param.requires_grad:
+                        param.fill_(float("nan"))

@@ -129,7 +129,7 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_model_dir, tiny_data_di
 
 def test_missing_model_directory_is_named(tmp_path):
     module = QuantizedCausalLM(str(tmp_path / "no-such-model"))
-    with pytest.raises(FileNotFoundError, match="no-such-model.*config.json"):
+    with pytest.raises(FileNotFoundError, match="no-such-model.*does not exist"):
         module.configure_model()
 
 

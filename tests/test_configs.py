@@ -28,13 +28,13 @@ def _cli(args):
 def test_every_config_is_covered():
     shipped = {p.stem for p in CONFIG_DIR.glob("*.yaml")}
     assert set(METHOD_CONFIGS) <= shipped
-    assert shipped - set(METHOD_CONFIGS) <= {"fsdp"}, "a new config needs a parse test"
+    assert shipped - set(METHOD_CONFIGS) <= {"fsdp", "smollm2", "eval_real"}, "a new config needs a parse test"
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 def test_config_starts_with_its_command(name):
     first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0]
-    assert first.startswith("# python main.py fit --config configs/"), first
+    assert first.startswith(("# python main.py fit --config configs/", "# python main.py test --config configs/")), first
 
 
 @pytest.mark.parametrize("name", sorted(METHOD_CONFIGS))
@@ -99,3 +99,25 @@ def test_test_subcommand_restores_the_checkpoints_strategy(tiny_model_dir, tiny_
         )
     assert isinstance(cli.model.adapter, QABLoRA) and cli.model.adapter.budget_rank == 2
     assert "test/loss" in cli.trainer.callback_metrics
+
+
+def test_real_model_overlay_composes_with_every_method(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in METHOD_CONFIGS:
+        cli = _cli(["--config", str(CONFIG_DIR / f"{name}.yaml"), "--config", str(CONFIG_DIR / "smollm2.yaml")])
+        assert cli.datamodule.hparams.prompt_template == "chat" and cli.datamodule.drop_empty
+        assert cli.trainer.max_steps == 200 and cli.trainer.gradient_clip_val == 0.3
+
+
+def test_real_benchmark_overlay_names_arc_and_mmlu(tmp_path, monkeypatch):
+    from callbacks.evaluation import EvaluationSuite
+    from qblora_pl.evaluation import MMLU, ZeroShotMultipleChoice
+
+    monkeypatch.chdir(tmp_path)
+    cli = _cli(["--config", str(CONFIG_DIR / "qlora.yaml"), "--config", str(CONFIG_DIR / "smollm2.yaml"),
+                "--config", str(CONFIG_DIR / "eval_real.yaml")])
+    suites = [c for c in cli.trainer.callbacks if isinstance(c, EvaluationSuite)]
+    assert len(suites) == 1
+    arc, mmlu = suites[0].tasks
+    assert isinstance(arc, ZeroShotMultipleChoice) and arc.data_path.endswith("ARC-Easy-Test.jsonl") and arc.limit is None
+    assert isinstance(mmlu, MMLU) and mmlu.k_shot == 5 and mmlu.limit_per_subject == 10

@@ -5,8 +5,10 @@ On top of Lightning's CLI:
 * ``--ckpt_path`` never overrides the config silently. Lightning re-parses a checkpoint's
   hyper-parameters over the configuration; here they are *compared* with it instead
   (:meth:`QBLoRACLI._parse_ckpt_path`). The method, base, adapter shape and target modules come
-  from the checkpoint only where the config leaves them at their defaults (``main.py test
-  --ckpt_path X`` without a config); set to something else they stop the run with both values.
+  from the checkpoint where the config leaves them at their defaults (``main.py test
+  --ckpt_path X`` without a config); set to something else they stop a ``fit`` with both
+  values, and in ``test`` / ``validate`` / ``predict`` the checkpoint's replace them with a warning
+  naming both (the checkpoint is evaluated as it was trained).
   The learning rate, warm-up, weight decay, data and trainer settings are the config's, and
   each one that differs from the checkpoint's is logged.
 * ``--ckpt_path last`` is the newest ``last*.ckpt`` of this config's earlier runs
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from qblora_pl.checkpoints import CHANGEABLE_ADAPTER_ARGS, UnreadableCheckpoint, read_checkpoint
 from qblora_pl.data.instruction import InstructionDataModule
@@ -104,6 +106,12 @@ class QBLoRACLI(LightningCLI):
                     # model): allowed; the base's sizes are checked against the checkpoint on load.
                     rank_zero_info(f"--ckpt_path {ckpt_path}: base model {now!r} instead of the recorded "
                                    f"{recorded!r} (it must be the same base; its sizes are checked on load)")
+                    continue
+                if subcommand != "fit":
+                    # test / validate / predict evaluate the checkpoint as trained: its setting wins, loudly.
+                    rank_zero_warn(f"--ckpt_path {ckpt_path} was trained with model.{key}={_show(recorded)}; the "
+                                   f"config / command line's model.{key}={_show(now)} is replaced by it")
+                    from_checkpoint[key] = recorded
                     continue
                 raise ResumeConfigError(
                     f"--ckpt_path {ckpt_path} was trained with model.{key}={_show(recorded)}, but the config / command "

@@ -105,6 +105,7 @@ class QuantizedCausalLM(pl.LightningModule):
         self._step_started_at: float | None = None
         self._uniform_loss_steps = 0  # consecutive steps with the loss at ln(vocab_size)
         self._farthest_from_uniform = 0.0  # largest |loss - ln V| / ln V seen so far (checkpointed)
+        self._batch_seed_base: int | None = None  # see _run_seed (checkpointed)
         self._diverged: str | None = None  # why the adapters must not be checkpointed any more
 
     # ------------------------------------------------------------------ model
@@ -187,7 +188,13 @@ class QuantizedCausalLM(pl.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started_at = time.perf_counter()
-        torch.manual_seed(_batch_seed(self.current_epoch, batch_idx, self.global_rank))
+        torch.manual_seed(_batch_seed(self._run_seed(), self.current_epoch, batch_idx, self.global_rank))
+
+    def _run_seed(self) -> int:
+        """The seed the per-batch dropout seeds derive from: the checkpoint's on resume, else the run's."""
+        if self._batch_seed_base is None:
+            self._batch_seed_base = int(os.environ.get("PL_GLOBAL_SEED", "0") or 0)
+        return self._batch_seed_base
 
     def on_test_start(self) -> None:
         bad = non_finite_entries({n: p for n, p in self.named_parameters()})
@@ -374,6 +381,7 @@ class QuantizedCausalLM(pl.LightningModule):
             checkpoint["hyper_parameters"]["model_name_or_path"] = portable_model_reference(self.model_name_or_path)
         checkpoint["world_size"] = self.trainer.world_size if self._trainer is not None else 1  # informative
         checkpoint["farthest_from_uniform_loss"] = self._farthest_from_uniform
+        checkpoint["batch_seed_base"] = self._run_seed()
         # Dropout draws are re-seeded per batch (on_train_batch_start), so these only matter to
         # user code drawing from the global generators between batches.
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": _python_rng_state()}
@@ -403,6 +411,8 @@ class QuantizedCausalLM(pl.LightningModule):
             torch.cuda.set_rng_state_all(rng["cuda"])
         if "python" in rng:
             _set_python_rng_state(rng["python"])
+        if "batch_seed_base" in checkpoint:  # the resumed run draws the dropout masks the original would have
+            self._batch_seed_base = int(checkpoint["batch_seed_base"])
 
     def _apply_changed_optimisation(self, checkpoint: dict[str, Any]) -> None:
         """Make a learning rate / weight decay changed on resume take effect, and say so.
@@ -442,14 +452,13 @@ class QuantizedCausalLM(pl.LightningModule):
                            "the restored optimizer and scheduler use the new value")
 
 
-def _batch_seed(epoch: int, batch_idx: int, rank: int) -> int:
+def _batch_seed(base: int, epoch: int, batch_idx: int, rank: int) -> int:
     """The torch seed for one training batch: a function of the run seed, epoch, batch and rank.
 
     Re-seeding before every batch makes the dropout masks of batch ``i`` independent of what else
     drew random numbers before it (dataloader iterators, sanity validation, a restart), so a run
     resumed from any checkpoint draws exactly what the uninterrupted run drew.
     """
-    base = int(os.environ.get("PL_GLOBAL_SEED", "0") or 0)
     return (((base * 1_000_003 + epoch) * 1_000_003 + batch_idx) * 1_009 + rank) % (2**63 - 1)
 
 

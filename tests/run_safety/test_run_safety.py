@@ -112,6 +112,11 @@ def test_resume_refuses_another_method_base_or_shape(trained, tiny_model_dir, ti
         assert "main.py: error: --ckpt_path" in done.stderr and "cannot change" in done.stderr
         assert re.search(expected, done.stderr), done.stderr[-1500:]
     assert not (cwd / "runs/t/version_1").exists()  # refused before a run directory was made
+    # `test` evaluates the checkpoint as trained: its adapter replaces the config's, with a warning
+    done = main_py(cwd, "test", "--ckpt_path", last, "--model.adapter.init_args.budget_rank", "2",
+                   "--trainer.logger", "false", config=config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"trained with model.adapter=QABLoRA\(.*budget_rank=4.*budget_rank=2.*is replaced by it", done.stderr)
 
 
 def test_resume_applies_and_logs_a_new_learning_rate(trained, tiny_model_dir, tiny_data_dir, tmp_path):
@@ -326,3 +331,17 @@ def test_divergence_on_the_embedded_model_stops_the_run(tmp_path):
     assert re.search(r"TrainingDiverged: training diverged: train loss 8\.317\d = ln\(vocab_size=4096\)", done.stderr)
     assert not list(tmp_path.glob("runs/qablora/version_*/checkpoints/*.ckpt"))
     assert not (tmp_path / "exports").exists()
+
+
+def test_export_names_a_hub_base_that_cannot_be_reached_offline(trained, tmp_path):
+    ckpt = trained / "runs/t/version_0/checkpoints/last.ckpt"
+    env_offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, str(REPO / "main.py"), "export", "--ckpt_path", str(ckpt), "--model_name_or_path",
+               "no-such-org/no-such-model", "--formats", "native", "--no_verify", "--output_dir", str(tmp_path / "e")]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, **env_offline, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2
+    assert "hub model 'no-such-org/no-such-model'" in done.stderr and "network" in done.stderr
+    done = main_py(tmp_path, "export", "--ckpt_path", str(ckpt), "--model_name_or_path", str(tmp_path / "gone"),
+                   "--formats", "native", "--no_verify", "--output_dir", str(tmp_path / "e"))
+    assert done.returncode == 2 and f"model path '{tmp_path / 'gone'}' does not exist" in done.stderr

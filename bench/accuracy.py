@@ -27,12 +27,97 @@ Every finished run is appended to ``--out`` immediately (JSON), and runs already
 skipped, so an interrupted sweep resumes where it stopped. ``--report-only`` prints the
 table and plot from the JSON without training. Each method's learning rate is fixed up
 front (``--lr`` for the LoRA family, ``--qa-lr`` for QA-*: their mean pooling over a
-g-wide group shrinks the update by 1/g, see README), never chosen on the test split.
+g-wide group shrinks the update by 1/g, see README; ``--method-lr`` per method), never
+chosen on the test split: ``--eval-split val`` runs and ``--lr-report`` choose it on val.
+
+Real models and benchmarks (issue 13)
+-------------------------------------
+
+* ``--prompt-template chat``: the tokenizer's chat template, loss on the assistant turn only
+  (``InstructionDataModule``; ``alpaca`` is the default and what the embedded results used).
+* ``--arc FILE [--arc-limit N]``: zero-shot multiple choice (lm-evaluation-harness's
+  ``arc_easy`` protocol), stored as ``arc_acc`` / ``arc_acc_norm`` next to the loss of every
+  deployed model (``row["low_bit"]``) and of the trained model (``row["trained"]``, as
+  ``--bench-trained`` says: ``nf4`` scores only QLoRA / Q-BLoRA's NF4 + adapter, since QA-*'s
+  trained model *is* its deployed model); ``--mmlu-dir DIR [--mmlu-k-shot 5]
+  [--mmlu-limit-per-subject N]``: ``mmlu_acc`` (answer-letter logits). Limits take the first N
+  questions in file order, the ones ``lm-eval --limit N`` scores. Nothing is scored unless asked.
+* ``--reference``: once per results file, the unmodified model (no training, no seed): dense
+  float32 (``reference|dense``, its scores in ``trained``) and RTN-quantized to every INT-b g
+  this invocation deploys (``reference|int3_g32``, in ``low_bit``; exactly QA-*'s starting base).
+* Time: every row records its run's ``train_seconds``, ``eval_seconds`` (all scoring of the
+  run) and process ``cpu_seconds``; the report prints the totals (rows of one run counted once).
+* A later invocation with other ``--bits`` / ``--group-sizes`` adds the missing RTN rows to a
+  stored QLoRA / Q-BLoRA run by retraining it with the same seed (bit-identical on CPU: the stored
+  trained scores are reused; otherwise the new rows say ``retrained: true``).
+
+The issue-13 grid: SmolLM2-135M-Instruct, chat-formatted Alpaca, ARC-Easy, MMLU 5-shot. Run
+from the repository root; ``../shared/data`` is this project's data (alpaca_5000.json,
+arc/ARC-Easy-Test.jsonl, mmlu/{dev,test}/*.csv)::
+
+    MODEL=$(python scripts/fetch_smollm2.py --quiet)   # ~/.cache/qblora_pl/models/SmolLM2-135M-Instruct.Q4_1.gguf
+    D=../shared/data
+    COMMON="--model $MODEL --data $D/alpaca_5000.json --prompt-template chat --max-source-length 128
+            --max-target-length 128 --batch-size 4 --eval-batch-size 8 --steps 300 --warmup 10 --no-exact-match"
+    BENCH="--arc $D/arc/ARC-Easy-Test.jsonl --arc-limit 1000 --mmlu-dir $D/mmlu --mmlu-k-shot 5
+           --mmlu-limit-per-subject 10"
+
+    # 0. learning rates, on the validation split only (1 seed, INT3 g32; no benchmarks), then fixed:
+    for pair in "3e-4 3e-3" "1e-3 1e-2" "3e-3 3e-2"; do set -- $pair
+      python bench/accuracy.py $COMMON --eval-split val --seeds 0 --bits 3 --group-sizes 32 \
+          --lr $1 --qa-lr $2 --tag smollm2_val_lr$1
+    done
+    python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_lr*.json
+    # prints "for the test runs: --method-lr qlora=... qblora=... qalora=... qablora=..."; if a
+    # method's best LR is at an end of the grid, add the next factor-3 step for it first.
+    LRS="--method-lr qlora=... qblora=... qalora=... qablora=..."   # paste the printed values
+
+    # 1. all four methods at INT3 and INT2 g32, 3 seeds, plus the unmodified references:
+    python bench/accuracy.py $COMMON $BENCH $LRS --tag smollm2 --seeds 0 1 2 --bits 3 2 --group-sizes 32 \
+        --reference --bench-trained nf4
+    # 2. INT4 g32 / g64 (QLoRA / Q-BLoRA runs are retrained per seed to add their INT4 RTN rows):
+    python bench/accuracy.py $COMMON $BENCH $LRS --tag smollm2 --seeds 0 1 2 --bits 4 --group-sizes 32 64 \
+        --reference --bench-trained none
+    # 3. QAT variants of QLoRA / Q-BLoRA at INT3 / INT2 g32 (QATSchedule start 20, ramp 30):
+    python bench/accuracy.py $COMMON $BENCH $LRS --tag smollm2 --seeds 0 1 2 --methods qlora qblora \
+        --qat-only --qat-bits 3 2 --group-sizes 32 --bench-trained none
+    # 4. budget rank 32 (its own file; same fixed LRs; the references are rank-free, in step 1's file):
+    python bench/accuracy.py $COMMON $BENCH $LRS --tag smollm2_r32 --rank 32 --seeds 0 1 2 --bits 3 2 \
+        --group-sizes 32 --bench-trained none
+
+    # report (tables for loss, arc_acc, arc_acc_norm, mmlu_acc; PNGs; CPU time):
+    python bench/accuracy.py $COMMON $BENCH $LRS --tag smollm2 --report-only --markdown
+    python bench/accuracy.py $COMMON $BENCH $LRS --tag smollm2_r32 --rank 32 --report-only --markdown
+
+Why these numbers (timed here, 1 thread, 2 cores shared by other jobs at load 4-5):
+
+* ``--steps 300`` at batch 4 x <= 256 tokens: 1,200 chat examples, about a quarter of the 4,498
+  training records (one pass, no repeats), and the configs' 300 steps; ~2-8 s a step, so
+  10-40 min a run (~25 min typical). Scoring one model costs more than that (below), so more
+  steps would not change the grid's cost much, fewer would leave QAT (start 20, ramp 30) and
+  the INT2 recoveries short.
+* ARC-Easy: 0.65-0.76 s a question (dense, INT3): the full 2,376 would be ~28 min per model,
+  the **first 1,000 ~12 min**. MMLU 5-shot, 10 per subject (570 questions, 358k prompt tokens,
+  the 5 shots make a prompt ~630 tokens on average): ~135 tokens/s, **~45 min per model**
+  (the largest cost: its 5-shot prefix is recomputed for each question). Held-out loss
+  (250 test records): ~6 min per model.
+* So one benchmarked model is ~65 min; a QA-LoRA / QA-BLoRA run ~1.6 h (train, trained loss,
+  deployed model); a QLoRA / Q-BLoRA run at INT3 + INT2 ~3.8 h (NF4 model benchmarked too with
+  ``--bench-trained nf4``; 2.8 h with ``none``); a reference ~65 min. Step 0 ~8 h; step 1 ~45 h
+  (3 references + 3 seeds x 14 h); step 2 ~38 h; step 3 ~19 h; step 4 ~36 h. On an unshared
+  machine with 2 threads expect roughly half. ``cpu_seconds`` / ``eval_seconds`` in the JSON
+  give the real figures as the grid runs.
+* The GGUF file is Q4_1 (asymmetric INT4, blocks of 32): its 210 quantized linear layers are
+  already on the INT4 g32 grid (checked: ``GroupwiseInt(4, 32)`` reproduces every weight
+  exactly), so ``reference|int4_g32`` is ``reference|dense`` up to float rounding, and "dense"
+  means those dequantized weights, not the original bf16 model. INT4 g32 therefore shows
+  adaptation without quantization damage; INT3 / INT2 and g64 do quantize.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -48,11 +133,37 @@ sys.path.insert(0, str(ROOT))
 METHODS = ("qlora", "qblora", "qalora", "qablora")
 DENSE_MERGE = ("qlora", "qblora")  # trained on NF4, deployed by re-quantizing the merged weight
 LABEL = {"qlora": "QLoRA", "qblora": "Q-BLoRA", "qalora": "QA-LoRA", "qablora": "QA-BLoRA"}
+REFERENCE = "reference"  # the unmodified model (dense) and its RTN quantizations: no training, no seed
+BENCH_METRICS = ("arc_acc", "arc_acc_norm", "mmlu_acc")
+# Options added after results were stored: left out of a file's settings while at these values,
+# so the files made before them (bench/results/) still match and resume.
+NEW_OPTION_DEFAULTS = {"prompt_template": "alpaca", "arc": None, "arc_limit": None, "mmlu_dir": None,
+                       "mmlu_limit_per_subject": None, "mmlu_k_shot": 5, "method_lr": None}
 
 
-def run_key(method: str, seed: int, bits: int | None, group_size: int | None, qat: bool = False) -> str:
+def run_key(method: str, seed: int | None, bits: int | None, group_size: int | None, qat: bool = False) -> str:
+    if method == REFERENCE:
+        return f"{REFERENCE}|{'dense' if bits is None else f'int{bits}_g{group_size}'}"
     base = "nf4" if bits is None else f"int{bits}_g{group_size}"
     return f"{method}{'+qat' if qat else ''}|{base}|seed{seed}"
+
+
+def config_of(key: str) -> str:
+    """A run key without its seed: one row of the tables (reference rows have no seed)."""
+    return key if key.startswith(REFERENCE + "|") else key.rsplit("|", 1)[0]
+
+
+def run_of(key: str, row: dict) -> str:
+    """The key of the training run (or reference evaluation) a row came from; several rows share one.
+
+    Rows record it as ``run``; older rows did not: a ``+ptq`` row comes from its method's NF4 run.
+    """
+    if "run" in row:
+        return row["run"]
+    method = key.split("|")[0]
+    if method.endswith("+ptq"):  # the row's own "method" is the trained one
+        return run_key(method.split("+")[0], row["seed"], None, None)
+    return key
 
 
 def build(method: str, rank: int, bits: int | None, group_size: int | None):
@@ -70,6 +181,57 @@ def build(method: str, rank: int, bits: int | None, group_size: int | None):
     if method == "qablora":
         return base, QABLoRA(budget_rank=rank, dropout=0.0)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def benchmark_tasks(args) -> list:
+    """The benchmarks asked for (``--arc``, ``--mmlu-dir``), built once per process."""
+    return list(_benchmark_tasks(args.arc, args.arc_limit, args.mmlu_dir, args.mmlu_k_shot, args.mmlu_limit_per_subject))
+
+
+@functools.lru_cache(maxsize=4)
+def _benchmark_tasks(arc, arc_limit, mmlu_dir, mmlu_k_shot, mmlu_limit_per_subject) -> tuple:
+    from qblora_pl.evaluation import MMLU, ZeroShotMultipleChoice
+
+    tasks = []
+    if arc is not None:  # record_format auto: the official ARC JSONL is "arc"; the embedded set is "generic"
+        tasks.append(ZeroShotMultipleChoice(data_path=arc, name="arc", limit=arc_limit))
+    if mmlu_dir is not None:
+        tasks.append(MMLU(data_path=mmlu_dir, name="mmlu", k_shot=mmlu_k_shot, limit_per_subject=mmlu_limit_per_subject))
+    return tuple(tasks)
+
+
+def benchmark_scores(model, tokenizer, tasks, batch_size: int, progress: bool = False) -> dict[str, float]:
+    """``{arc_acc, arc_acc_norm, arc_n, mmlu_acc, mmlu_acc_subject_mean, mmlu_n}`` (those asked for)."""
+    from qblora_pl.evaluation import run_tasks
+
+    was_training = model.training
+    results = run_tasks(model, tokenizer, tasks, batch_size=batch_size, progress=progress)
+    model.train(was_training)
+    scores: dict[str, float] = {}
+    for name, result in results.items():
+        for metric in ("acc", "acc_norm", "acc_subject_mean"):
+            if metric in result["metrics"]:
+                scores[f"{name}_{metric}"] = result["metrics"][metric]
+        scores[f"{name}_n"] = result["examples"]
+    return scores
+
+
+class Evaluator:
+    """Scores models on the held-out batches and the requested benchmarks; adds up its own time."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]], tokenizer=None, tasks=(), batch_size: int = 16,
+                 progress: bool = False) -> None:
+        self.batches, self.tokenizer, self.tasks = batches, tokenizer, list(tasks)
+        self.batch_size, self.progress = batch_size, progress
+        self.seconds = 0.0
+
+    def __call__(self, model, benchmarks: bool = True) -> dict[str, float]:
+        started = time.perf_counter()
+        result = score(model, self.batches)
+        if benchmarks and self.tasks:
+            result.update(benchmark_scores(model, self.tokenizer, self.tasks, self.batch_size, self.progress))
+        self.seconds += time.perf_counter() - started
+        return result
 
 
 @torch.no_grad()
@@ -91,25 +253,48 @@ def score(model, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     return {"loss": total_loss / max(tokens, 1), "exact_match": exact / max(records, 1), "records": records}
 
 
-def train_one(args, method: str, seed: int, bits: int | None, group_size: int | None,
-              qat_bits: int | None = None, qat_group_size: int | None = None):
-    """Fine-tune one method with one seed; returns (module, datamodule, seconds)."""
-    import lightning.pytorch as pl
+def learning_rate(settings: dict, method: str) -> float:
+    """A method's LR: ``--method-lr METHOD=LR`` if given, else ``--lr`` (LoRA family) or ``--qa-lr`` (QA-*).
 
+    QAT and ``+ptq`` rows train with their method's LR. ``settings``: the options (or a results
+    file's settings, where ``method_lr`` is absent when it was not given).
+    """
+    family = method.split("+")[0]
+    default = settings["lr"] if family in DENSE_MERGE else settings["qa_lr"]
+    return (settings.get("method_lr") or {}).get(family, default)
+
+
+def make_data(args, seed: int):
     from qblora_pl.data.instruction import InstructionDataModule
-    from qblora_pl.module import QuantizedCausalLM
 
-    pl.seed_everything(seed, verbose=False)
-    quantization, adapter = build(method, args.rank, bits, group_size)
-    lr = args.lr if method in DENSE_MERGE else args.qa_lr
-    module = QuantizedCausalLM(args.model, quantization=quantization, adapter=adapter, learning_rate=lr, warmup_steps=args.warmup)
-    data = InstructionDataModule(
+    return InstructionDataModule(
         args.data, tokenizer_name_or_path=args.model, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        prompt_template=args.prompt_template,
         max_source_length=args.max_source_length, max_target_length=args.max_target_length,
         split_seed=0, shuffle_seed=seed,  # a fixed split; the seed sets the init and the data order
         val_fraction=args.holdout_fraction, test_fraction=args.holdout_fraction,
         drop_empty=True,  # Alpaca has records with an empty output; dropped after the split, so it is unchanged
     )
+
+
+def make_evaluator(args, data, device) -> Evaluator:
+    """The held-out batches (``--eval-split``, ``--test-batches``) and benchmarks every model of a run is scored on."""
+    batches = eval_batches(data, device, args.test_batches, args.eval_split)
+    return Evaluator(batches, data.tokenizer, benchmark_tasks(args), args.eval_batch_size, args.progress)
+
+
+def train_one(args, method: str, seed: int, bits: int | None, group_size: int | None,
+              qat_bits: int | None = None, qat_group_size: int | None = None):
+    """Fine-tune one method with one seed; returns (module, datamodule, seconds)."""
+    import lightning.pytorch as pl
+
+    from qblora_pl.module import QuantizedCausalLM
+
+    pl.seed_everything(seed, verbose=False)
+    quantization, adapter = build(method, args.rank, bits, group_size)
+    lr = learning_rate(vars(args), method)
+    module = QuantizedCausalLM(args.model, quantization=quantization, adapter=adapter, learning_rate=lr, warmup_steps=args.warmup)
+    data = make_data(args, seed)
     callbacks = []
     if qat_bits is not None:
         from callbacks.qat_schedule import QATSchedule
@@ -137,52 +322,131 @@ def eval_batches(data, device, limit: int | None, split: str = "test") -> list[d
     return batches
 
 
-def run_method(args, method: str, seed: int, bits: int | None, group_size: int | None, qat: bool = False) -> dict[str, dict]:
+def missing_formats(args, method: str, seed: int, results: dict[str, dict]) -> list[tuple[int, int]]:
+    """The ``--bits`` x ``--group-sizes`` re-quantizations of a QLoRA / Q-BLoRA run not yet in ``results``."""
+    return [(b, g) for b in args.bits for g in args.group_sizes if run_key(method + "+ptq", seed, b, g) not in results]
+
+
+def is_done(args, run: tuple, results: dict[str, dict]) -> bool:
+    """A run is done when its row is stored; a QLoRA / Q-BLoRA run also needs every requested re-quantization."""
+    method, seed, bits, g, qat = run
+    if run_key(*run) not in results:
+        return False
+    return method not in DENSE_MERGE or qat or not missing_formats(args, method, seed, results)
+
+
+def run_method(args, method: str, seed: int, bits: int | None, group_size: int | None, qat: bool = False,
+               stored: dict[str, dict] | None = None) -> dict[str, dict]:
     """Train once and return every row this run yields (QA-*: one; QLoRA/Q-BLoRA: trained + PTQ).
 
     ``qat``: train QLoRA / Q-BLoRA with the QATSchedule callback fake-quantizing the merged
     weight to INT-``bits`` group ``group_size``, then re-quantize to exactly that grid.
+
+    Every row records ``train_seconds`` and ``eval_seconds`` of the whole run (rows of one run
+    share them; ``run`` names the run; ``main`` adds the run's process ``cpu_seconds``) and the
+    benchmarks asked for next to the loss: the deployed low-bit model always, the trained model
+    as ``--bench-trained`` says.
+
+    ``stored``: rows already made. A QLoRA / Q-BLoRA run whose NF4 row is stored is being
+    re-run for re-quantizations a later invocation asks for (``--bits`` / ``--group-sizes``):
+    it retrains with the same seed, returns only the missing ``+ptq`` rows, and does not score
+    the trained model's benchmarks again. Where the retrained model's held-out loss equals the
+    stored one (the same model: training is deterministic on CPU), the new rows reuse the
+    stored trained scores; otherwise they keep their own and say ``retrained: true``.
     """
     from qblora_pl.merging import merge_adapters, requantize_merged, unmerge_adapters
 
+    stored = stored or {}
+    bench_trained = args.bench_trained == "all" or (args.bench_trained == "nf4" and method in DENSE_MERGE)
+    key = run_key(method, seed, bits, group_size, qat=qat)
     if qat:
         module, data, seconds = train_one(args, method, seed, None, None, qat_bits=bits, qat_group_size=group_size)
-        model, batches = module.model, eval_batches(data, module.device, args.test_batches, args.eval_split)
-        trained = score(model, batches)
+        model, evaluate = module.model, make_evaluator(args, data, module.device)
+        trained = evaluate(model, benchmarks=bench_trained)
         merge_adapters(model)
         requantize_merged(model, bits=bits, group_size=group_size)
         row = {"method": method + "+qat", "seed": seed, "base": "nf4", "bits": bits, "group_size": group_size,
                "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
                "train_seconds": seconds, "qat_start": args.qat_start, "qat_ramp": args.qat_ramp,
-               "trained": trained, "low_bit": score(model, batches)}
+               "trained": trained, "low_bit": evaluate(model)}
         unmerge_adapters(model)
-        return {run_key(method, seed, bits, group_size, qat=True): row}
-    module, data, seconds = train_one(args, method, seed, bits, group_size)
-    model, batches = module.model, eval_batches(data, module.device, args.test_batches, args.eval_split)
-    params = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    trained = score(model, batches)
-    how = merge_adapters(model)
-    merged = score(model, batches)
-    common = {"method": method, "seed": seed, "trainable_params": params, "train_seconds": seconds}
-    rows = {}
-    if method in DENSE_MERGE:
-        rows[run_key(method, seed, None, None)] = {**common, "base": "nf4", "trained": trained, "merged": merged, "low_bit": None}
-        for ptq_bits in args.bits:
-            for g in args.group_sizes:
+        rows = {key: row}
+    else:
+        module, data, seconds = train_one(args, method, seed, bits, group_size)
+        model, evaluate = module.model, make_evaluator(args, data, module.device)
+        params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        previous = stored.get(key) if method in DENSE_MERGE else None
+        trained = evaluate(model, benchmarks=bench_trained and previous is None)
+        how = merge_adapters(model)
+        common = {"method": method, "seed": seed, "trainable_params": params, "train_seconds": seconds}
+        rows = {}
+        if method in DENSE_MERGE:
+            formats = missing_formats(args, method, seed, stored) if previous else \
+                [(b, g) for b in args.bits for g in args.group_sizes]
+            if previous is None:
+                merged = evaluate(model, benchmarks=False)  # dense + adapter: the trained model up to rounding
+                rows[key] = {**common, "base": "nf4", "trained": trained, "merged": merged, "low_bit": None}
+            elif math.isclose(trained["loss"], previous["trained"]["loss"], rel_tol=1e-6, abs_tol=0.0):
+                trained = previous["trained"]
+            else:
+                print(f"warning: {key} retrained for {formats} is not the stored model (held-out loss "
+                      f"{trained['loss']:.6f} vs {previous['trained']['loss']:.6f}); its rows say retrained: true")
+                common["retrained"] = True
+            for ptq_bits, g in formats:
                 unmerge_adapters(model)
                 merge_adapters(model)
                 requantize_merged(model, bits=ptq_bits, group_size=g)
                 rows[run_key(method + "+ptq", seed, ptq_bits, g)] = {
-                    **common, "base": "nf4", "bits": ptq_bits, "group_size": g, "trained": trained, "low_bit": score(model, batches),
+                    **common, "base": "nf4", "bits": ptq_bits, "group_size": g, "trained": trained,
+                    "low_bit": evaluate(model),
                 }
-    else:
-        assert set(how.values()) == {"offsets"}, how
-        rows[run_key(method, seed, bits, group_size)] = {
-            **common, "base": f"int{bits}_g{group_size}", "bits": bits, "group_size": group_size,
-            "trained": trained, "low_bit": merged,
-        }
-    unmerge_adapters(model)
+            if previous is not None:
+                key += " again for " + ", ".join(f"int{b}_g{g}" for b, g in formats)  # its own time in the totals
+        else:
+            assert set(how.values()) == {"offsets"}, how
+            rows[key] = {
+                **common, "base": f"int{bits}_g{group_size}", "bits": bits, "group_size": group_size,
+                "trained": trained, "low_bit": evaluate(model),
+            }
+        unmerge_adapters(model)
+    for row in rows.values():
+        row.update(eval_seconds=evaluate.seconds, run=key)
     return rows
+
+
+def run_reference(args, bits: int | None, group_size: int | None) -> dict[str, dict]:
+    """The unmodified model, dense float32 (``bits`` None) or RTN-quantized to INT-``bits`` g, scored untrained.
+
+    Scored on the same held-out batches and benchmarks as the trained runs. The INT-b model is
+    exactly the base QA-LoRA / QA-BLoRA start from (``GroupwiseInt`` rounds the float32 weights).
+    Dense: ``trained`` holds its scores (it is not a low-bit model); INT-b: ``low_bit``.
+    """
+    from qblora_pl.quantization import GroupwiseInt, NoQuantization
+
+    started = time.perf_counter()
+    if bits is None:
+        quantization = NoQuantization(compute_dtype="float32")
+    else:
+        quantization = GroupwiseInt(bits=bits, group_size=group_size)
+    model = quantization.load(args.model).eval()
+    load_seconds = time.perf_counter() - started
+    evaluate = make_evaluator(args, make_data(args, seed=0), next(model.parameters()).device)
+    scores = evaluate(model)
+    key = run_key(REFERENCE, None, bits, group_size)
+    base = key.split("|")[1]
+    return {key: {"method": REFERENCE, "seed": None, "base": base, "bits": bits, "group_size": group_size,
+                  "trainable_params": 0, "train_seconds": 0.0, "load_seconds": load_seconds,
+                  "eval_seconds": evaluate.seconds, "run": key,
+                  "trained": scores if bits is None else None, "low_bit": None if bits is None else scores}}
+
+
+def reference_runs(args) -> list[tuple[str, None, int | None, int | None, bool]]:
+    """``--reference``: the dense model and its RTN quantization to every deployed INT-b g of this invocation."""
+    if not args.reference:
+        return []
+    bits = set(args.qat_bits) if args.qat_only else set(args.bits) | set(args.qat_bits)
+    return [(REFERENCE, None, None, None, False)] + [
+        (REFERENCE, None, b, g, False) for b in sorted(bits, reverse=True) for g in args.group_sizes]
 
 
 def planned_runs(args) -> list[tuple[str, int, int | None, int | None, bool]]:
@@ -206,18 +470,32 @@ def summarize(results: dict[str, dict], metric: str) -> dict[str, dict[str, tupl
     """{config: {"trained" | "low_bit": (mean, std, n)}} over seeds."""
     groups: dict[str, dict[str, list[float]]] = {}
     for key, row in results.items():
-        config = key.rsplit("|", 1)[0]
+        config = config_of(key)
         for part in ("trained", "low_bit"):
-            if row.get(part) is not None:
+            if row.get(part) is not None and metric in row[part]:
                 groups.setdefault(config, {}).setdefault(part, []).append(row[part][metric])
     return {c: {p: (*mean_std(v), len(v)) for p, v in parts.items()} for c, parts in groups.items()}
 
 
-def print_table(results: dict[str, dict], metrics: list[str], split: str = "test") -> None:
-    params = {key.rsplit("|", 1)[0]: row["trainable_params"] for key, row in results.items()}
+def present_metrics(results: dict[str, dict], exact_match: bool = True) -> list[str]:
+    """``loss``, ``exact_match`` (unless free text), then the benchmark metrics some row holds."""
+    scored = {m for row in results.values() for part in ("trained", "low_bit") if row.get(part) for m in row[part]}
+    return ["loss"] + (["exact_match"] if exact_match else []) + [m for m in BENCH_METRICS if m in scored]
+
+
+def metric_description(metric: str, split: str = "test", benchmarks: dict[str, str] | None = None) -> str:
+    bench = metric.split("_")[0]
+    if metric in BENCH_METRICS:
+        return f"{metric} on {(benchmarks or {}).get(bench, bench)}"
+    return f"{metric} on the held-out {split} split"
+
+
+def print_table(results: dict[str, dict], metrics: list[str], split: str = "test",
+                benchmarks: dict[str, str] | None = None) -> None:
+    params = {config_of(key): row["trainable_params"] for key, row in results.items()}
     for metric in metrics:
         table = summarize(results, metric)
-        print(f"\n{metric} on the held-out {split} split (mean ± std over seeds; n = seeds)")
+        print(f"\n{metric_description(metric, split, benchmarks)} (mean ± std over seeds; n = seeds)")
         print(f"{'method':<14} {'base / low-bit':<14} {'trainable':>10} {'trained model':>26} {'deployed low-bit model':>26}")
         for config in sorted(table, key=_order):
             method, base = config.split("|")
@@ -228,47 +506,133 @@ def print_table(results: dict[str, dict], metrics: list[str], split: str = "test
 
 def markdown_table(results: dict[str, dict], metric: str) -> str:
     """The table as Markdown (for README.md): one row per method and deployed format."""
-    params = {key.rsplit("|", 1)[0]: row["trainable_params"] for key, row in results.items()}
+    params = {config_of(key): row["trainable_params"] for key, row in results.items()}
     table = summarize(results, metric)
     lines = [f"| method | deployed as | trainable params | trained model {metric} | deployed low-bit model {metric} | seeds |",
              "|---|---|---|---|---|---|"]
     for config in sorted(table, key=_order):
         method, base = config.split("|")
         parts = table[config]
-        name = LABEL[method.split("+")[0]] + {"ptq": " + RTN", "qat": " + QAT + RTN"}.get(method.partition("+")[2], "")
-        deployed = "NF4 + adapter (unmerged)" if base == "nf4" else base.replace("int", "INT").replace("_g", " g")
         cell = lambda p: f"{parts[p][0]:.4f} ± {parts[p][1]:.4f}" if p in parts else "—"
-        lines.append(f"| {name} | {deployed} | {params[config]:,} | {cell('trained')} | {cell('low_bit')} | {parts['trained'][2]} |")
+        if method == REFERENCE:  # one evaluation, no seeds
+            cell = lambda p: f"{parts[p][0]:.4f}" if p in parts else "—"
+            name, seeds = "Unmodified model (no training)", "—"
+            deployed = "dense float32" if base == "dense" else base.replace("int", "INT").replace("_g", " g") + " (RTN)"
+        else:
+            name = LABEL[method.split("+")[0]] + {"ptq": " + RTN", "qat": " + QAT + RTN"}.get(method.partition("+")[2], "")
+            deployed = "NF4 + adapter (unmerged)" if base == "nf4" else base.replace("int", "INT").replace("_g", " g")
+            seeds = next(iter(parts.values()))[2]
+        lines.append(f"| {name} | {deployed} | {params[config]:,} | {cell('trained')} | {cell('low_bit')} | {seeds} |")
     return "\n".join(lines)
 
 
 def pivot_markdown(results: dict[str, dict], metric: str) -> str:
     """Deployed low-bit models side by side: one row per format, one column per method."""
     table = summarize(results, metric)
-    columns = [m for m in ("qlora+ptq", "qlora+qat", "qblora+ptq", "qblora+qat", "qalora", "qablora")
+    columns = [m for m in (REFERENCE, "qlora+ptq", "qlora+qat", "qblora+ptq", "qblora+qat", "qalora", "qablora")
                if any(c.startswith(m + "|") for c in table)]
-    header = {"qlora+ptq": "QLoRA + RTN", "qlora+qat": "QLoRA + QAT + RTN", "qblora+ptq": "Q-BLoRA + RTN",
+    header = {REFERENCE: "Unmodified + RTN (no training)",
+              "qlora+ptq": "QLoRA + RTN", "qlora+qat": "QLoRA + QAT + RTN", "qblora+ptq": "Q-BLoRA + RTN",
               "qblora+qat": "Q-BLoRA + QAT + RTN", "qalora": "QA-LoRA", "qablora": "QA-BLoRA"}
-    formats = sorted({c.split("|")[1] for c in table if c.split("|")[1] != "nf4"},
+    formats = sorted({c.split("|")[1] for c in table if c.split("|")[1] not in ("nf4", "dense")},
                      key=lambda b: (-int(b[3]), int(b.split("_g")[1])))
     lines = ["| deployed as | " + " | ".join(header[c] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for fmt in formats:
         cells = []
         for column in columns:
             cell = table.get(f"{column}|{fmt}", {}).get("low_bit")
-            cells.append(f"{cell[0]:.3f} ± {cell[1]:.3f}" if cell else "—")
+            if cell and column == REFERENCE:  # one evaluation, no seeds
+                cells.append(f"{cell[0]:.3f}")
+            else:
+                cells.append(f"{cell[0]:.3f} ± {cell[1]:.3f}" if cell else "—")
         lines.append(f"| {fmt.replace('int', 'INT').replace('_g', ' g')} | " + " | ".join(cells) + " |")
     unmerged = [f"{LABEL[m]} {table[f'{m}|nf4']['trained'][0]:.3f} ± {table[f'{m}|nf4']['trained'][1]:.3f}"
                 for m in ("qlora", "qblora") if f"{m}|nf4" in table]
     if unmerged:
         lines.append(f"\nUnmerged NF4 + adapter (not a low-bit deployment): {', '.join(unmerged)}.")
+    dense = table.get(f"{REFERENCE}|dense", {}).get("trained")
+    if dense:
+        lines.append(f"\nUnmodified dense model (float32, no training): {dense[0]:.3f}.")
+    return "\n".join(lines)
+
+
+def compute_time(results: dict[str, dict]) -> str:
+    """Total wall-clock time of the runs behind ``results`` (rows of one run counted once)."""
+    runs: dict[str, dict] = {}
+    for key, row in results.items():
+        runs.setdefault(run_of(key, row), row)
+    train = sum(row.get("train_seconds", 0.0) for row in runs.values())
+    timed = [row["eval_seconds"] for row in runs.values() if "eval_seconds" in row]
+    evaluation = sum(timed) + sum(row.get("load_seconds", 0.0) for row in runs.values())
+    trained = [row for row in runs.values() if row["method"] != REFERENCE]
+    text = f"CPU time (wall-clock of the runs on this machine): {len(runs)} runs, training {train / 3600:.2f} h, "
+    text += (f"evaluation {evaluation / 3600:.2f} h, total {(train + evaluation) / 3600:.2f} h" if timed
+             else "evaluation not recorded")
+    if trained:
+        mean_eval = statistics.fmean(r["eval_seconds"] for r in trained if "eval_seconds" in r) if any(
+            "eval_seconds" in r for r in trained) else math.nan
+        text += (f"; per training run {statistics.fmean(r.get('train_seconds', 0.0) for r in trained):.0f} s training"
+                 + (f" + {mean_eval:.0f} s evaluation" if math.isfinite(mean_eval) else ""))
+    if timed and len(timed) < len(runs):
+        text += f" (evaluation time not recorded for {len(runs) - len(timed)} older runs)"
+    cpu = [row["cpu_seconds"] for row in runs.values() if "cpu_seconds" in row]
+    if cpu:
+        text += f"\nprocess CPU time (all threads; load and evaluation included): {sum(cpu) / 3600:.2f} h over {len(cpu)} runs"
+    return text
+
+
+def lr_report(paths: list[str], metric: str = "loss") -> str:
+    """Each method's validation ``metric`` per learning rate over sweep files, and the best LR per method.
+
+    Every file must be a ``--eval-split val`` result (LRs are chosen on val, never on test). A
+    method's score at one LR is the mean over its deployed low-bit formats (and seeds) of the
+    low-bit model's metric; NF4 runs are scored by their unmerged model. Lower is better for
+    ``loss``, higher for accuracies.
+    """
+    by_method: dict[str, dict[float, list[float]]] = {}
+    cells: dict[str, dict[float, float]] = {}
+    for path in paths:
+        stored = json.loads(Path(path).read_text())
+        settings = stored.get("settings", {})
+        if settings.get("eval_split") != "val":
+            raise SystemExit(f"{path} was not scored on the validation split (--eval-split val); "
+                             "learning rates are chosen on val only")
+        table = summarize(stored["runs"], metric)
+        for config, parts in table.items():
+            method = config.split("|")[0]
+            family = method.split("+")[0]
+            if family == REFERENCE:
+                continue
+            lr = learning_rate(settings, family)
+            part = "low_bit" if "low_bit" in parts else "trained"
+            cells.setdefault(config, {})[lr] = parts[part][0]
+            if part == "low_bit":
+                trained_as = method.replace("+ptq", "")
+                by_method.setdefault(trained_as, {}).setdefault(lr, []).append(parts[part][0])
+    lrs = sorted({lr for row in cells.values() for lr in row})
+    lines = [f"validation {metric} per learning rate (deployed low-bit model; NF4 rows: unmerged)",
+             f"{'method':<14} {'base':<10} " + " ".join(f"{lr:>10.0e}" for lr in lrs)]
+    for config in sorted(cells, key=_order):
+        method, base = config.split("|")
+        lines.append(f"{method:<14} {base:<10} " + " ".join(
+            f"{cells[config][lr]:>10.4f}" if lr in cells[config] else f"{'-':>10}" for lr in lrs))
+    pick = min if metric == "loss" else max
+    lines.append(f"\nchosen on val ({'lowest' if metric == 'loss' else 'highest'} mean over deployed formats):")
+    chosen = {}
+    for method in sorted(by_method, key=lambda m: (METHODS.index(m.split("+")[0]), m)):
+        means = {lr: statistics.fmean(v) for lr, v in by_method[method].items()}
+        chosen.setdefault(method.split("+")[0], pick(means, key=means.get))
+        lines.append(f"  {method:<12} {pick(means, key=means.get):g}   ("
+                     + ", ".join(f"{lr:g}: {v:.4f}" for lr, v in sorted(means.items())) + ")")
+    lines.append("\nfor the test runs: --method-lr " + " ".join(f"{m}={lr:g}" for m, lr in chosen.items()))
     return "\n".join(lines)
 
 
 def _order(config: str):
     method, base = config.split("|")
     bits = int(base[3]) if base.startswith("int") else 16
-    return (-bits, base, METHODS.index(method.split("+")[0]), method)
+    family = method.split("+")[0]
+    return (-bits, base, -1 if family == REFERENCE else METHODS.index(family), method)
 
 
 def plot(results: dict[str, dict], metric: str, path: Path, title: str) -> None:
@@ -281,7 +645,8 @@ def plot(results: dict[str, dict], metric: str, path: Path, title: str) -> None:
     table = summarize(results, metric)
     group_sizes = sorted({int(c.split("_g")[1]) for c in table if "_g" in c})
     fig, axes = plt.subplots(1, max(1, len(group_sizes)), figsize=(5.5 * max(1, len(group_sizes)), 4), squeeze=False)
-    series = [("qlora+ptq", "QLoRA + RTN"), ("qlora+qat", "QLoRA + QAT + RTN"), ("qblora+ptq", "Q-BLoRA + RTN"),
+    series = [(REFERENCE, "unmodified + RTN"),
+              ("qlora+ptq", "QLoRA + RTN"), ("qlora+qat", "QLoRA + QAT + RTN"), ("qblora+ptq", "Q-BLoRA + RTN"),
               ("qblora+qat", "Q-BLoRA + QAT + RTN"), ("qalora", "QA-LoRA"), ("qablora", "QA-BLoRA")]
     series = [(m, label) for m, label in series if any(c.startswith(m + "|") for c in table)]
     for ax, g in zip(axes[0], group_sizes):
@@ -299,9 +664,12 @@ def plot(results: dict[str, dict], metric: str, path: Path, title: str) -> None:
             cell = table.get(f"{method}|nf4", {}).get("trained")
             if cell:
                 ax.axhline(cell[0], linestyle=style, color="gray", label=f"{LABEL[method]} (NF4, unmerged)")
+        cell = table.get(f"{REFERENCE}|dense", {}).get("trained")
+        if cell:
+            ax.axhline(cell[0], linestyle="-.", color="black", label="unmodified model (dense)")
         ax.set_xticks(range(len(bits)), [f"INT{b}" for b in bits])
         ax.set_title(f"group size {g}")
-        ax.set_ylabel(f"test {metric} of the low-bit model")
+        ax.set_ylabel(f"{'' if metric in BENCH_METRICS else 'test '}{metric} of the low-bit model")
         if metric == "loss":
             finite = [v[p][0] for v in table.values() for p in v if math.isfinite(v[p][0])]
             if finite:
@@ -313,9 +681,26 @@ def plot(results: dict[str, dict], metric: str, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    import logging
+RUN_SELECTION = ("report_only", "progress", "out", "seeds", "methods", "bits", "group_sizes", "qat_bits", "qat_only",
+                 "qat_start", "qat_ramp", "include", "markdown", "reference", "lr_report", "bench_trained")
+"""Options that choose which runs / rows to make or show, not how a run is made (QAT rows record their schedule)."""
 
+
+def run_settings(args) -> dict:
+    """What every run in one results file shares (checked before adding runs to it, and by ``--include``)."""
+    settings = {k: v for k, v in vars(args).items() if k not in RUN_SELECTION}
+    settings["seed_sets"] = "adapter init, dropout and training order (split fixed)"
+    if args.eval_split == "test":
+        del settings["eval_split"]  # results stored before the option existed are test-split results
+    for key, default in NEW_OPTION_DEFAULTS.items():
+        if settings[key] == default or (key.startswith("arc_") and args.arc is None) \
+                or (key.startswith("mmlu_") and args.mmlu_dir is None):
+            del settings[key]
+    return settings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; ``--model`` given as a ``.gguf`` file becomes its converted HF directory."""
     from qblora_pl.paths import EMBEDDED_DATA_DIR, EMBEDDED_MODEL_DIR
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -352,11 +737,51 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--include", nargs="*", default=[],
                         help="also report the runs of these JSON files (same settings; e.g. QAT runs made in parallel)")
     parser.add_argument("--progress", action="store_true", help="Lightning progress bars for each run")
+    parser.add_argument("--prompt-template", choices=["alpaca", "plain", "chat"], default="alpaca",
+                        help="InstructionDataModule prompt_template (chat: the tokenizer's chat template, "
+                             "loss on the assistant turns only)")
+    parser.add_argument("--arc", default=None, metavar="FILE",
+                        help="also score ARC (zero-shot, acc / acc_norm) on every trained and deployed model: "
+                             "the official JSONL (e.g. ARC-Easy-Test.jsonl) or any ZeroShotMultipleChoice file")
+    parser.add_argument("--arc-limit", type=int, default=None, help="the first N ARC questions (default all)")
+    parser.add_argument("--mmlu-dir", default=None, metavar="DIR",
+                        help="also score MMLU (k-shot, answer-letter logits): dev/ and test/ CSVs or dev/test.json")
+    parser.add_argument("--mmlu-k-shot", type=int, default=5)
+    parser.add_argument("--mmlu-limit-per-subject", type=int, default=None,
+                        help="the first N test questions of each subject (default all)")
+    parser.add_argument("--bench-trained", choices=["all", "nf4", "none"], default="all",
+                        help="which trained (pre-deployment) models the benchmarks also score: all; nf4 = only "
+                             "QLoRA / Q-BLoRA's NF4 + adapter (QA-*'s trained model is its deployed model, merged "
+                             "exactly); none. Deployed low-bit models are always scored")
+    parser.add_argument("--reference", action="store_true",
+                        help="also score the unmodified model once: dense float32 and RTN to each INT-b g (no training)")
+    parser.add_argument("--method-lr", nargs="+", default=None, metavar="METHOD=LR",
+                        help="per-method learning rates (e.g. chosen by --lr-report on val), overriding --lr / --qa-lr")
+    parser.add_argument("--lr-report", nargs="+", default=None, metavar="JSON",
+                        help="print each method's validation loss per LR over these --eval-split val files and exit")
     args = parser.parse_args(argv)
-    if args.model:  # a .gguf file: its converted HF directory (qblora_pl.sources)
+    if args.method_lr:
+        method_lr = {}
+        for item in args.method_lr:
+            method, _, value = item.partition("=")
+            if method not in METHODS or not value:
+                parser.error(f"--method-lr {item!r}: expected METHOD=LR with METHOD one of {', '.join(METHODS)}")
+            method_lr[method] = float(value)
+        args.method_lr = {m: method_lr[m] for m in METHODS if m in method_lr}
+    if args.model and not args.lr_report:  # a .gguf file: its converted HF directory (qblora_pl.sources)
         from qblora_pl.sources import pretrained_name_or_path
 
         args.model = pretrained_name_or_path(args.model)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    import logging
+
+    args = parse_args(argv)
+    if args.lr_report:
+        print(lr_report(args.lr_report))
+        return
     if not args.progress:  # one line per run instead of Lightning's and the adapter table's output
         for name in ("lightning.pytorch", "lightning.fabric", "lightning_utilities"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -364,45 +789,65 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     stored = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     results: dict[str, dict] = stored["runs"]
-    run_selection = ("report_only", "progress", "out", "seeds", "methods", "bits", "group_sizes", "qat_bits", "qat_only",
-                     "qat_start", "qat_ramp", "include", "markdown")  # QAT runs record their schedule in their own rows
-    settings = {k: v for k, v in vars(args).items() if k not in run_selection}
-    settings["seed_sets"] = "adapter init, dropout and training order (split fixed)"
-    if args.eval_split == "test":
-        del settings["eval_split"]  # results stored before the option existed are test-split results
+    settings = run_settings(args)
     if results and stored.get("settings") != settings and not args.report_only:
         raise SystemExit(f"{out} holds runs made with other settings:\n  {stored.get('settings')}\n  now: {settings}\n"
                          "pass another --out (or --tag) or delete the file")
 
-    runs = [] if args.report_only else planned_runs(args)
-    todo = [r for r in runs if run_key(*r) not in results]
+    runs = [] if args.report_only else reference_runs(args) + planned_runs(args)
+    todo = [r for r in runs if not is_done(args, r, results)]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already in {out}; {len(todo)} to go")
+    if todo:
+        from qblora_pl.evaluation import check_tasks
+
+        for name, n in check_tasks(benchmark_tasks(args)).items():  # a bad path fails now, not after training
+            print(f"benchmark {name}: {n} questions")
     for i, (method, seed, bits, g, qat) in enumerate(todo, 1):
-        started = time.perf_counter()
-        rows = run_method(args, method, seed, bits, g, qat)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        if method == REFERENCE:
+            rows = run_reference(args, bits, g)
+        else:
+            rows = run_method(args, method, seed, bits, g, qat, stored=results)
+        for row in rows.values():  # all threads of this process, less moved by other jobs' load than the wall clock
+            row["cpu_seconds"] = time.process_time() - cpu_started
         results.update(rows)
         out.write_text(json.dumps({"settings": settings, "runs": results}, indent=1))  # nothing lost on a crash
-        main_row = rows[run_key(method, seed, bits, g, qat)]
-        shown = main_row["low_bit"] or main_row["merged"]
-        print(f"[{i}/{len(todo)}] {run_key(method, seed, bits, g, qat)}: trained loss {main_row['trained']['loss']:.4f}, "
-              f"deployed loss {shown['loss']:.4f}, exact match {shown['exact_match']:.3f} "
-              f"({time.perf_counter() - started:.0f}s)", flush=True)
+        key = run_key(method, seed, bits, g, qat)
+        main_row = rows[key] if key in rows else next(iter(rows.values()))  # a re-run adds only +ptq rows
+        scored = main_row["low_bit"] or main_row["trained"]
+        bench = "".join(f", {m} {scored[m]:.3f}" for m in BENCH_METRICS if m in scored)
+        if method == REFERENCE:
+            losses = f"loss {scored['loss']:.4f}, exact match {scored['exact_match']:.3f}"
+        else:
+            shown = main_row["low_bit"] or main_row["merged"]
+            losses = (f"trained loss {main_row['trained']['loss']:.4f}, deployed loss {shown['loss']:.4f}, "
+                      f"exact match {shown['exact_match']:.3f}")
+        print(f"[{i}/{len(todo)}] {key}: {losses}{bench} ({time.perf_counter() - started:.0f}s)", flush=True)
 
     for extra in args.include:
         other = json.loads(Path(extra).read_text())
         if other.get("settings") != settings:
             raise SystemExit(f"{extra} was made with other settings:\n  {other.get('settings')}\n  here: {settings}")
         results = {**results, **other["runs"]}
-    metrics = ["loss"] + ([] if args.no_exact_match else ["exact_match"])
-    print(f"\n{args.tag}: {args.steps} steps, batch {args.batch_size}, budget rank {args.rank}, "
-          f"lr {args.lr} (QLoRA, Q-BLoRA) / {args.qa_lr} (QA-*), data {args.data}")
-    print_table(results, metrics, args.eval_split)
+    metrics = present_metrics(results, exact_match=not args.no_exact_match)
+    lrs = f"lr {args.lr} (QLoRA, Q-BLoRA) / {args.qa_lr} (QA-*)"
+    if args.method_lr:
+        lrs = "lr " + ", ".join(f"{m} {learning_rate(vars(args), m):g}" for m in METHODS)
+    print(f"\n{args.tag}: {args.steps} steps, batch {args.batch_size}, budget rank {args.rank}, {lrs}, data {args.data}")
+    benchmarks = {
+        "arc": f"ARC 0-shot ({args.arc}, {'all questions' if args.arc_limit is None else f'first {args.arc_limit}'})",
+        "mmlu": f"MMLU {args.mmlu_k_shot}-shot ({args.mmlu_dir}, "
+                f"{'all' if args.mmlu_limit_per_subject is None else f'first {args.mmlu_limit_per_subject}'} per subject)",
+    }
+    print_table(results, metrics, args.eval_split, benchmarks)
     if args.markdown:
         for metric in metrics:
             print(f"\n{markdown_table(results, metric)}\n\n{pivot_markdown(results, metric)}")
+    print(f"\n{compute_time(results)}")
     for metric in metrics:
         png = out.with_name(f"{out.stem}_{metric}.png")
-        plot(results, metric, png, f"{args.tag}: deployed low-bit model, test {metric} (mean ± std over seeds)")
+        where = "" if metric in BENCH_METRICS else "test "
+        plot(results, metric, png, f"{args.tag}: deployed low-bit model, {where}{metric} (mean ± std over seeds)")
         print(f"wrote {png}")
     print(f"wrote {out}")
 

@@ -1,0 +1,141 @@
+"""bench/accuracy.py's real-model options on the embedded model: reference rows, benchmark scores, timing, LR report.
+
+One tiny run (2 steps, 1 held-out batch, a handful of ARC-style and MMLU questions from the
+embedded sets in qblora_pl/assets/data) is shared by the tests of this module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import accuracy
+from qblora_pl.paths import EMBEDDED_DATA_DIR, EMBEDDED_MODEL_DIR
+
+RESULTS = Path(accuracy.__file__).resolve().parent / "results"
+TINY = ["--steps", "2", "--warmup", "1", "--test-batches", "1", "--eval-batch-size", "8", "--seeds", "0",
+        "--group-sizes", "32", "--arc", str(EMBEDDED_DATA_DIR / "zero_shot" / "test.json"), "--arc-limit", "4",
+        "--mmlu-dir", str(EMBEDDED_DATA_DIR / "mmlu"), "--mmlu-k-shot", "1", "--mmlu-limit-per-subject", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Reference rows + QA-BLoRA at INT2 g32 + QLoRA re-quantized to INT2 g32, then INT3 added by a second call."""
+    out = tmp_path_factory.mktemp("accuracy") / "tiny.json"
+    base = TINY + ["--tag", "tiny", "--out", str(out), "--bench-trained", "nf4"]
+    accuracy.main(base + ["--methods", "qlora", "qablora", "--bits", "2", "--reference"])
+    first = json.loads(out.read_text())
+    accuracy.main(base + ["--methods", "qlora", "--bits", "3", "2"])  # the stored QLoRA run gains INT3
+    return out, first, json.loads(out.read_text())
+
+
+def test_reference_rows_score_the_unmodified_model(tiny_run):
+    from qblora_pl.quantization import GroupwiseInt, NoQuantization
+
+    _, stored, _ = tiny_run
+    runs = stored["runs"]
+    dense, int2 = runs["reference|dense"], runs["reference|int2_g32"]
+    assert set(runs) == {"reference|dense", "reference|int2_g32", "qlora|nf4|seed0", "qlora+ptq|int2_g32|seed0",
+                         "qablora|int2_g32|seed0"}
+    assert dense["low_bit"] is None and int2["trained"] is None and dense["trainable_params"] == 0
+    for scores in (dense["trained"], int2["low_bit"]):
+        assert {"loss", "arc_acc", "arc_acc_norm", "mmlu_acc"} <= set(scores)
+        assert scores["arc_n"] == 4 and scores["mmlu_n"] >= 2
+    # The rows are the unmodified model's scores on the same held-out batch as the trained runs.
+    args = accuracy.parse_args(TINY + ["--tag", "tiny"])
+    data = accuracy.make_data(args, seed=0)
+    batches = accuracy.eval_batches(data, torch.device("cpu"), 1)
+    assert len(batches) == 1 and batches[0]["input_ids"].size(0) == dense["trained"]["records"] == 8
+    for backend, expected in ((NoQuantization("float32"), dense["trained"]), (GroupwiseInt(2, 32), int2["low_bit"])):
+        assert accuracy.score(backend.load(str(EMBEDDED_MODEL_DIR)), batches)["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert int2["low_bit"]["loss"] != pytest.approx(dense["trained"]["loss"], rel=1e-3)  # RTN to INT2 hurts
+
+
+def test_benchmarks_are_scored_next_to_the_loss(tiny_run):
+    _, stored, _ = tiny_run
+    runs = stored["runs"]
+    qlora, ptq, qablora = runs["qlora|nf4|seed0"], runs["qlora+ptq|int2_g32|seed0"], runs["qablora|int2_g32|seed0"]
+    for scores in (qlora["trained"], ptq["low_bit"], qablora["low_bit"]):
+        assert 0.0 <= scores["arc_acc"] <= 1.0 and 0.0 <= scores["arc_acc_norm"] <= 1.0 and 0.0 <= scores["mmlu_acc"] <= 1.0
+    assert "arc_acc" not in qlora["merged"]  # the dense merge is the trained model up to rounding: loss only
+    assert "arc_acc" not in qablora["trained"]  # --bench-trained nf4: QA-*'s trained model is its deployed model
+    for row in runs.values():
+        assert row["eval_seconds"] > 0 and row["cpu_seconds"] >= row["eval_seconds"] * 0.5 and row["run"]
+    assert ptq["run"] == "qlora|nf4|seed0" and ptq["eval_seconds"] == qlora["eval_seconds"]
+    settings = stored["settings"]
+    assert settings["arc_limit"] == 4 and settings["mmlu_k_shot"] == 1 and settings["mmlu_limit_per_subject"] == 1
+    assert "prompt_template" not in settings and "bench_trained" not in settings and "reference" not in settings
+
+
+def test_a_later_call_adds_requantizations_to_the_stored_run(tiny_run):
+    _, first, final = tiny_run
+    runs = final["runs"]
+    assert "qlora+ptq|int3_g32|seed0" in runs
+    added = runs["qlora+ptq|int3_g32|seed0"]
+    # Retrained with the same seed: the same model, so the stored trained scores (with benchmarks) are reused.
+    assert "retrained" not in added and added["trained"] == first["runs"]["qlora|nf4|seed0"]["trained"]
+    assert added["run"] == "qlora|nf4|seed0 again for int3_g32"
+    for key, row in first["runs"].items():
+        assert runs[key] == row  # nothing already stored was redone
+
+
+def test_tables_show_reference_and_benchmark_metrics(tiny_run, capsys):
+    out, _, final = tiny_run
+    results = final["runs"]
+    assert accuracy.present_metrics(results) == ["loss", "exact_match", "arc_acc", "arc_acc_norm", "mmlu_acc"]
+    table = accuracy.summarize(results, "mmlu_acc")
+    assert table["reference|dense"]["trained"][2] == 1 and "low_bit" in table["reference|int2_g32"]
+    pivot = accuracy.pivot_markdown(results, "arc_acc_norm")
+    assert pivot.splitlines()[0].startswith("| deployed as | Unmodified + RTN (no training) | QLoRA + RTN |")
+    assert "Unmodified dense model (float32, no training)" in pivot
+    assert "| Unmodified model (no training) | INT2 g32 (RTN) | 0 |" in accuracy.markdown_table(results, "loss")
+
+    accuracy.main(TINY + ["--tag", "tiny", "--out", str(out), "--report-only", "--markdown"])
+    printed = capsys.readouterr().out
+    assert "mmlu_acc on MMLU 1-shot" in printed and "arc_acc_norm on ARC 0-shot" in printed
+    assert "CPU time (wall-clock of the runs on this machine): 5 runs" in printed  # 2 references + 3 trainings
+    assert "process CPU time (all threads; load and evaluation included)" in printed
+    assert out.with_name("tiny_mmlu_acc.png").is_file()
+
+
+def test_stored_results_keep_their_settings_and_runs():
+    """The embedded results made before these options resume unchanged, and their runs are counted once."""
+    stored = json.loads((RESULTS / "accuracy_embedded.json").read_text())
+    args = accuracy.parse_args([])
+    assert set(accuracy.run_settings(args)) == set(stored["settings"])
+    settings = accuracy.run_settings(accuracy.parse_args(["--prompt-template", "chat", "--arc", "x.jsonl", "--mmlu-k-shot", "0"]))
+    assert settings["prompt_template"] == "chat" and settings["arc"] == "x.jsonl"
+    assert "arc_limit" not in settings  # at its default (all questions)
+    assert "mmlu_k_shot" not in settings  # no MMLU asked for
+    text = accuracy.compute_time(stored["runs"])
+    assert text.startswith("CPU time (wall-clock of the runs on this machine): 42 runs")  # 3 seeds x (2 NF4 + 12 QA)
+
+
+def test_prompt_template_reaches_the_data_module():
+    from qblora_pl.data.prompts import resolve_template
+
+    args = accuracy.parse_args(["--prompt-template", "plain"])
+    assert accuracy.make_data(args, seed=0).template == resolve_template("plain")
+
+
+def test_lr_report_chooses_on_validation_files_only(tmp_path):
+    sweep = sorted(str(p) for p in RESULTS.glob("accuracy_lr_sweep_val_lr*.json"))
+    assert len(sweep) == 2
+    report = accuracy.lr_report(sweep)
+    assert report.endswith("for the test runs: --method-lr qlora=0.001 qblora=0.003")  # as README's sweep found
+    with pytest.raises(SystemExit, match="validation split"):
+        accuracy.lr_report([str(RESULTS / "accuracy_embedded.json")])
+
+
+def test_method_lr_overrides_the_family_lr():
+    args = accuracy.parse_args(["--method-lr", "qblora=3e-3", "qablora=0.02"])
+    options = vars(args)
+    assert accuracy.learning_rate(options, "qblora") == accuracy.learning_rate(options, "qblora+qat") == 3e-3
+    assert accuracy.learning_rate(options, "qlora") == 1e-3 and accuracy.learning_rate(options, "qalora") == 1e-2
+    assert accuracy.learning_rate(options, "qablora") == 0.02
+    assert accuracy.run_settings(args)["method_lr"] == {"qblora": 3e-3, "qablora": 0.02}
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--method-lr", "lora=1e-3"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -95,22 +94,23 @@ def test_drop_empty_drops_after_the_split_and_counts(tmp_path):
     assert sum(splits.dropped_empty.values()) == len(empty)
 
 
-def test_drop_empty_counts_show_in_split_stats(tmp_path, caplog):
+def test_drop_empty_counts_show_in_split_stats(tmp_path, monkeypatch):
     rows = records(20)
     rows[0]["output"] = rows[1]["instruction"] = ""
     path = write(tmp_path / "data.json", rows)
     tokenizer_dir = str(build_tiny_tokenizer(tmp_path / "tok"))
     dm = InstructionDataModule(str(path), tokenizer_name_or_path=tokenizer_dir, drop_empty=True,
                                val_fraction=0.1, test_fraction=0.1)
-    with caplog.at_level(logging.INFO):
-        dm.setup("fit")
+    logged: list[str] = []  # Lightning's loggers may not propagate to caplog once a Trainer has run
+    monkeypatch.setattr("qblora_pl.data.datamodule.rank_zero_info", logged.append)
+    dm.setup("fit")
     stats = dm.split_stats()
     assert sum(s["dropped_empty"] for s in stats.values()) == 2
     assert sum(s["examples"] for s in stats.values()) == 18
-    assert "dropped records with an empty field (drop_empty)" in caplog.text
+    assert "dropped records with an empty field (drop_empty)" in "\n".join(logged)
 
 
-def test_alpaca_truncation_is_counted_and_logged(tmp_path, caplog):
+def test_alpaca_truncation_is_counted_and_logged(tmp_path, monkeypatch):
     rows = records(10)
     rows[2]["instruction"] = "describe the task " * 30  # prompt cut
     rows[4]["output"] = "the response " * 30  # response cut
@@ -119,9 +119,10 @@ def test_alpaca_truncation_is_counted_and_logged(tmp_path, caplog):
     tokenizer_dir = str(build_tiny_tokenizer(tmp_path / "tok"))
     dm = InstructionDataModule(str(path), tokenizer_name_or_path=tokenizer_dir, max_source_length=128,
                                max_target_length=24, val_fraction=0, test_fraction=0)
-    with caplog.at_level(logging.INFO):
-        dm.setup("fit")
+    logged: list[str] = []  # Lightning's loggers may not propagate to caplog once a Trainer has run
+    monkeypatch.setattr("qblora_pl.data.datamodule.rank_zero_info", logged.append)
+    dm.setup("fit")
     stats = dm.split_stats()["train"]
     assert (stats["truncated"], stats["source_truncated"], stats["target_truncated"]) == (3, 2, 2)
     assert ("data: train: 3 of 10 records truncated (prompt cut to max_source_length=128: 2, "
-            "response cut to max_target_length=24: 2)") in caplog.text
+            "response cut to max_target_length=24: 2)") in "\n".join(logged)

@@ -179,12 +179,6 @@ def pretrained_name_or_path(model_name_or_path: str | os.PathLike) -> str:
     return ModelSource.parse(model_name_or_path).pretrained_dir()
 
 
-def model_files_dir(model_name_or_path: str | os.PathLike) -> Path | None:
-    """The local Hugging Face directory behind a source (GGUF: its conversion), None for a hub name."""
-    source = ModelSource.parse(model_name_or_path)
-    return Path(source.pretrained_dir()) if source.is_local else None
-
-
 # --------------------------------------------------------------------------------------------
 # GGUF conversion cache
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ and of *each* MMLU subject - our side uses ``ZeroShotMultipleChoice(limit=N)`` a
 ``MMLU(limit_per_subject=N)``, which select the same questions.
 
 The model is a Hugging Face directory, a ``.gguf`` file (converted once into a cached HF
-directory by :func:`qblora_pl.sources.model_files_dir`; lm-eval's ``hf`` model loads that
+directory by :func:`qblora_pl.sources.pretrained_name_or_path`; lm-eval's ``hf`` model loads that
 directory), a hub name, or a native low-bit export (then both tools share our loaded model
 object). Both sides run in float32. BOS: our scorer starts a text with BOS exactly when the
 tokenizer's own special-token handling adds one (as training does); lm-eval gets
@@ -236,12 +236,11 @@ def lm_eval_model(model_path: str, batch_size: int, add_bos_token: bool, model=N
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from qblora_pl.sources import model_files_dir
+    from qblora_pl.sources import pretrained_name_or_path
 
     if model is not None:
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos_token)
-    directory = model_files_dir(model_path)
-    return HFLM(pretrained=str(directory) if directory is not None else model_path, dtype="float32",
+    return HFLM(pretrained=pretrained_name_or_path(model_path), dtype="float32",
                 batch_size=batch_size, add_bos_token=add_bos_token, device="cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -39,7 +39,7 @@ from qblora_pl.export.verify import (
     validation_batch,
 )
 from qblora_pl.merging import merge_adapters, unmerge_adapters
-from qblora_pl.sources import model_files_dir
+from qblora_pl.sources import pretrained_name_or_path
 
 EXPORT_FORMATS = ("native", "gguf", "hf")
 NATIVE_DIR, GGUF_FILE, HF_DIR, REPORT_FILE = "native", "model.gguf", "hf", "export_report.json"
@@ -150,8 +150,7 @@ def export_module(module, output_dir: str | Path, *, trainer: Any = None, **kwar
         "model_name_or_path": module.model_name_or_path,
     }
     # A .gguf source's tokenizer files live in its converted directory (qblora_pl.sources).
-    files = model_files_dir(module.model_name_or_path)
-    tokenizer_source = str(files) if files is not None else module.model_name_or_path
+    tokenizer_source = pretrained_name_or_path(module.model_name_or_path)
     if kwargs.get("verify", True) and "batch" not in kwargs:
         kwargs["batch"], kwargs["batch_source"] = validation_batch(
             trainer, module.model.config.vocab_size, tokenizer_source

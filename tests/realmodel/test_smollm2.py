@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-import warnings
-
 import pytest
 import torch
-from torch import nn
+
+from tests.quantization.test_nf4_gradients import _adapter_grads, _dense_reference
 
 pytestmark = pytest.mark.realmodel
 
@@ -36,29 +34,6 @@ def test_gguf_file_loads_model_and_tokenizer_with_chat_template(smollm2_gguf):
     assert "Paris" in answer, answer
 
 
-def _dense_reference(model: nn.Module) -> nn.Module:
-    from qblora_pl.quantization.base_layers import dequantized_weight, is_nf4_linear
-
-    reference = copy.deepcopy(model)
-    for module in list(reference.modules()):
-        for child_name, child in list(module.named_children()):
-            if is_nf4_linear(child):
-                dense = nn.Linear(child.in_features, child.out_features, bias=False)
-                with torch.no_grad():
-                    dense.weight.copy_(dequantized_weight(child, torch.float32))
-                setattr(module, child_name, dense.requires_grad_(False))
-    return reference
-
-
-def _grads(model, ids):
-    model.train()
-    model.zero_grad(set_to_none=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # "an autograd kernel was not registered"
-        model(input_ids=ids, labels=ids).loss.backward()
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("cpu_kind", ["this_cpu", "avx512bf16_cpu"])
 def test_nf4_qblora_gradients_after_validation_equal_dequantized_reference(smollm2_gguf, cpu_kind, monkeypatch):
     """The real-model check of the NF4 fix: adapter gradients to 1e-5 of the W_hat reference."""
@@ -79,11 +54,11 @@ def test_nf4_qblora_gradients_after_validation_equal_dequantized_reference(smoll
                 p.copy_(torch.randn(p.shape, generator=g) * 0.01)
     reference = _dense_reference(model)
     ids = torch.randint(100, 40000, (2, 16), generator=g)
-    expected = _grads(reference, ids)
+    expected = _adapter_grads(reference, ids)
     model.eval()
     with torch.no_grad():  # what a validation does
         model(input_ids=ids)
-    after = _grads(model, ids)
+    after = _adapter_grads(model, ids)
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.15.mlp.down_proj", "model.layers.29.mlp.up_proj"):
         for key in [k for k in expected if k.startswith(name)]:
             assert expected[key].abs().max() > 0

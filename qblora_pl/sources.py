@@ -249,6 +249,16 @@ def convert_gguf(gguf_path: str | os.PathLike, *, progress: bool = True) -> Path
     return target
 
 
+def converted_from_gguf(directory: str | os.PathLike) -> Path | None:
+    """The ``.gguf`` file a :func:`convert_gguf` directory was made from (None for any other
+    directory, or when that file is gone). Exporters read its tokenizer settings from it."""
+    record = Path(directory) / "qblora_gguf_source.json"
+    if not record.is_file():
+        return None
+    source = Path(json.loads(record.read_text())["gguf_file"])
+    return source if source.is_file() else None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -1,9 +1,10 @@
 """Write a merged Llama model as a GGUF file that llama.cpp runs.
 
 Why GGUF Q4_1 is the natural target for QA-LoRA / QA-BLoRA: a Q4_1 block is 32 weights with
-``w = d * q + m`` (``d``, ``m`` fp16, ``q`` 4-bit) - the same form as our INT4 base,
-``W = scale[G] * q + offset[G]`` (METHOD.md section 5). A group of 32, 64 or 128 maps onto
-1, 2 or 4 Q4_1 blocks that share ``d`` and ``m``; the codes are copied, and the only loss is
+``w = d * q + m`` (``d``, ``m`` fp16, ``q`` 4-bit codes 0..15) - the same form as our INT-b base,
+``W = scale[G] * q + offset[G]`` (METHOD.md section 5). INT2 / INT3 / INT4 codes (0..3, 0..7,
+0..15) are all Q4_1 codes, and a group of 32, 64 or 128 maps onto 1, 2 or 4 consecutive Q4_1
+blocks that share ``d = scale`` and ``m = offset``. The codes are copied; the only loss is
 rounding the merged (float32) offsets - and non-fp16 scales - to fp16, which is measured.
 
 Byte layout (ggml ``ggml/src/ggml-common.h``)::
@@ -13,10 +14,18 @@ Byte layout (ggml ``ggml/src/ggml-common.h``)::
 ``qs[j]`` holds ``q[j]`` in its low nibble and ``q[j + 16]`` in its high nibble. The test suite
 checks :func:`pack_q4_1` bit for bit against ``gguf.quants.dequantize``.
 
-Layers that cannot be Q4_1 exactly (a dense LoRA / Q-BLoRA merge, an NF4 base, INT2/3/8 codes)
-take the ``fallback``: ``"f16"`` (the dense weight rounded to fp16) or ``"requantize_q4_1"``
-(round-to-nearest Q4_1 of the dense weight); an :class:`ExportFallbackWarning` names the
-layers and the measured error.
+Layers that cannot be Q4_1 exactly (a dense LoRA / Q-BLoRA merge, an NF4 base, INT8 codes, a
+group size that is not a multiple of 32) take the ``fallback``: ``"f16"`` (the dense weight
+rounded to fp16) or ``"requantize_q4_1"`` (round-to-nearest Q4_1 of the dense weight); an
+:class:`ExportFallbackWarning` names the layers, why, and the measured error.
+
+The token embedding (and an untied ``output``) is kept compact: under ``dense_type="auto"`` it
+is Q8_0 when Q8_0 holds it losslessly (a model converted from a GGUF file whose embedding was
+Q8_0 re-quantizes to the same bytes), else F16. The tokenizer settings llama.cpp needs beyond
+the vocabulary (``tokenizer.ggml.pre``, add-BOS / add-EOS, the chat template) come from the
+source ``.gguf`` file when the model was converted from one (:func:`qblora_pl.sources.converted_from_gguf`),
+else they are derived from the Hugging Face tokenizer as ``convert_hf_to_gguf.py`` does
+(:func:`tokenizer_settings`).
 
 Like llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel.modify_tensors``), the rows of
 ``q_proj`` / ``k_proj`` are permuted from Hugging Face's rotate-half RoPE layout to the
@@ -47,8 +56,11 @@ from qblora_pl.export.tokenizer_files import sentencepiece_model_path
 
 QK4_1 = 32  # weights per Q4_1 block
 Q4_1_BLOCK_BYTES = 20  # fp16 d + fp16 m + 16 bytes of nibbles
+Q4_1_MAX_BITS = 4  # codes 0..15: INT2, INT3 and INT4 codes all fit
 GGUFFallback = Literal["f16", "requantize_q4_1"]
-DenseType = Literal["auto", "f32", "f16"]
+DenseType = Literal["auto", "f32", "f16", "q8_0"]
+#: The tensors "auto" keeps compact (Q8_0 when lossless, else F16) instead of float32.
+EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,9 +117,24 @@ def pack_q4_1(codes: Tensor, d: Tensor, m: Tensor) -> np.ndarray:
     return blocks.reshape(rows, n_blocks * Q4_1_BLOCK_BYTES).numpy()
 
 
+def q4_1_inexact_reason(parts: QuantizedParts) -> str | None:
+    """Why an INT-b layer has no exact Q4_1 form, or None when it has one."""
+    if parts.bits > Q4_1_MAX_BITS:
+        return f"INT{parts.bits} codes (0..{2**parts.bits - 1}) do not fit Q4_1's 4-bit codes (0..15)"
+    if parts.group_size % QK4_1 != 0:
+        return (f"group_size={parts.group_size} is not a multiple of the Q4_1 block size {QK4_1} "
+                "(a block would need two scales)")
+    return None
+
+
 def q4_1_exact_parts(parts: QuantizedParts) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Codes and per-32-block fp16 ``d``, ``m`` of an INT4 layer, or None if it is not INT4 g32k."""
-    if parts.bits != 4 or parts.group_size % QK4_1 != 0:
+    """Codes and per-32-block fp16 ``d``, ``m`` of an INT2/3/4 layer with a group size of 32k,
+    or None when the layer has no exact Q4_1 form (:func:`q4_1_inexact_reason`).
+
+    A group of ``g = 32k`` weights becomes ``k`` consecutive blocks with the group's scale and
+    offset; b-bit codes (b <= 4) are Q4_1 codes as they are.
+    """
+    if q4_1_inexact_reason(parts) is not None:
         return None
     per_group = parts.group_size // QK4_1
     d = parts.scales.float().repeat_interleave(per_group, dim=1).to(torch.float16)
@@ -131,15 +158,19 @@ def write_gguf(
 ) -> dict[str, Any]:
     """Write ``snapshot`` (a merged Llama) to the GGUF file ``path`` (atomically).
 
-    ``dense_type`` is the GGUF type of the non-linear 2-D tensors (``token_embd``, and
-    ``output`` and frozen dense layers): ``"auto"`` keeps their precision (F32 for float32,
-    F16 for float16, BF16 for bfloat16). Norms are always F32 (ggml requires it).
-    Returns the per-layer types and measured weight errors for the export report.
+    ``dense_type`` is the GGUF type of the tensors that are neither Q4_1 layers nor norms:
+    ``"f32"``, ``"f16"`` or ``"q8_0"`` for all of them, or ``"auto"``: the token embedding and an
+    untied ``output`` become Q8_0 when Q8_0 holds them losslessly, else F16 (bfloat16 stays
+    BF16); frozen dense layers keep their precision (F32 for float32, F16 for float16, BF16
+    for bfloat16). Norms are always F32 (ggml requires it). Tied embeddings stay tied (no
+    ``output.weight``). Returns the per-layer types and measured weight errors for the report.
     """
     import gguf
 
     if fallback not in ("f16", "requantize_q4_1"):
         raise ValueError(f"gguf fallback {fallback!r} must be 'f16' or 'requantize_q4_1'")
+    if dense_type not in ("auto", "f32", "f16", "q8_0"):
+        raise ValueError(f"gguf dense_type {dense_type!r} must be 'auto', 'f32', 'f16' or 'q8_0'")
     config = snapshot.config
     if config.model_type != "llama":
         raise NotImplementedError(f"GGUF export supports model_type 'llama', got {config.model_type!r}")
@@ -167,6 +198,7 @@ def write_gguf(
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["n_layers"])
     layers: dict[str, dict[str, Any]] = {}
+    dense_tensors: dict[str, dict[str, Any]] = {}
     fallbacks: dict[str, dict[str, Any]] = {}
     entries: list[tuple[str, np.ndarray, Any]] = []
 
@@ -191,14 +223,16 @@ def write_gguf(
         if data.dim() <= 1 or gname.endswith("_norm.weight"):
             entries.append((gname, data.float().numpy(), None))
         else:
-            entries.append((gname, *_dense_array(data, dense_type)))
+            array, raw_type = _dense_array(data, dense_type, compact=gname in EMBEDDING_TENSORS)
+            dense_tensors[gname] = _dense_report(array, raw_type, data)
+            entries.append((gname, array, raw_type))
 
     for layer_name, linear in snapshot.linears.items():
         if layer_name == "lm_head" and snapshot.tied_embeddings:
             continue
         gname = gguf_name(f"{layer_name}.weight")
         permute = permutation(gname)
-        info, array, raw_type = _linear_to_gguf(linear, permute, fallback, dense_type)
+        info, array, raw_type = _linear_to_gguf(linear, permute, fallback, dense_type, compact=gname in EMBEDDING_TENSORS)
         layers[layer_name] = {"gguf_name": gname, **info}
         if info.get("fallback"):
             fallbacks[layer_name] = info
@@ -219,12 +253,12 @@ def write_gguf(
 
     if fallbacks:
         worst = max(fallbacks, key=lambda n: fallbacks[n]["relative_weight_error"])
-        kinds = sorted({f"{v['source']} -> {v['gguf_type']}" for v in fallbacks.values()})
+        kinds = sorted({f"{v['source']} -> {v['gguf_type']} ({v['fallback_reason']})" for v in fallbacks.values()})
         warnings.warn(
             f"GGUF export: {len(fallbacks)} layer(s) have no exact GGUF type and use the "
-            f"'{fallback}' fallback ({'; '.join(kinds)}). Relative weight error: max "
-            f"{fallbacks[worst]['relative_weight_error']:.4g} ({worst}). Exact Q4_1 needs an INT4 "
-            f"base with a group size that is a multiple of 32 and a QA-LoRA / QA-BLoRA merge.",
+            f"'{fallback}' fallback: {'; '.join(kinds)}. Relative weight error: max "
+            f"{fallbacks[worst]['relative_weight_error']:.4g} ({worst}). Exact Q4_1 needs an INT2, INT3 "
+            f"or INT4 base with a group size that is a multiple of {QK4_1} and a QA-LoRA / QA-BLoRA merge.",
             ExportFallbackWarning,
             stacklevel=2,
         )
@@ -242,16 +276,21 @@ def write_gguf(
         "bytes": path.stat().st_size,
         "vocab": vocab,
         "layer_types": {t: types.count(t) for t in sorted(set(types))},
+        "dense_tensors": dense_tensors,
         "exact_q4_1_layers": len(exact),
         "fallback_layers": sorted(fallbacks),
         "max_abs_offset_rounding": max((v["max_abs_offset_rounding"] for v in exact), default=None),
+        "max_abs_scale_rounding": max((v["max_abs_scale_rounding"] for v in exact), default=None),
         "max_abs_weight_error_exact_layers": max((v["max_abs_weight_error"] for v in exact), default=None),
         "layers": layers,
     }
 
 
-def _linear_to_gguf(linear: LinearSnapshot, permute, fallback: str, dense_type: str):
-    """One linear layer's GGUF array, raw type and report entry (exact Q4_1, dense, or fallback)."""
+def _linear_to_gguf(linear: LinearSnapshot, permute, fallback: str, dense_type: str, compact: bool = False):
+    """One linear layer's GGUF array, raw type and report entry (exact Q4_1, dense, or fallback).
+
+    ``compact``: the layer is the (untied) ``output`` and follows the embedding rule of
+    :func:`_dense_array`."""
     import gguf
 
     info: dict[str, Any] = {"origin": linear.origin}
@@ -265,10 +304,12 @@ def _linear_to_gguf(linear: LinearSnapshot, permute, fallback: str, dense_type: 
         reference = linear.quantized.dequantize()
         per_group = linear.quantized.group_size // QK4_1
         m_true = linear.quantized.offsets.float().repeat_interleave(per_group, dim=1)
+        d_true = linear.quantized.scales.float().repeat_interleave(per_group, dim=1)
         rebuilt = GroupwiseQ41View(codes, d, m).dequantize()
         info.update(
             gguf_type="Q4_1",
             max_abs_offset_rounding=float((m.float() - m_true).abs().max()),
+            max_abs_scale_rounding=float((d.float() - d_true).abs().max()),
             max_abs_weight_error=float((rebuilt - reference).abs().max()),
             relative_weight_error=_relative(rebuilt, reference),
         )
@@ -277,14 +318,15 @@ def _linear_to_gguf(linear: LinearSnapshot, permute, fallback: str, dense_type: 
 
     weight = linear.dense_weight()
     if linear.origin == FROZEN_DENSE and not linear.is_quantized:
-        array, raw_type = _dense_array(permute(linear.weight), dense_type)
-        info.update(gguf_type=_type_name(array, raw_type), max_abs_weight_error=0.0, relative_weight_error=0.0)
-        if info["gguf_type"] == "F16" and linear.weight.dtype == torch.float32:
-            rebuilt = torch.from_numpy(array.astype(np.float32))
-            info.update(max_abs_weight_error=float((rebuilt - permute(weight)).abs().max()))
+        array, raw_type = _dense_array(permute(linear.weight), dense_type, compact=compact)
+        report = _dense_report(array, raw_type, permute(linear.weight))
+        info.update(gguf_type=report["gguf_type"], max_abs_weight_error=report["max_abs_error"],
+                    relative_weight_error=report["relative_error"])
         return info, array, raw_type
 
     info["fallback"] = fallback
+    info["fallback_reason"] = (q4_1_inexact_reason(linear.quantized) if linear.is_quantized
+                               else "a dense weight is on no Q4_1 grid")
     source = permute(weight)
     if fallback == "f16":
         _check_fits_f16(linear.name, source)
@@ -319,9 +361,20 @@ class GroupwiseQ41View:
         return w.reshape(rows, n)
 
 
-def _dense_array(tensor: Tensor, dense_type: str) -> tuple[np.ndarray, Any]:
+def _dense_array(tensor: Tensor, dense_type: str, compact: bool = False) -> tuple[np.ndarray, Any]:
+    """A non-Q4_1, non-norm tensor as (array, raw GGML type or None for a plain float array).
+
+    ``compact`` (the token embedding, an untied ``output``) under ``"auto"``: Q8_0 when Q8_0
+    holds the values exactly (``dequantize(quantize(x)) == x``, true for an embedding that came
+    from a Q8_0 GGUF tensor), else F16; BF16 and F16 sources keep their type.
+    """
     import gguf
 
+    if dense_type == "q8_0":
+        return _q8_0(tensor)
+    if dense_type == "auto" and compact and tensor.dtype == torch.float32:
+        packed = _q8_0(tensor, only_if_lossless=True)
+        return packed if packed is not None else _dense_array(tensor, "f16")
     if dense_type == "f32" or (dense_type == "auto" and tensor.dtype == torch.float32):
         return tensor.float().numpy(), None
     if dense_type == "f16" or (dense_type == "auto" and tensor.dtype == torch.float16):
@@ -332,7 +385,38 @@ def _dense_array(tensor: Tensor, dense_type: str) -> tuple[np.ndarray, Any]:
         return gguf.quants.quantize(tensor.float().numpy(), gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
     if dense_type == "auto":
         return tensor.float().numpy(), None
-    raise ValueError(f"dense_type {dense_type!r} must be 'auto', 'f32' or 'f16'")
+    raise ValueError(f"dense_type {dense_type!r} must be 'auto', 'f32', 'f16' or 'q8_0'")
+
+
+def _q8_0(tensor: Tensor, only_if_lossless: bool = False):
+    """Q8_0 (``w = d * q``, int8 ``q``, fp16 ``d`` per 32) of a 2-D tensor; None when
+    ``only_if_lossless`` and Q8_0 would change a value (or the rows are not 32k long)."""
+    import gguf
+
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    values = np.ascontiguousarray(tensor.float().numpy())
+    if values.shape[-1] % QK4_1 != 0:
+        if only_if_lossless:
+            return None
+        raise ValueError(f"Q8_0 needs rows of a multiple of {QK4_1} values, got a tensor of shape {tuple(values.shape)}")
+    packed = gguf.quants.quantize(values, q8_0)
+    if only_if_lossless and not np.array_equal(gguf.quants.dequantize(packed, q8_0), values):
+        return None
+    return packed, q8_0
+
+
+def _dense_report(array: np.ndarray, raw_type, source: Tensor) -> dict[str, Any]:
+    """The GGUF type of a dense tensor and how far its stored values are from ``source``."""
+    import gguf
+
+    stored = array.astype(np.float32) if raw_type is None else gguf.quants.dequantize(array, raw_type)
+    rebuilt = torch.from_numpy(np.ascontiguousarray(stored, dtype=np.float32)).reshape(source.shape)
+    return {
+        "gguf_type": _type_name(array, raw_type),
+        "shape": list(source.shape),
+        "max_abs_error": float((rebuilt - source.float()).abs().max()),
+        "relative_error": _relative(rebuilt, source.float()),
+    }
 
 
 def _type_name(array: np.ndarray, raw_type) -> str:
@@ -383,6 +467,105 @@ def _llama_hparams(config) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+#: The text llama.cpp's ``convert_hf_to_gguf.py`` (``get_vocab_base_pre``) tokenizes to recognize
+#: a byte-level BPE pre-tokenizer: sha256 of ``str(tokenizer.encode(text))`` names it.
+BPE_FINGERPRINT_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you "
+    "sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+#: Fingerprints of a few common Llama-architecture tokenizers (values from ``convert_hf_to_gguf.py``).
+KNOWN_BPE_PRE_TOKENIZERS = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Meta-Llama-3
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 / Qwen2
+}
+#: The tokenizer keys carried over from a source GGUF file (llama.cpp reads them at load time).
+CARRIED_TOKENIZER_KEYS = {
+    "pre": "tokenizer.ggml.pre",
+    "add_bos": "tokenizer.ggml.add_bos_token",
+    "add_eos": "tokenizer.ggml.add_eos_token",
+    "add_space_prefix": "tokenizer.ggml.add_space_prefix",
+    "chat_template": "tokenizer.chat_template",
+}
+
+
+def bpe_pre_tokenizer(tokenizer) -> tuple[str | None, str]:
+    """llama.cpp's name for a Hugging Face BPE tokenizer's pre-tokenizer and its fingerprint
+    (``convert_hf_to_gguf.py``'s method); the name is None when the fingerprint is unknown."""
+    import hashlib
+
+    fingerprint = hashlib.sha256(str(tokenizer.encode(BPE_FINGERPRINT_TEXT)).encode()).hexdigest()
+    return KNOWN_BPE_PRE_TOKENIZERS.get(fingerprint), fingerprint
+
+
+def tokenizer_settings(tokenizer_source: str | Path, tokenizer_model: Literal["gpt2", "llama"]) -> dict[str, Any]:
+    """What llama.cpp needs besides the vocabulary: ``pre``, ``add_bos``, ``add_eos``,
+    ``add_space_prefix`` (None: not written) and ``chat_template``, plus ``origin``.
+
+    A directory converted from a ``.gguf`` file takes them from that file, so llama.cpp
+    tokenizes the export as it tokenized the source. Otherwise they are derived like
+    ``convert_hf_to_gguf.py``: ``pre`` from the BPE fingerprint (``"default"`` for
+    SentencePiece and unknown fingerprints), add-BOS / add-EOS from ``tokenizer_config.json``
+    or else from what the Hugging Face tokenizer does to a text, the chat template from
+    ``tokenizer_config.json`` / ``chat_template.jinja``.
+    """
+    from qblora_pl.sources import converted_from_gguf
+
+    source_gguf = converted_from_gguf(tokenizer_source)
+    if source_gguf is not None:
+        settings = _settings_from_gguf(source_gguf, tokenizer_model)
+        if settings is not None:
+            return settings
+    return _derived_settings(Path(tokenizer_source), tokenizer_model)
+
+
+def _settings_from_gguf(path: Path, tokenizer_model: str) -> dict[str, Any] | None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    model_field = reader.get_field("tokenizer.ggml.model")
+    if model_field is None or model_field.contents() != tokenizer_model:
+        return None  # another tokenizer kind than the one we write: its settings would not apply
+    settings: dict[str, Any] = {"origin": f"source GGUF {path}"}
+    for name, key in CARRIED_TOKENIZER_KEYS.items():
+        field = reader.get_field(key)
+        settings[name] = None if field is None else field.contents()
+    settings["pre"] = settings["pre"] or "default"
+    return settings
+
+
+def _derived_settings(directory: Path, tokenizer_model: str) -> dict[str, Any]:
+    from qblora_pl.sources import load_tokenizer
+
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    settings: dict[str, Any] = {"origin": f"derived from {directory}", "pre": "default", "add_space_prefix": None}
+    tokenizer = None
+    if tokenizer_model == "gpt2" or "add_bos_token" not in config or "add_eos_token" not in config:
+        tokenizer = load_tokenizer(str(directory))
+    if tokenizer_model == "gpt2":
+        name, fingerprint = bpe_pre_tokenizer(tokenizer)
+        settings["pre"] = name or "default"
+        settings["pre_fingerprint"] = fingerprint
+        if name is None:
+            settings["origin"] += f" (BPE pre-tokenizer fingerprint {fingerprint[:12]} not recognized: 'default')"
+    if tokenizer is not None:
+        ids = tokenizer("a")["input_ids"]
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        settings["add_bos"] = config.get("add_bos_token", bos is not None and ids[:1] == [bos])
+        settings["add_eos"] = config.get("add_eos_token", eos is not None and len(ids) > 1 and ids[-1] == eos)
+    else:
+        settings["add_bos"], settings["add_eos"] = config["add_bos_token"], config["add_eos_token"]
+    template = config.get("chat_template")
+    if template is None and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text()
+    settings["chat_template"] = template
+    return settings
+
+
 def _add_vocab(writer, tokenizer_source: str | Path, vocab_size: int) -> dict[str, Any]:
     """Write the tokenizer: llama's SentencePiece model if there is one, else a byte-level BPE."""
     spm_path = sentencepiece_model_path(tokenizer_source)
@@ -394,6 +577,25 @@ def _add_vocab(writer, tokenizer_source: str | Path, vocab_size: int) -> dict[st
     raise FileNotFoundError(
         f"GGUF export needs the tokenizer: no tokenizer.model or tokenizer.json in {tokenizer_source!s}"
     )
+
+
+def _write_settings(writer, settings: dict[str, Any]) -> dict[str, Any]:
+    """Write the flags and chat template of :func:`tokenizer_settings`; return them for the report."""
+    if settings["add_bos"] is not None:
+        writer.add_add_bos_token(bool(settings["add_bos"]))
+    if settings["add_eos"] is not None:
+        writer.add_add_eos_token(bool(settings["add_eos"]))
+    if settings["add_space_prefix"] is not None:
+        writer.add_add_space_prefix(bool(settings["add_space_prefix"]))
+    if settings["chat_template"]:
+        writer.add_chat_template(settings["chat_template"])
+    return {
+        "settings_from": settings["origin"],
+        "pre": settings["pre"],
+        "add_bos": settings["add_bos"],
+        "add_eos": settings["add_eos"],
+        "chat_template": bool(settings["chat_template"]),
+    }
 
 
 def _add_sentencepiece_vocab(writer, spm_path: Path, source_dir: Path, vocab_size: int) -> dict[str, Any]:
@@ -431,8 +633,14 @@ def _add_sentencepiece_vocab(writer, spm_path: Path, source_dir: Path, vocab_siz
             scores[token_id] = -1000.0
             types[token_id] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
 
+    settings = tokenizer_settings(source_dir, "llama")
+    if settings["origin"].startswith("derived"):
+        # SentencePiece llamas add BOS unless the config says otherwise (convert_hf_to_gguf.py).
+        settings["add_bos"] = bool(tokenizer_config.get("add_bos_token", True))
+        settings["add_eos"] = bool(tokenizer_config.get("add_eos_token", False))
+        settings["add_space_prefix"] = _spm_adds_dummy_prefix(spm_path)
     writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(settings["pre"])
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
@@ -446,10 +654,8 @@ def _add_sentencepiece_vocab(writer, spm_path: Path, source_dir: Path, vocab_siz
     }
     for kind, token_id in special.items():
         setters[kind](token_id)
-    writer.add_add_bos_token(bool(tokenizer_config.get("add_bos_token", True)))
-    writer.add_add_eos_token(bool(tokenizer_config.get("add_eos_token", False)))
-    writer.add_add_space_prefix(_spm_adds_dummy_prefix(spm_path))
-    return {"type": "llama (SentencePiece)", "pieces": n_sp, "padded_to": vocab_size, "special_ids": special}
+    written = _write_settings(writer, settings)
+    return {"type": "llama (SentencePiece)", "pieces": n_sp, "padded_to": vocab_size, "special_ids": special, **written}
 
 
 def _spm_adds_dummy_prefix(spm_path: Path) -> bool:
@@ -481,11 +687,16 @@ def _add_bpe_vocab(writer, tokenizer_json: Path, vocab_size: int) -> dict[str, A
             tokens[added["id"]] = added["content"]
             types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    settings = tokenizer_settings(tokenizer_json.parent, "gpt2")
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(settings["pre"])
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     special = gguf.SpecialVocab(tokenizer_json.parent, load_merges=False, n_vocab=vocab_size)
+    special.add_special_token.clear()  # add-BOS / add-EOS come from the settings (one source of truth)
+    special.chat_template = None
     special.add_to_gguf(writer, quiet=True)
-    return {"type": "gpt2 (byte-level BPE)", "pieces": len(model["vocab"]), "padded_to": vocab_size}
+    written = _write_settings(writer, settings)
+    return {"type": "gpt2 (byte-level BPE)", "pieces": len(model["vocab"]), "padded_to": vocab_size,
+            "special_ids": dict(special.special_token_ids), **written}

@@ -6,7 +6,7 @@ Add to a config::
       callbacks:
         - class_path: callbacks.merge_export.MergeExport
           init_args:
-            output_dir: exports          # relative to trainer.default_root_dir
+            output_dir: exports          # relative to the run's log dir: runs/<name>/version_N/exports
             formats: [native, gguf, hf]  # project INT-b checkpoint, llama.cpp GGUF, dense HF dir
             gguf_fallback: f16           # for layers with no exact GGUF type (LoRA merges, INT2/3/8)
 
@@ -14,26 +14,35 @@ The same export runs on a saved adapter checkpoint through
 :func:`qblora_pl.export.export_from_checkpoint`. See docs/export.md for the formats, which
 merges are exact (QA-LoRA / QA-BLoRA on INT4 g32k: native and GGUF Q4_1) and which are lossy
 re-quantizations (LoRA / Q-BLoRA), and what the verification measures.
+
+Each run exports into its own directory (a relative ``output_dir`` lives in the run's log dir).
+A path the user names may hold an export of another run: that is refused when ``fit`` starts
+(before any training), unless ``overwrite: true``. A resumed run keeps its run id (the callback's
+checkpointed state), so it may replace its own export. Exports are staged and appear whole or
+not at all (:mod:`qblora_pl.export.exporter`).
 """
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from qblora_pl.distributed import is_sharded, unsharded_copy
-from qblora_pl.export.exporter import EXPORT_FORMATS, check_formats, export_module
+from qblora_pl.export.exporter import EXPORT_FORMATS, check_export_destination, check_formats, export_module
 
 
 class MergeExport(pl.Callback):
     """Merge the adapters into the model at the end of ``fit`` and write it for deployment.
 
     Args:
-        output_dir: where the exports go; a relative path is taken relative to
-            ``trainer.default_root_dir``.
+        output_dir: where the exports go; a relative path is taken relative to the run's log
+            directory (``trainer.log_dir``: ``runs/<name>/version_N``; ``default_root_dir``
+            without a logger), so every run has its own.
+        overwrite: allow replacing an export another run wrote in ``output_dir``.
         formats: any of ``native`` (the project's INT-b checkpoint, :func:`qblora_pl.export.load_native`),
             ``gguf`` (llama.cpp) and ``hf`` (merged dense Hugging Face directory).
         verify: load every export back, run a validation batch (the datamodule's first val
@@ -55,9 +64,12 @@ class MergeExport(pl.Callback):
         dense_dtype: str = "float16",
         native_bits: int = 4,
         native_group_size: int = 32,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         self.output_dir = output_dir
+        self.overwrite = overwrite
+        self.run_id: str | None = None
         self.formats = check_formats(formats)
         self.verify = verify
         self.gguf_fallback = gguf_fallback
@@ -68,9 +80,31 @@ class MergeExport(pl.Callback):
 
     def resolve_output_dir(self, trainer: pl.Trainer) -> Path:
         path = Path(self.output_dir).expanduser()
-        return path if path.is_absolute() else Path(trainer.default_root_dir) / path
+        return path if path.is_absolute() else Path(trainer.log_dir or trainer.default_root_dir) / path
+
+    def run_record(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """What the export report says about the run it belongs to."""
+        if self.run_id is None:
+            self.run_id = uuid.uuid4().hex
+        return {"id": self.run_id, "log_dir": trainer.log_dir, "global_step": trainer.global_step,
+                "resumed_from": getattr(trainer, "ckpt_path", None)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.run_id = state_dict.get("run_id") or self.run_id
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Checkpoint state (a resumed run's id) is restored before on_fit_start. Fail now, not
+        # after hours of training, when the export would have to replace another run's.
+        if trainer.is_global_zero:
+            check_export_destination(self.resolve_output_dir(trainer), self.run_record(trainer), self.overwrite)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0:
+            rank_zero_warn("MergeExport: no optimizer step was taken in this run; the export holds the base model "
+                           "with its initial adapters")
         module = pl_module
         if pl_module.model is not None and is_sharded(pl_module.model):
             # FSDP: every rank gathers the adapters; rank 0 exports an unsharded twin (docs/fsdp.md).
@@ -87,6 +121,8 @@ class MergeExport(pl.Callback):
             dense_dtype=self.dense_dtype,
             native_bits=self.native_bits,
             native_group_size=self.native_group_size,
+            run=self.run_record(trainer),
+            overwrite=self.overwrite,
             log=rank_zero_info,
         )
         if self.verify and trainer.logger is not None:

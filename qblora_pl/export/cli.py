@@ -2,6 +2,11 @@
 
 Merges a saved adapter checkpoint into its base and writes the low-bit model, outside of a
 training run. The model, base and strategy are rebuilt from what the checkpoint recorded.
+
+The export goes with its run: by default ``<run>/exports`` for ``<run>/checkpoints/x.ckpt``
+(``x_export/`` beside any other checkpoint file). It is staged and appears whole or not at all,
+it never replaces the export of another checkpoint (``--overwrite`` to allow it), and it is
+verified on held-out (validation) records of the data the checkpoint was trained on.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from qblora_pl.export.exporter import EXPORT_FORMATS, export_from_checkpoint
+from qblora_pl.export.exporter import EXPORT_FORMATS, default_checkpoint_export_dir, export_from_checkpoint
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -17,17 +22,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ckpt_path", required=True, help="adapter checkpoint written by `main.py fit`")
     parser.add_argument("--model_name_or_path", default=None,
                         help="the base model, when not where the checkpoint recorded it (the same base: checked)")
-    parser.add_argument("--output_dir", default="exports")
+    parser.add_argument("--output_dir", default=None,
+                        help="default: <run>/exports for <run>/checkpoints/*.ckpt, else <ckpt name>_export beside it")
     parser.add_argument("--formats", nargs="+", default=list(EXPORT_FORMATS), choices=list(EXPORT_FORMATS))
+    parser.add_argument("--overwrite", action="store_true", help="replace an export of another checkpoint in output_dir")
     parser.add_argument("--no_verify", action="store_true", help="skip reloading each export to compare its logits")
+    parser.add_argument("--data_path", default=None,
+                        help="the run's data, when not where the checkpoint recorded it (verification records)")
+    parser.add_argument("--verify_records", type=int, default=8, help="held-out records to verify on (default 8)")
     args = parser.parse_args(argv)
-    from qblora_pl.checkpoints import UnreadableCheckpoint
+    if args.verify_records < 1:
+        parser.error(f"--verify_records {args.verify_records}: must be >= 1")
+    from qblora_pl.checkpoints import NonFiniteAdapterError, UnreadableCheckpoint
+    from qblora_pl.export.exporter import ExportDestinationError, ExportVerificationError
     from qblora_pl.sources import SourceError
 
+    output_dir = args.output_dir or default_checkpoint_export_dir(args.ckpt_path)
     try:
-        report = export_from_checkpoint(None, args.ckpt_path, args.output_dir, formats=args.formats,
-                                        verify=not args.no_verify, model_name_or_path=args.model_name_or_path)
-    except (UnreadableCheckpoint, SourceError) as err:
+        report = export_from_checkpoint(
+            None, args.ckpt_path, output_dir, formats=args.formats, verify=not args.no_verify,
+            model_name_or_path=args.model_name_or_path, overwrite=args.overwrite, data_path=args.data_path,
+            verify_records=args.verify_records,
+        )
+    except (UnreadableCheckpoint, SourceError, NonFiniteAdapterError, ExportDestinationError,
+            ExportVerificationError, FloatingPointError) as err:
         parser.exit(2, f"main.py export: error: {err}\n")
     print(json.dumps(report, indent=2, default=str))
     return report

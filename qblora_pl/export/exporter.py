@@ -10,10 +10,20 @@ Three entry points, from the most to the least general:
 
 The model is merged (:func:`qblora_pl.merging.merge_adapters`) for the duration of the writes
 and always unmerged afterwards - also when a merge or a write fails - so training can go on.
+
+An export appears whole or not at all: every format, the verification and the report are made in
+a hidden staging directory next to ``output_dir``, which replaces ``output_dir`` only when all of
+them succeeded (:func:`staged_export`). A failure leaves the previous export, if any, as it was.
+An export belongs to one run: ``export_report.json`` records its ``run`` (an id, the run's
+directory, the checkpoint), and an export of another run is never replaced unless
+``overwrite=True`` (:func:`check_export_destination`). A directory that is not an export is
+never replaced. Verification fails - and nothing is written - when a model's logits are not
+finite (:class:`ExportVerificationError`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -25,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qblora_pl.export.atomic import atomic_file
+from qblora_pl.export.atomic import atomic_directory, atomic_file
 from qblora_pl.export.gguf_writer import GGUFFallback, write_gguf
 from qblora_pl.export.hf_dense import write_hf_dense
 from qblora_pl.export.native import load_native, write_native
@@ -60,21 +70,44 @@ def export_merged(
     gguf_dense_type: str = "auto",
     dense_dtype: str = "float16",
     method: dict[str, Any] | None = None,
+    run: dict[str, Any] | None = None,
+    overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Merge ``model``'s adapters, write ``formats`` under ``output_dir`` and verify them.
 
     Layout: ``native/`` (:mod:`qblora_pl.export.native`), ``model.gguf``
     (:mod:`qblora_pl.export.gguf_writer`), ``hf/`` (:mod:`qblora_pl.export.hf_dense`) and
-    ``export_report.json``. Each is written atomically. A non-finite merged weight raises
-    FloatingPointError naming the layer before anything is written. Returns the report.
+    ``export_report.json``, all staged and swapped in together (:func:`staged_export`). A
+    non-finite merged weight raises FloatingPointError naming the layer, non-finite logits
+    :class:`ExportVerificationError`; either way nothing is written. ``run`` identifies the run
+    the export belongs to (``{"id": ...}`` plus anything worth recording); an existing export of
+    another run raises :class:`ExportDestinationError` unless ``overwrite``. Returns the report.
     """
     formats = check_formats(formats)
     dense = dtype_from_name(dense_dtype)
     output_dir = Path(output_dir)
+    check_export_destination(output_dir, run, overwrite)
+    with staged_export(output_dir) as stage:
+        report = _export_into(
+            model, stage, tokenizer_source, formats=formats, verify=verify, batch=batch, batch_source=batch_source,
+            native_bits=native_bits, native_group_size=native_group_size, gguf_fallback=gguf_fallback,
+            gguf_dense_type=gguf_dense_type, dense=dense, method=method, run=run, log=log,
+        )
+        report = _relocate(report, str(stage), str(output_dir))
+        with atomic_file(stage / REPORT_FILE) as tmp:
+            tmp.write_text(json.dumps(report, indent=2, default=str))
+    report["report_path"] = str(output_dir / REPORT_FILE)
+    log(f"export: {', '.join(formats)} complete in {output_dir}")
+    return report
+
+
+def _export_into(model, output_dir: Path, tokenizer_source, *, formats, verify, batch, batch_source, native_bits,
+                 native_group_size, gguf_fallback, gguf_dense_type, dense, method, run, log) -> dict[str, Any]:
+    """Write and verify every format under ``output_dir`` (the staging directory); return the report."""
     was_training = model.training
     model.eval()
-    report: dict[str, Any] = {"method": method or {}, "formats": {}}
+    report: dict[str, Any] = {"method": method or {}, "run": run or {}, "formats": {}}
     started = time.perf_counter()
     try:
         merge_how = merge_adapters(model, dense_dtype=torch.float32)
@@ -84,6 +117,7 @@ def export_merged(
             if batch is None:
                 batch, batch_source = fixed_token_batch(vocab_size), "fixed_tokens"
             reference, reference_ppl = logits_and_perplexity(model, batch)
+            require_finite_logits(reference, "the in-memory merged model")
         writers = {
             "native": lambda: write_native(
                 snapshot, output_dir / NATIVE_DIR, tokenizer_source,
@@ -113,6 +147,7 @@ def export_merged(
             "reference_ppl": reference_ppl,
             "merged_vs_unmerged": compare_logits(reference, unmerged, batch),
         }
+        require_finite_logits(unmerged, "the unmerged (trained) model")
         loaders = {
             "native": lambda: (load_native(output_dir / NATIVE_DIR), "qblora_pl.export.load_native"),
             "gguf": lambda: load_gguf(output_dir / GGUF_FILE),
@@ -121,6 +156,7 @@ def export_merged(
         for fmt in formats:
             loaded, client = loaders[fmt]()
             logits, ppl = logits_and_perplexity(loaded, batch)
+            require_finite_logits(logits, f"the {fmt} export as loaded by {client}")
             result = {"client": client, "ppl": ppl, **compare_logits(reference, logits, batch)}
             report["formats"][fmt]["verification"] = result
             log(
@@ -129,10 +165,92 @@ def export_merged(
             )
             del loaded
     report["seconds"] = round(time.perf_counter() - started, 2)
-    with atomic_file(output_dir / REPORT_FILE) as tmp:
-        tmp.write_text(json.dumps(report, indent=2, default=str))
-    report["report_path"] = str(output_dir / REPORT_FILE)
     return report
+
+
+class ExportVerificationError(RuntimeError):
+    """A model taking part in the export produced non-finite logits: nothing was written."""
+
+
+class ExportDestinationError(FileExistsError):
+    """``output_dir`` holds something an export must not replace (another run's export, other files)."""
+
+
+def require_finite_logits(logits: torch.Tensor, what: str) -> None:
+    """Raise :class:`ExportVerificationError` when ``logits`` hold NaN or inf (a broken model)."""
+    finite = torch.isfinite(logits)
+    if bool(finite.all()):
+        return
+    raise ExportVerificationError(
+        f"{what} produced {int((~finite).sum())} non-finite logits of {logits.numel()} on the verification batch "
+        "(NaN or inf: diverged adapters, an overflowing scale or a broken file); export aborted, nothing was "
+        "written and any previous export is unchanged"
+    )
+
+
+def read_export_report(output_dir: str | Path) -> dict[str, Any] | None:
+    """The ``export_report.json`` of an existing export in ``output_dir``, or None."""
+    path = Path(output_dir) / REPORT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def check_export_destination(output_dir: str | Path, run: dict[str, Any] | None, overwrite: bool = False) -> None:
+    """Refuse to replace anything but an (empty dir or) export of the same run, unless ``overwrite``.
+
+    Never replaces a non-empty directory that is not an export (no ``export_report.json``):
+    ``output_dir: .`` must not delete a working tree. Call it before training so a run does not
+    learn at its end that its export has nowhere to go.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ExportDestinationError(f"export output_dir {str(output_dir)!r} is a file, not a directory")
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return
+    existing = read_export_report(output_dir)
+    if existing is None:
+        raise ExportDestinationError(
+            f"export output_dir {str(output_dir)!r} is a non-empty directory without {REPORT_FILE}: it is not an "
+            "export, and an export replaces its whole directory. Name an empty or new directory"
+        )
+    theirs = (existing.get("run") or {}).get("id")
+    ours = (run or {}).get("id")
+    if overwrite or (ours is not None and theirs == ours):
+        return
+    raise ExportDestinationError(
+        f"export output_dir {str(output_dir)!r} holds the export of another run ({_describe_run(existing.get('run'))}); "
+        "refusing to replace it. Name another directory, remove that one, or pass overwrite=True "
+        "(MergeExport init_args.overwrite: true / main.py export --overwrite)"
+    )
+
+
+def _describe_run(run: dict[str, Any] | None) -> str:
+    if not run:
+        return "no run recorded"
+    parts = [f"{k}={run[k]}" for k in ("id", "log_dir", "checkpoint", "global_step") if run.get(k) is not None]
+    return ", ".join(parts) or "no run recorded"
+
+
+@contextlib.contextmanager
+def staged_export(output_dir: Path):
+    """A staging directory that replaces ``output_dir`` as a whole when the block succeeds."""
+    with atomic_directory(output_dir) as stage:
+        yield stage
+
+
+def _relocate(value: Any, old: str, new: str) -> Any:
+    """``value`` with every string path under ``old`` (the staging dir) moved to ``new``."""
+    if isinstance(value, dict):
+        return {k: _relocate(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relocate(v, old, new) for v in value]
+    if isinstance(value, str) and value.startswith(old):
+        return new + value[len(old):]
+    return value
 
 
 def export_module(module, output_dir: str | Path, *, trainer: Any = None, **kwargs: Any) -> dict[str, Any]:
@@ -165,9 +283,16 @@ def export_from_checkpoint(
     output_dir: str | Path = "exports",
     formats: Sequence[str] = EXPORT_FORMATS,
     model_name_or_path: str | None = None,
+    data_path: str | None = None,
+    verify_records: int = 8,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Load an adapter checkpoint into ``module`` (or a module rebuilt from it) and export.
+
+    Verification runs on the first ``verify_records`` held-out (validation) records of the data
+    the checkpoint was trained on (``data_path`` if it moved), else on fixed sample texts. The
+    export records the checkpoint as its run: re-exporting the same checkpoint may replace its
+    export; another checkpoint's export is refused unless ``overwrite=True``.
 
     ``model_name_or_path`` replaces the base model location the checkpoint recorded (the same
     base elsewhere: its config sizes are checked against the checkpoint's).
@@ -187,6 +312,7 @@ def export_from_checkpoint(
     )
 
     checkpoint = read_checkpoint(ckpt_path)
+    kwargs.setdefault("run", checkpoint_run(ckpt_path, checkpoint))
     bad = non_finite_entries(checkpoint["state_dict"])
     if bad:
         raise NonFiniteAdapterError(f"{ckpt_path}: the adapters hold non-finite values ({', '.join(bad)}); "
@@ -202,7 +328,59 @@ def export_from_checkpoint(
     result = module.load_state_dict(checkpoint["state_dict"], strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"{ckpt_path}: unexpected keys {result.unexpected_keys[:5]}")
+    if kwargs.get("verify", True) and "batch" not in kwargs:
+        held_out = held_out_batch(checkpoint, data_path, verify_records, log=kwargs.get("log", print))
+        if held_out is not None:
+            kwargs["batch"], kwargs["batch_source"] = held_out
     return export_module(module, output_dir, formats=formats, **kwargs)
+
+
+def checkpoint_run(ckpt_path: str | Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The run an export of ``ckpt_path`` belongs to: the checkpoint file and its step."""
+    path = Path(ckpt_path).expanduser().resolve()
+    step = checkpoint.get("global_step")
+    return {"id": f"checkpoint:{path}@step{step}", "checkpoint": str(path), "global_step": step}
+
+
+def default_checkpoint_export_dir(ckpt_path: str | Path) -> Path:
+    """Where ``main.py export`` writes by default: ``<run>/exports`` for ``<run>/checkpoints/x.ckpt``,
+    else ``<x>_export`` beside the checkpoint - the export lives with the run it came from."""
+    path = Path(ckpt_path).expanduser()
+    if path.parent.name == "checkpoints":
+        return path.parent.parent / "exports"
+    return path.with_name(f"{path.stem}_export")
+
+
+def held_out_batch(checkpoint: dict[str, Any], data_path: str | None = None, records: int = 8,
+                   log: Callable[[str], None] = print) -> tuple[dict[str, torch.Tensor], str] | None:
+    """The first ``records`` validation records of the data the checkpoint was trained on.
+
+    The data module is rebuilt from the checkpoint's ``datamodule_hyper_parameters`` (Lightning
+    stores them), ``data_path`` replacing the recorded path when the data moved. Returns None
+    (with a log line saying why) when the checkpoint recorded no data or it cannot be read.
+    """
+    from qblora_pl.data.datamodule import InstructionDataModule
+
+    hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    if not hparams and data_path is None:
+        log("export verify: the checkpoint records no training data; verifying on fixed sample texts")
+        return None
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    if data_path is not None:
+        hparams["data_path"] = data_path
+    accepted = inspect.signature(InstructionDataModule.__init__).parameters
+    hparams = {k: v for k, v in hparams.items() if k in accepted}
+    hparams["eval_batch_size"] = records
+    try:
+        datamodule = InstructionDataModule(**hparams)
+        datamodule.setup("validate")
+        batch = next(iter(datamodule.val_dataloader()))
+    except Exception as err:  # noqa: BLE001 - moved or unreadable data: say so, verify on sample texts
+        log(f"export verify: the run's data {hparams.get('data_path')!r} could not be read ({type(err).__name__}: "
+            f"{err}); verifying on fixed sample texts (pass --data_path to use the run's held-out records)")
+        return None
+    batch = {k: v[:records] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return batch, f"validation split of {hparams.get('data_path')} (first {len(batch['input_ids'])} records)"
 
 
 def module_from_checkpoint(checkpoint: dict[str, Any], model_name_or_path: str | None = None):

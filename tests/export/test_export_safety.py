@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ import torch
 import qblora_pl.export.native as native_module
 from qblora_pl.adapters.base import AdaptedLinear
 from qblora_pl.export import ExportFallbackWarning, export_module, load_native
+from qblora_pl.export.exporter import ExportDestinationError, ExportVerificationError
 from tests.export.conftest import adapted_module
 
 gguf = pytest.importorskip("gguf")
@@ -24,10 +28,18 @@ def _assert_unmerged(module):
     assert not any(m.merged for m in module.model.modules() if isinstance(m, AdaptedLinear))
 
 
+def _tree(path):
+    """Every file under ``path`` with its bytes: an export's whole content."""
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+RUN = {"id": "run-a"}
+
+
 def test_failed_write_leaves_no_partial_export_and_keeps_the_previous_one(qablora_module, tmp_path, monkeypatch):
-    previous = tmp_path / "native"
-    previous.mkdir()
-    (previous / "marker.txt").write_text("earlier export")
+    out = tmp_path / "exports"
+    export_module(qablora_module, out, formats=["native"], verify=False, run=RUN, log=_quiet)
+    previous = _tree(out)
 
     def broken_save_file(tensors, filename, metadata=None):
         with open(filename, "wb") as fh:
@@ -36,10 +48,102 @@ def test_failed_write_leaves_no_partial_export_and_keeps_the_previous_one(qablor
 
     monkeypatch.setattr(native_module, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
-        export_module(qablora_module, tmp_path, formats=["native"], verify=False, log=_quiet)
+        export_module(qablora_module, out, formats=["native"], verify=False, run=RUN, log=_quiet)
     _assert_unmerged(qablora_module)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["native"]  # no temporary leftovers
-    assert sorted(p.name for p in previous.iterdir()) == ["marker.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports"]  # no staging leftovers
+    assert _tree(out) == previous
+
+
+def test_a_failing_format_leaves_the_previous_export_whole(qablora_module, tmp_path, monkeypatch):
+    """native and GGUF written, then hf fails: neither new file may appear beside the old report."""
+    import qblora_pl.export.exporter as exporter
+
+    out = tmp_path / "exports"
+    export_module(qablora_module, out, formats=["native", "gguf", "hf"], verify=False, run=RUN, log=_quiet)
+    previous = _tree(out)
+    written = []
+
+    def broken_hf(*args, **kwargs):
+        written.extend(p.name for p in Path(args[1]).parent.iterdir())
+        raise OSError("hf writer failed (injected)")
+
+    monkeypatch.setattr(exporter, "write_hf_dense", broken_hf)
+    with torch.no_grad():  # a different model, so a mixed export would show
+        next(p for p in qablora_module.parameters() if p.requires_grad).add_(0.5)
+    try:
+        with pytest.raises(OSError, match="hf writer failed"):
+            export_module(qablora_module, out, formats=["native", "gguf", "hf"], verify=False, run=RUN, log=_quiet)
+    finally:
+        with torch.no_grad():
+            next(p for p in qablora_module.parameters() if p.requires_grad).sub_(0.5)
+    assert {"native", "model.gguf"} <= set(written), "the failure must come after other formats were written"
+    assert _tree(out) == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports"]
+
+
+def test_another_runs_export_is_not_replaced(qablora_module, tmp_path):
+    out = tmp_path / "exports"
+    export_module(qablora_module, out, formats=["native"], verify=False, run={"id": "first", "log_dir": "runs/v0"},
+                  log=_quiet)
+    before = _tree(out)
+    with pytest.raises(ExportDestinationError, match=r"holds the export of another run \(id=first, log_dir=runs/v0\)"):
+        export_module(qablora_module, out, formats=["native"], verify=False, run={"id": "second"}, log=_quiet)
+    assert _tree(out) == before
+    # the same run may re-export; another run only with overwrite
+    export_module(qablora_module, out, formats=["native"], verify=False, run={"id": "first"}, log=_quiet)
+    report = export_module(qablora_module, out, formats=["native"], verify=False, run={"id": "second"},
+                           overwrite=True, log=_quiet)
+    assert report["run"]["id"] == "second"
+    assert json.loads((out / "export_report.json").read_text())["run"]["id"] == "second"
+
+
+def test_a_directory_that_is_not_an_export_is_never_replaced(qablora_module, tmp_path):
+    (tmp_path / "notes.txt").write_text("my work")
+    with pytest.raises(ExportDestinationError, match="non-empty directory without export_report.json"):
+        export_module(qablora_module, tmp_path, formats=["native"], verify=False, overwrite=True, log=_quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_exports_respect_the_umask(qablora_module, tmp_path, umask, file_mode, dir_mode):
+    old = os.umask(umask)
+    try:
+        export_module(qablora_module, tmp_path / "exports", formats=["native", "gguf", "hf"], verify=False, log=_quiet)
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "exports", *(tmp_path / "exports").rglob("*")]
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in paths}
+    assert {m for p, m in modes.items() if Path(tmp_path / p).is_dir()} == {dir_mode}, modes
+    assert {m for p, m in modes.items() if Path(tmp_path / p).is_file()} == {file_mode}, modes
+
+
+def test_non_finite_logits_fail_the_export_and_write_nothing(tiny_model_dir, tmp_path):
+    """Finite weights whose forward overflows (a final norm of 1e38): logits inf / NaN."""
+    module = adapted_module(tiny_model_dir, "qablora")
+    with torch.no_grad():
+        module.model.model.norm.weight.fill_(1e38)
+    with pytest.raises(ExportVerificationError, match=r"in-memory merged model produced \d+ non-finite logits"):
+        export_module(module, tmp_path / "out", formats=["native"], log=_quiet)
+    assert list(tmp_path.iterdir()) == []
+    _assert_unmerged(module)
+
+
+def test_a_poisoned_file_fails_verification(qablora_module, tmp_path, monkeypatch):
+    """The in-memory model is fine but the file, as its runtime loads it, gives NaN: refused."""
+    import qblora_pl.export.exporter as exporter
+
+    real = exporter.load_native
+
+    def poisoned(path):
+        model = real(path)
+        with torch.no_grad():
+            model.model.norm.weight.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(exporter, "load_native", poisoned)
+    with pytest.raises(ExportVerificationError, match="the native export as loaded by"):
+        export_module(qablora_module, tmp_path / "out", formats=["native"], log=_quiet)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_gguf_write_leaves_no_file(qablora_module, tmp_path, monkeypatch):

@@ -49,3 +49,105 @@ def test_callback_exports_at_fit_end_and_checkpoint_export_matches(tiny_model_di
     ids = torch.tensor([[1, 5, 9, 23, 42, 7]])
     with torch.no_grad():
         assert torch.equal(first(input_ids=ids).logits, second(input_ids=ids).logits)
+
+
+def _module_and_data(tiny_model_dir, tiny_data_dir):
+    module = QuantizedCausalLM(
+        str(tiny_model_dir), quantization=GroupwiseInt(), adapter=QABLoRA(budget_rank=4, dropout=0.0),
+        learning_rate=3e-2, warmup_steps=0,
+    )
+    data = InstructionDataModule(str(tiny_data_dir), tokenizer_name_or_path=str(tiny_model_dir), batch_size=8)
+    return module, data
+
+
+def _trainer(tmp_path, callback, max_steps=2, **kwargs):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return pl.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", max_steps=max_steps, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[callback], logger=TensorBoardLogger(tmp_path / "runs", name="m"), **kwargs,
+    )
+
+
+def test_every_run_exports_into_its_own_log_dir(tiny_model_dir, tiny_data_dir, tmp_path):
+    """Two fits with the same config: two exports, neither replacing the other (issue 14)."""
+    reports = []
+    for _ in range(2):
+        module, data = _module_and_data(tiny_model_dir, tiny_data_dir)
+        callback = MergeExport(formats=["native"], verify=False)
+        _trainer(tmp_path, callback).fit(module, datamodule=data)
+        reports.append(callback.report)
+    paths = [r["report_path"] for r in reports]
+    assert paths == [str(tmp_path / "runs" / "m" / f"version_{i}" / "exports" / "export_report.json") for i in (0, 1)]
+    ids = [json.loads(open(p).read())["run"]["id"] for p in paths]
+    assert ids[0] != ids[1]
+    assert not (tmp_path / "exports").exists()
+
+
+def test_a_named_dir_holding_another_runs_export_stops_fit_before_training(tiny_model_dir, tiny_data_dir, tmp_path):
+    import pytest
+
+    from qblora_pl.export.exporter import ExportDestinationError
+
+    shared = tmp_path / "shared_exports"
+    module, data = _module_and_data(tiny_model_dir, tiny_data_dir)
+    _trainer(tmp_path, MergeExport(output_dir=str(shared), formats=["native"], verify=False)).fit(module, datamodule=data)
+    before = (shared / "export_report.json").read_bytes()
+
+    module, data = _module_and_data(tiny_model_dir, tiny_data_dir)
+    trainer = _trainer(tmp_path, MergeExport(output_dir=str(shared), formats=["native"], verify=False))
+    with pytest.raises(ExportDestinationError, match="holds the export of another run"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0  # refused before any training
+    assert (shared / "export_report.json").read_bytes() == before
+
+    module, data = _module_and_data(tiny_model_dir, tiny_data_dir)
+    callback = MergeExport(output_dir=str(shared), formats=["native"], verify=False, overwrite=True)
+    _trainer(tmp_path, callback).fit(module, datamodule=data)
+    assert json.loads((shared / "export_report.json").read_text())["run"]["id"] == callback.run_id
+
+
+def test_a_resumed_run_may_replace_its_own_export(tiny_model_dir, tiny_data_dir, tmp_path):
+    shared = tmp_path / "shared_exports"
+    module, data = _module_and_data(tiny_model_dir, tiny_data_dir)
+    first = MergeExport(output_dir=str(shared), formats=["native"], verify=False)
+    trainer = _trainer(tmp_path, first)
+    trainer.fit(module, datamodule=data)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    module, data = _module_and_data(tiny_model_dir, tiny_data_dir)
+    resumed = MergeExport(output_dir=str(shared), formats=["native"], verify=False)
+    _trainer(tmp_path, resumed, max_steps=4).fit(module, datamodule=data, ckpt_path=str(ckpt))
+    assert resumed.run_id == first.run_id
+    report = json.loads((shared / "export_report.json").read_text())
+    assert report["run"]["global_step"] == 4 and report["run"]["resumed_from"] == str(ckpt)
+
+
+def test_a_run_without_steps_warns_that_it_exports_untrained_adapters(tiny_model_dir, tiny_data_dir, tmp_path):
+    import pytest
+
+    module, data = _module_and_data(tiny_model_dir, tiny_data_dir)
+    with pytest.warns(UserWarning, match="no optimizer step was taken"):
+        _trainer(tmp_path, MergeExport(formats=["native"], verify=False), max_steps=0).fit(module, datamodule=data)
+
+
+def test_checkpoint_export_verifies_on_the_runs_held_out_records(tiny_model_dir, tiny_data_dir, tmp_path):
+    from qblora_pl.export.cli import main as export_main
+
+    module, data = _module_and_data(tiny_model_dir, tiny_data_dir)
+    trainer = _trainer(tmp_path, MergeExport(formats=["native"], verify=False))
+    trainer.fit(module, datamodule=data)
+    run_dir = tmp_path / "runs" / "m" / "version_0"
+    ckpt = run_dir / "checkpoints" / "adapter.ckpt"
+    trainer.save_checkpoint(ckpt)
+    (run_dir / "exports").rename(run_dir / "fit_exports")  # the fit's own export; the CLI writes a new one
+
+    report = export_main(["--ckpt_path", str(ckpt), "--formats", "native", "--verify_records", "3"])
+    assert report["report_path"] == str(run_dir / "exports" / "export_report.json")  # the run's dir by default
+    validation = report["validation"]
+    assert validation["batch_source"] == f"validation split of {tiny_data_dir} (first 3 records)"
+    assert validation["batch_shape"][0] == 3
+    assert report["run"]["checkpoint"] == str(ckpt.resolve()) and report["run"]["global_step"] == 2
+    assert report["formats"]["native"]["verification"]["max_abs_logit_diff"] == 0.0

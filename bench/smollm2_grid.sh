@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The issue-13 grid on SmolLM2-135M-Instruct, one stage per call; every stage resumes (finished
+# runs are stored in bench/results/*.json and skipped). See bench/accuracy.py's docstring.
+#
+#   bash bench/smollm2_grid.sh sweep      # 0. learning rates on the validation split
+#   bash bench/smollm2_grid.sh lrs        #    print the chosen LRs (--lr-report)
+#   bash bench/smollm2_grid.sh step1      # 1. INT3 / INT2 g32, 4 methods, 3 seeds, references
+#   bash bench/smollm2_grid.sh report     #    tables + plots
+#
+# THREADS (default 1) sets OMP_NUM_THREADS: two stages may share the 2 cores of this machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${THREADS:-1}
+MODEL=$(python scripts/fetch_smollm2.py --quiet)
+D=${DATA_DIR:-../shared/data}
+STEPS=${STEPS:-200}
+COMMON=(--model "$MODEL" --data "$D/alpaca_5000.json" --prompt-template chat --max-source-length 128
+        --max-target-length 128 --batch-size 4 --eval-batch-size 8 --steps "$STEPS" --warmup 10 --no-exact-match)
+BENCH=(--arc "$D/arc/ARC-Easy-Test.jsonl" --arc-limit 1000 --mmlu-dir "$D/mmlu" --mmlu-k-shot 5
+       --mmlu-limit-per-subject 10)
+LR_FILE=bench/results/smollm2_lrs.txt   # one line: --method-lr qlora=... qblora=... qalora=... qablora=...
+
+lrs() { python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_lr*.json; }
+
+case "${1:?stage: sweep | lrs | step1 | step2 | step3 | step4 | report}" in
+  sweep)
+    for pair in "1e-3 1e-2" "3e-4 3e-3" "3e-3 3e-2"; do set -- $pair
+      python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --bits 3 --group-sizes 32 \
+          --lr "$1" --qa-lr "$2" --bench-trained none --tag "smollm2_val_lr$1"
+    done ;;
+  lrs)
+    lrs | tee /dev/stderr | grep -- "--method-lr" | sed 's/^for the test runs: //' > "$LR_FILE"; cat "$LR_FILE" ;;
+  step1)
+    python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2 --seeds 0 1 2 \
+        --bits 3 2 --group-sizes 32 --reference --bench-trained nf4 ;;
+  step2)
+    python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2 --seeds 0 1 2 \
+        --bits 4 --group-sizes 32 64 --reference --bench-trained none ;;
+  step3)
+    python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2 --seeds 0 1 2 \
+        --methods qlora qblora --qat-only --qat-bits 3 2 --group-sizes 32 --bench-trained none ;;
+  step4)
+    python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2_r32 --rank 32 \
+        --seeds 0 1 2 --bits 3 2 --group-sizes 32 --bench-trained none ;;
+  report)
+    python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2 --bits 3 2 \
+        --group-sizes 32 --report-only --markdown ;;
+  *) echo "unknown stage $1" >&2; exit 2 ;;
+esac

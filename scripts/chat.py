@@ -1,6 +1,6 @@
 """Ask a model questions through its chat template (greedy decoding).
 
-    python scripts/chat.py --model exports/native "What is the capital of France?" "Name three primary colors."
+    python scripts/chat.py --model runs/qablora/version_0/exports/native "What is the capital of France?" "Name three primary colors."
     python scripts/chat.py --model $(python scripts/fetch_smollm2.py --quiet) "What is 2 + 2?"
 
 ``--model`` is a merged native low-bit export (``MergeExport``'s ``native`` dir, loaded with

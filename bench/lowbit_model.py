@@ -311,7 +311,7 @@ def main() -> None:
         model = module.model
         args.model = run["base_dir"]
         report = export_module(module, export_dir / "export", formats=["native", "gguf", "hf"], gguf_dense_type="f16",
-                               verify=False, log=lambda _: None)
+                               verify=False, overwrite=True, log=lambda _: None)
     else:
         module, val_batches, base_ppl, run = train_or_load(args)
         model = module.model
@@ -323,10 +323,10 @@ def main() -> None:
         first = val_batches[0]
         report = export_module(
             module, export_dir / "export", formats=["native", "gguf", "hf"], gguf_dense_type="f16",
-            batch={k: v[:8] for k, v in first.items()}, batch_source="val split", log=lambda _: None,
+            batch={k: v[:8] for k, v in first.items()}, batch_source="val split", overwrite=True, log=lambda _: None,
         )
     run["params"] = count_parameters(model)[1]  # logical count: packed INT4 weights by their size
-    export_module(module, export_dir / "export_default", formats=["gguf"], verify=False, log=lambda _: None)
+    export_module(module, export_dir / "export_default", formats=["gguf"], verify=False, overwrite=True, log=lambda _: None)
     q4_path, q4_default_path = export_dir / "export" / "model.gguf", export_dir / "export_default" / "model.gguf"
     hf_dir, native_dir = export_dir / "export" / "hf", export_dir / "export" / "native"
     f16_gguf = write_f16_gguf(hf_dir, export_dir / "merged-f16.gguf", args.model)

@@ -1,5 +1,9 @@
 """A real client: llama.cpp (through llama-cpp-python) runs the GGUF export of a QA-BLoRA model.
 
+Exports at INT4, INT3 and INT2 (g32, and g64 / g128) are all Q4_1 files; each runs in llama.cpp
+with logits within tolerance of ours. The real-model test (also marked ``realmodel``) exports
+SmolLM2-135M-Instruct (tied embeddings, byte-level BPE tokenizer ``smollm``, chat template).
+
 An integration test (``pytest -m integration``; ``.ci/run`` runs it after the unit tests):
 llama-cpp-python builds llama.cpp from source when installed (``pip install -e ".[integration]"``,
 ~23 min on 2 cores), so it is not in the default test command. Without the package it is
@@ -88,17 +92,20 @@ def spm_model_dir(tmp_path_factory) -> Path:
     return _train_tiny_sentencepiece_llama(tmp_path_factory.mktemp("spm-llama"))
 
 
-@pytest.fixture(scope="module")
-def qablora_export(spm_model_dir, tmp_path_factory):
-    # A modest update (offsets move by about s * 0.1 / 32), so a pretrained model stays sensible.
-    module = adapted_module(spm_model_dir, "qablora", std=0.1)
-    out = tmp_path_factory.mktemp("llama-cpp-export")
+def _export(model_dir, out: Path, bits: int = 4, group_size: int = 32):
+    # A modest update (offsets move by about s * 0.1 / g), so a pretrained model stays sensible.
+    module = adapted_module(model_dir, "qablora", bits=bits, group_size=group_size, std=0.1)
     report = export_module(module, out, formats=["gguf"], log=print)
     return module, out / "model.gguf", report
 
 
+@pytest.fixture(scope="module")
+def qablora_export(spm_model_dir, tmp_path_factory):
+    return _export(spm_model_dir, tmp_path_factory.mktemp("llama-cpp-export"))
+
+
 def _llama_cpp_logits(llama_cpp, gguf_path: Path, prompts_ids: list[list[int]]) -> list[np.ndarray]:
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=128, logits_all=True, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=128, logits_all=True, n_threads=1, verbose=False)
     try:
         out = []
         for ids in prompts_ids:
@@ -120,10 +127,25 @@ TOLERANCE = 0.15  # of the logit standard deviation
 
 
 def test_llama_cpp_runs_the_qablora_q4_1_export(qablora_export, spm_model_dir):
+    _check_against_llama_cpp(*qablora_export, spm_model_dir)
+
+
+@pytest.mark.parametrize("bits, group_size", [(3, 32), (2, 32), (3, 64), (2, 128)])
+def test_llama_cpp_runs_int2_and_int3_q4_1_exports(bits, group_size, spm_model_dir, tmp_path):
+    import gguf
+
+    module, gguf_path, report = _export(spm_model_dir, tmp_path / "export", bits, group_size)
+    types = report["formats"]["gguf"]["layers"]
+    assert all(types[name]["gguf_type"] == "Q4_1" for name in module.adapted_layers())
+    assert gguf.GGUFReader(str(gguf_path)).get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q4_1
+    _check_against_llama_cpp(module, gguf_path, report, spm_model_dir)
+
+
+def _check_against_llama_cpp(module, gguf_path: Path, report, spm_model_dir) -> None:
+    """Same tokens as SentencePiece, logits within TOLERANCE of ours, decisive greedy tokens equal."""
     llama_cpp = import_llama_cpp()
     import sentencepiece as spm
 
-    module, gguf_path, report = qablora_export
     assert report["formats"]["gguf"]["fallback_layers"] == []
     second_client = report["formats"]["gguf"]["verification"]  # transformers' GGUF loader
     assert second_client["client"] == "transformers GGUF loader" and second_client["argmax_agreement"] == 1.0
@@ -178,3 +200,90 @@ def test_the_tolerance_catches_a_wrong_file(mistake, qablora_export, spm_model_d
     prompts_ids = [[sp.bos_id(), *sp.encode(p)] for p in PROMPTS[:2]]
     ours, theirs = _our_logits(module, prompts_ids), _llama_cpp_logits(llama_cpp, tmp_path / "model.gguf", prompts_ids)
     assert max(float(np.abs(t - o).max() / o.std()) for o, t in zip(ours, theirs)) > TOLERANCE
+
+
+# --------------------------------------------------------------------------------------------
+# The real model: SmolLM2-135M-Instruct from its Q4_1 GGUF file
+# --------------------------------------------------------------------------------------------
+
+from tests.realmodel.conftest import smollm2_gguf  # noqa: E402,F401 - the fixture
+
+CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+@pytest.fixture(scope="module")
+def smollm2_qablora(smollm2_gguf):  # noqa: F811
+    from qblora_pl.adapters import QABLoRA
+    from qblora_pl.module import QuantizedCausalLM
+    from qblora_pl.quantization import GroupwiseInt
+
+    module = QuantizedCausalLM(str(smollm2_gguf), quantization=GroupwiseInt(bits=4, group_size=32),
+                               adapter=QABLoRA(budget_rank=8, dropout=0.0))
+    module.configure_model()
+    return module
+
+
+@pytest.mark.realmodel
+def test_smollm2_export_at_init_is_the_source_file_tensor_for_tensor(smollm2_qablora, smollm2_gguf, tmp_path):  # noqa: F811
+    """Adapters at init (no update): INT4 g32 of the Q4_1 source's weights is the source again -
+    every tensor, the Q8_0 token embedding included, byte for byte; tokenizer settings carried."""
+    import gguf
+
+    report = export_module(smollm2_qablora, tmp_path, formats=["gguf"], verify=False, log=print)["formats"]["gguf"]
+    source, export = gguf.GGUFReader(str(smollm2_gguf)), gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    theirs, ours = {t.name: t for t in source.tensors}, {t.name: t for t in export.tensors}
+    assert set(ours) == set(theirs) and "output.weight" not in ours  # tied embeddings stay tied
+    for name, tensor in theirs.items():
+        assert ours[name].tensor_type == tensor.tensor_type, name
+        assert np.array_equal(np.asarray(ours[name].data), np.asarray(tensor.data)), f"{name} differs from the source"
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "llama.rope.freq_base"):
+        assert export.get_field(key).contents() == source.get_field(key).contents(), key
+    assert export.get_field("tokenizer.ggml.tokens").contents() == source.get_field("tokenizer.ggml.tokens").contents()
+    assert report["dense_tensors"]["token_embd.weight"]["gguf_type"] == "Q8_0"
+    print(f"\nSmolLM2 QA-BLoRA INT4 g32 export: {report['bytes']} bytes (source {smollm2_gguf.stat().st_size})")
+
+
+@pytest.mark.realmodel
+def test_llama_cpp_runs_the_smollm2_qablora_export(smollm2_qablora, smollm2_gguf, tmp_path):  # noqa: F811
+    """A QA-BLoRA update on SmolLM2 through llama.cpp: HF's tokens for a chat-templated prompt,
+    logits as close to ours as llama.cpp's own run of the source file is to an exact evaluation
+    of the source's weights (its 8-bit activations over 30 layers), decisive greedy tokens equal."""
+    llama_cpp = import_llama_cpp()
+    from tests.export.conftest import randomize_adapters
+
+    from qblora_pl.sources import load_causal_lm, load_tokenizer
+
+    module = randomize_adapters(smollm2_qablora, std=0.05)
+    report = export_module(module, tmp_path, formats=["gguf"], verify=False, log=print)["formats"]["gguf"]
+    assert report["fallback_layers"] == [] and report["exact_q4_1_layers"] == 210
+    tokenizer = load_tokenizer(str(smollm2_gguf))
+    text = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text)["input_ids"]
+
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), n_ctx=128, vocab_only=True, verbose=False)
+    try:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids, "llama.cpp tokenizes the chat differently"
+        assert llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
+        assert llm.metadata["tokenizer.ggml.pre"] == "smollm"
+    finally:
+        llm.close()
+
+    [ours] = _our_logits(module, [ids])
+    [theirs] = _llama_cpp_logits(llama_cpp, tmp_path / "model.gguf", [ids])
+    # The runtime's own error on this model: llama.cpp on the source file vs its weights in float32.
+    base = load_causal_lm(str(smollm2_gguf), dtype=torch.float32).eval()
+    with torch.no_grad():
+        exact_source = base(input_ids=torch.tensor([ids])).logits[0].numpy()
+    del base
+    [llama_source] = _llama_cpp_logits(llama_cpp, smollm2_gguf, [ids])
+    runtime_error = float(np.abs(llama_source - exact_source).max() / exact_source.std())
+    export_error = float(np.abs(theirs - ours).max() / ours.std())
+    print(f"\nSmolLM2 QA-BLoRA: llama.cpp vs ours max |dlogit| / std = {export_error:.4g}; llama.cpp on the source "
+          f"vs its exact weights {runtime_error:.4g}; greedy agreement {(ours.argmax(-1) == theirs.argmax(-1)).mean():.3f}")
+    assert export_error < 1.5 * runtime_error
+    top2 = np.sort(ours, axis=-1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) > 2 * runtime_error * ours.std()
+    same = ours.argmax(-1) == theirs.argmax(-1)
+    assert same[decisive].all(), "llama.cpp picks another greedy token where ours is decisive"
+    assert same.mean() >= 0.9, f"greedy tokens agree at {same.mean():.3f} of the positions"

@@ -98,8 +98,10 @@ class MergeExport(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Checkpoint state (a resumed run's id) is restored before on_fit_start. Fail now, not
         # after hours of training, when the export would have to replace another run's.
+        # trainer.log_dir is a collective under FSDP2 (the strategy broadcasts it): every rank asks.
+        output_dir, record = self.resolve_output_dir(trainer), self.run_record(trainer)
         if trainer.is_global_zero:
-            check_export_destination(self.resolve_output_dir(trainer), self.run_record(trainer), self.overwrite)
+            check_export_destination(output_dir, record, self.overwrite)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0:
@@ -109,11 +111,12 @@ class MergeExport(pl.Callback):
         if pl_module.model is not None and is_sharded(pl_module.model):
             # FSDP: every rank gathers the adapters; rank 0 exports an unsharded twin (docs/fsdp.md).
             module = unsharded_copy(pl_module, keep=trainer.is_global_zero)
+        output_dir, record = self.resolve_output_dir(trainer), self.run_record(trainer)  # collectives (log_dir)
         if not trainer.is_global_zero:
             return
         self.report = export_module(
             module,
-            self.resolve_output_dir(trainer),
+            output_dir,
             trainer=trainer,
             formats=self.formats,
             verify=self.verify,
@@ -121,7 +124,7 @@ class MergeExport(pl.Callback):
             dense_dtype=self.dense_dtype,
             native_bits=self.native_bits,
             native_group_size=self.native_group_size,
-            run=self.run_record(trainer),
+            run=record,
             overwrite=self.overwrite,
             log=rank_zero_info,
         )

@@ -70,8 +70,10 @@ def build_peft_model(args: argparse.Namespace):
 
     ours = NF4()  # the defaults our qlora case runs with: the same BitsAndBytesConfig
     dtype = resolve_dtype(ours.compute_dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=dtype, quantization_config=ours.bitsandbytes_config(), device_map=ours.device_map()
+    from qblora_pl.sources import pretrained_name_or_path
+
+    model = AutoModelForCausalLM.from_pretrained(  # a .gguf model: its converted HF directory
+        pretrained_name_or_path(args.model), dtype=dtype, quantization_config=ours.bitsandbytes_config(), device_map=ours.device_map()
     )
     if args.peft_kbit_prep:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -121,6 +123,14 @@ def run_case(args: argparse.Namespace) -> dict:
     rss_loaded = _rss_bytes()
     times, cpu_times = [], []
     for step in range(args.warmup + args.steps):
+        if args.validate_every and step % args.validate_every == 0:
+            # What Lightning's validation loop does between training steps: an eval-mode no-grad
+            # forward. On an AVX512-BF16 CPU it makes bitsandbytes repack the NF4 weights, after
+            # which its backward loses their gradient path (qblora_pl's NF4 backend undoes that).
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids[:1])
+            model.train()
         start, cpu_start = time.perf_counter(), time.process_time()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(input_ids=ids, labels=ids).loss
@@ -143,6 +153,7 @@ def run_case(args: argparse.Namespace) -> dict:
         "tokens_per_s": args.batch_size * args.seq_len / statistics.median(times),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
+        "validate_every": args.validate_every,
         "base_linear_type": sorted({type(m).__name__ for n, m in model.named_modules() if n.endswith(".base_layer")}),
     }
 
@@ -160,6 +171,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over all cases; the fastest round of each case is reported")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads per case (0: torch's default / OMP_NUM_THREADS)")
+    parser.add_argument("--validate-every", type=int, default=0,
+                        help="an untimed eval-mode no-grad forward before every Nth step, as a fit that validates runs (0: never)")
     parser.add_argument("--peft-kbit-prep", action="store_true", help="call peft.prepare_model_for_kbit_training(use_gradient_checkpointing=False) in the PEFT case")
     parser.add_argument("--out", default="bench/results/step_cost.json")
     parser.add_argument("--plot", default=None, help="PNG bar chart (default: --out with .png)")
@@ -187,7 +200,7 @@ def main() -> None:
     for round_index in range(args.repeats):  # interleaved, so background load hits every case alike
         for case in args.cases:
             cmd = [sys.executable, __file__, "--case", case, "--model", args.model]
-            for key in ("rank", "bits", "group_size", "batch_size", "seq_len", "steps", "warmup", "threads"):
+            for key in ("rank", "bits", "group_size", "batch_size", "seq_len", "steps", "warmup", "threads", "validate_every"):
                 cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
             if args.peft_kbit_prep:
                 cmd.append("--peft-kbit-prep")

@@ -6,8 +6,10 @@ Three pieces (docs/fsdp.md):
   device mesh: ``torch.distributed.fsdp.fully_shard`` on every decoder layer, then on the root.
   The group-wise INT-b base keeps its packed codes, scales and offsets as frozen parameters
   (:class:`~qblora_pl.quantization.groupwise_int.GroupwiseIntLinear`), so FSDP2 shards them:
-  each rank holds ``1 / world_size`` of the frozen base. bitsandbytes NF4 is refused (see
-  :class:`ShardingNotSupported`).
+  each rank holds ``1 / world_size`` of the frozen base. An NF4 base on torchao's ``NF4Tensor``
+  (``NF4(implementation: torchao)``) is sharded the same way - codes, int8 scales and their factors
+  - when its layers divide over the world size (checked first, naming the layer); bitsandbytes NF4
+  is refused (see :class:`ShardingNotSupported`).
 * :class:`FSDP2Strategy` - ``ModelParallelStrategy`` set up for pure data-parallel sharding
   (one mesh dimension over every rank, on any number of nodes) that writes the same
   single-file, adapter-only checkpoints as a one-device run and reads them back at any world
@@ -102,10 +104,12 @@ def shard_model(model: nn.Module, device_mesh, reshard_after_forward: bool = Tru
             f"layer {nf4[0]} (and {len(nf4) - 1} more) is a bitsandbytes 4-bit layer, which FSDP2 "
             f"cannot shard safely: the quantization state lives outside the tensor FSDP2 shards, and "
             f"uint8 storage is known to train with zero loss and NaN gradients (accelerate issue "
-            f"#3983). Under FSDP use the group-wise integer base, e.g. "
-            f"--model.quantization qblora_pl.quantization.GroupwiseInt (LoRA and Q-BLoRA work on it too)."
+            f"#3983). Under FSDP use NF4 on torchao (--model.quantization.init_args.implementation torchao, "
+            f"pip install 'qblora-pl[fsdp-nf4]') or the group-wise integer base, e.g. "
+            f"--model.quantization qblora_pl.quantization.GroupwiseInt (LoRA and Q-BLoRA work on both)."
         )
     mesh = data_parallel_mesh(device_mesh)
+    check_nf4_shards(model, mesh.size())
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
@@ -117,6 +121,22 @@ def shard_model(model: nn.Module, device_mesh, reshard_after_forward: bool = Tru
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return len(layers)
+
+
+def check_nf4_shards(model: nn.Module, world_size: int) -> None:
+    """Refuse, naming the layer and the fix, a torchao NF4 base that ``world_size`` ranks cannot shard.
+
+    FSDP2 splits each ``NF4Tensor`` into ``world_size`` row blocks, splitting its codes, int8 block
+    scales and double-quantization factors alike: rows and factors must divide by the world size
+    (:func:`qblora_pl.quantization.torchao_nf4.shard_problem`). Checked before any layer is sharded.
+    """
+    from qblora_pl.quantization.torchao_nf4 import TorchaoNF4Linear, shard_problem
+
+    problems = [(name, problem) for name, m in model.named_modules()
+                if isinstance(m, TorchaoNF4Linear) and (problem := shard_problem(name, m, world_size))]
+    if problems:
+        more = f" ({len(problems) - 1} more layer(s) cannot either)" if len(problems) > 1 else ""
+        raise ShardingNotSupported(problems[0][1] + more)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -187,16 +207,20 @@ def global_token_count(n_local: torch.Tensor) -> torch.Tensor:
 def base_weight_bytes(module: nn.Module) -> int:
     """Bytes this rank holds of the frozen parameters (its local shards under FSDP2).
 
-    Excludes FSDP2's padding of uneven shards (at most ``world_size - 1`` rows per tensor).
+    Excludes FSDP2's padding of uneven shards (at most ``world_size - 1`` rows per tensor). A torchao
+    ``NF4Tensor`` counts the bytes it stores (codes, scales, factors), not the float tensor it
+    stands for.
     """
     from torch.distributed.tensor import DTensor
+
+    from qblora_pl.quantization.torchao_nf4 import is_nf4_tensor, nf4_storage_bytes
 
     total = 0
     for param in module.parameters():
         if param.requires_grad:
             continue
         local = param.to_local() if isinstance(param, DTensor) else param
-        total += local.numel() * local.element_size()
+        total += nf4_storage_bytes(local) if is_nf4_tensor(local) else local.numel() * local.element_size()
     return total
 
 

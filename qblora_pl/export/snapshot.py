@@ -6,8 +6,8 @@ After :func:`qblora_pl.merging.merge_adapters` each target layer of the model is
   (exact, still b-bit, METHOD.md sections 3-4; merged offsets are float32);
 * a dense ``nn.Linear`` holding ``W_hat + dW`` (LoRA / Q-BLoRA, METHOD.md sections 1-2);
 
-and the other linear layers are frozen bases (INT-b, bitsandbytes NF4, or dense, such as the
-``lm_head``). :func:`snapshot_merged_model` reads all of that into :class:`ModelSnapshot`:
+and the other linear layers are frozen bases (INT-b, NF4 from bitsandbytes or torchao, or dense,
+such as the ``lm_head``). :func:`snapshot_merged_model` reads all of that into :class:`ModelSnapshot`:
 linear layers by their Hugging Face module name, with either the INT-b parts (codes, scales,
 offsets) or a dense weight, plus every other tensor of the state dict (embeddings, norms). The
 exporters only ever read a snapshot; none of them touches the adapter classes.
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from qblora_pl.adapters.base import AdaptedLinear
-from qblora_pl.quantization.base_layers import dequantized_weight, is_base_linear, is_nf4_linear
+from qblora_pl.quantization.base_layers import dequantized_weight, is_base_linear, is_nf4_linear, is_torchao_nf4_linear
 from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear, GroupwiseIntQuantizer
 
 # How a linear layer came to hold its current weight; recorded in every export's layer map.
@@ -113,7 +113,7 @@ def snapshot_merged_model(model: nn.Module, merge_how: dict[str, str] | None = N
         elif is_base_linear(module):
             if isinstance(module, GroupwiseIntLinear):
                 origin = FROZEN_INT
-            elif is_nf4_linear(module):
+            elif is_nf4_linear(module) or is_torchao_nf4_linear(module):
                 origin = FROZEN_NF4
             else:
                 origin = FROZEN_DENSE

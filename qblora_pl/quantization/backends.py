@@ -68,20 +68,66 @@ class QuantizationBackend(ABC):
 
 
 class NF4(QuantizationBackend):
-    """bitsandbytes 4-bit (NF4 or FP4, block size 64) through transformers' BitsAndBytesConfig.
+    """4-bit NormalFloat (QLoRA's NF4, block size 64): bitsandbytes by default, or torchao.
+
+    ``implementation: bitsandbytes`` loads through transformers' BitsAndBytesConfig (NF4 or FP4);
+    bitsandbytes layers cannot be sharded by FSDP2. ``implementation: torchao`` stores each weight
+    as torchao's ``NF4Tensor`` (:mod:`qblora_pl.quantization.torchao_nf4`; ``pip install
+    'qblora-pl[fsdp-nf4]'``): NF4 with double-quantized scales, which FSDP2 shards
+    (``configs/fsdp.yaml``, docs/fsdp.md). Its ``W_hat`` is close to, not bit-identical with,
+    bitsandbytes' for the same weight; each implementation trains, merges and exports one
+    ``W_hat`` consistently.
 
     Args:
-        quant_type: ``"nf4"`` (QLoRA) or ``"fp4"``.
-        double_quant: quantize the block scales too (QLoRA's double quantization).
-        compute_dtype: dtype of the dequantized matmul; ``"auto"`` = bf16 on CUDA, fp32 on CPU.
+        quant_type: ``"nf4"`` (QLoRA) or ``"fp4"`` (bitsandbytes only).
+        double_quant: quantize the block scales too (QLoRA's double quantization; torchao always does).
+        compute_dtype: dtype of the dequantized matmul; ``"auto"`` = bf16 on CUDA, fp32 on CPU. torchao
+            quantizes from the weights in this dtype and dequantizes in it.
+        implementation: ``"bitsandbytes"`` or ``"torchao"``.
+        scaler_block_size: torchao only: NF4 blocks per double-quantization factor (torchao's default
+            256); a layer whose block count it does not divide uses the largest power of two below it
+            that does. Lower it when FSDP2 cannot shard a layer over your world size (the error says
+            which value works).
     """
 
     name = "nf4"
+    IMPLEMENTATIONS = ("bitsandbytes", "torchao")
 
-    def __init__(self, quant_type: Literal["nf4", "fp4"] = "nf4", double_quant: bool = True, compute_dtype: DTypeName = "auto") -> None:
+    def __init__(
+        self,
+        quant_type: Literal["nf4", "fp4"] = "nf4",
+        double_quant: bool = True,
+        compute_dtype: DTypeName = "auto",
+        implementation: Literal["bitsandbytes", "torchao"] = "bitsandbytes",
+        scaler_block_size: int = 256,
+    ) -> None:
         if quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type={quant_type!r} must be 'nf4' or 'fp4'")
+        if implementation not in self.IMPLEMENTATIONS:
+            raise ValueError(f"implementation={implementation!r} must be one of {list(self.IMPLEMENTATIONS)}")
+        if implementation == "torchao":
+            if quant_type != "nf4" or not double_quant:
+                raise ValueError(
+                    f"implementation='torchao' is NF4 with double quantization only; got quant_type={quant_type!r}, "
+                    f"double_quant={double_quant}"
+                )
+            if scaler_block_size < 1 or scaler_block_size & (scaler_block_size - 1):
+                raise ValueError(f"scaler_block_size={scaler_block_size} must be a power of two")
+        elif scaler_block_size != 256:
+            raise ValueError(f"scaler_block_size={scaler_block_size} applies to implementation='torchao' only")
         self.quant_type, self.double_quant, self.compute_dtype = quant_type, double_quant, compute_dtype
+        self.implementation, self.scaler_block_size = implementation, scaler_block_size
+
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments; the bitsandbytes default records only the original three.
+
+        Adapter checkpoints record the base by these arguments and refuse a resume on another base,
+        so bitsandbytes checkpoints written before ``implementation`` existed keep matching.
+        """
+        args = super().init_args()
+        if self.implementation == "bitsandbytes":
+            del args["implementation"], args["scaler_block_size"]
+        return args
 
     def bitsandbytes_config(self):
         """The ``transformers.BitsAndBytesConfig`` this backend loads with (also used by bench/)."""
@@ -101,11 +147,25 @@ class NF4(QuantizationBackend):
 
     def load(self, model_name_or_path: str) -> nn.Module:
         dtype = resolve_dtype(self.compute_dtype)
+        if self.implementation == "torchao":
+            return self._load_torchao(model_name_or_path, dtype)
         model = self._load_float(
             model_name_or_path, dtype, quantization_config=self.bitsandbytes_config(), device_map=self.device_map()
         )
         model.requires_grad_(False)
         keep_nf4_layers_trainable(model)
+        return model
+
+    def _load_torchao(self, model_name_or_path: str, dtype: torch.dtype) -> nn.Module:
+        from qblora_pl.quantization.torchao_nf4 import quantize_linear_layers_nf4, torchao_nf4
+
+        torchao_nf4()  # a missing torchao is reported before the model is loaded
+        # Quantized from the weights in the compute dtype, as bitsandbytes does (and torchtune).
+        model = self._load_float(model_name_or_path, dtype)
+        model.requires_grad_(False)
+        if torch.cuda.is_available():
+            model = model.cuda()
+        quantize_linear_layers_nf4(model, max_scaler_block_size=self.scaler_block_size)
         return model
 
 

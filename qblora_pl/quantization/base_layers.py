@@ -1,8 +1,9 @@
 """One view over the frozen base linear layers that adapter strategies wrap.
 
 A base layer is one of: a plain ``nn.Linear`` (16/32-bit), a bitsandbytes ``Linear4bit``
-(NF4 / FP4, METHOD.md section 1), or our :class:`GroupwiseIntLinear` (INT-b with one scale and
-one offset per group, METHOD.md section 3). Strategies never touch the quantized storage
+(NF4 / FP4, METHOD.md section 1), a :class:`TorchaoNF4Linear` (NF4 on torchao's ``NF4Tensor``,
+shardable by FSDP2), or our :class:`GroupwiseIntLinear` (INT-b with one scale and one offset per
+group, METHOD.md section 3). Strategies never touch the quantized storage
 directly: they ask this module for the shape and for ``W_hat = dequant(Q(W))``.
 """
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+from qblora_pl.quantization.torchao_nf4 import TorchaoNF4Linear
 
 try:  # bitsandbytes is a hard dependency, but keep the import failure readable.
     import bitsandbytes as bnb
@@ -23,7 +25,7 @@ try:  # bitsandbytes is a hard dependency, but keep the import failure readable.
 except ImportError:  # pragma: no cover - exercised only without bitsandbytes
     _BNB_LINEAR4BIT = ()
 
-BASE_LINEAR_TYPES: tuple[type, ...] = (nn.Linear, GroupwiseIntLinear, *_BNB_LINEAR4BIT)
+BASE_LINEAR_TYPES: tuple[type, ...] = (nn.Linear, GroupwiseIntLinear, TorchaoNF4Linear, *_BNB_LINEAR4BIT)
 
 
 def is_base_linear(module: nn.Module) -> bool:
@@ -32,14 +34,19 @@ def is_base_linear(module: nn.Module) -> bool:
 
 
 def is_nf4_linear(module: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit layer (torchao's NF4 layers: :func:`is_torchao_nf4_linear`)."""
     return bool(_BNB_LINEAR4BIT) and isinstance(module, _BNB_LINEAR4BIT)
+
+
+def is_torchao_nf4_linear(module: nn.Module) -> bool:
+    return isinstance(module, TorchaoNF4Linear)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(d_out, d_in)`` of a base linear layer, whatever its storage."""
     if isinstance(module, GroupwiseIntLinear):
         return module.out_features, module.in_features
-    if is_nf4_linear(module):
+    if is_nf4_linear(module) or isinstance(module, TorchaoNF4Linear):
         return module.out_features, module.in_features
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
@@ -53,6 +60,8 @@ def describe_base(module: nn.Module) -> str:
     if is_nf4_linear(module):
         quant_type = getattr(module.weight, "quant_type", "nf4")
         return f"bnb {quant_type.upper()}"
+    if isinstance(module, TorchaoNF4Linear):
+        return "torchao NF4"
     return f"dense {module.weight.dtype}".replace("torch.", "")
 
 
@@ -63,6 +72,8 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> t
         weight = module.dequantize()
     elif is_nf4_linear(module):
         weight = _dequantize_nf4(module)
+    elif isinstance(module, TorchaoNF4Linear):
+        weight = module.dequantize()
     elif isinstance(module, nn.Linear):
         weight = module.weight.detach()
     else:
@@ -130,7 +141,7 @@ def _dequantize_nf4(module: nn.Module) -> torch.Tensor:
 
 def logical_numel(module: nn.Module) -> int:
     """Number of weights a layer represents (packed 4-bit storage holds two per byte)."""
-    if isinstance(module, GroupwiseIntLinear) or is_nf4_linear(module):
+    if isinstance(module, (GroupwiseIntLinear, TorchaoNF4Linear)) or is_nf4_linear(module):
         d_out, d_in = linear_shape(module)
         bias = getattr(module, "bias", None)
         return d_out * d_in + (bias.numel() if bias is not None else 0)

@@ -29,7 +29,13 @@ ADAPTERS = {
     "qalora": lambda: QALoRA(r=4, dropout=0.0),
     "qablora": lambda: QABLoRA(budget_rank=4, dropout=0.0),
 }
-BACKENDS = {"int4": lambda: GroupwiseInt(bits=4, group_size=32), "nf4": lambda: NF4()}
+BACKENDS = {
+    "int4": lambda: GroupwiseInt(bits=4, group_size=32),
+    "nf4": lambda: NF4(),
+    # The test model's 64 x 64 layers have 64 NF4 blocks: scaler blocks of 32 give 2 factors per
+    # layer, which 2 ranks divide (torchao's default 256 would give 1: see test_fsdp_nf4_torchao).
+    "nf4_torchao": lambda: NF4(implementation="torchao", scaler_block_size=32),
+}
 
 
 class Recorder(pl.Callback):
@@ -72,7 +78,7 @@ def build(spec: dict) -> tuple[QuantizedCausalLM, InstructionDataModule, pl.Trai
     if spec.get("export_dir"):
         from callbacks.merge_export import MergeExport
 
-        callbacks.append(MergeExport(output_dir=spec["export_dir"], formats=["native"], verify=True))
+        callbacks.append(MergeExport(output_dir=spec["export_dir"], formats=spec.get("export_formats", ["native"]), verify=True))
     devices = spec.get("devices", 2)
     strategy = FSDP2Strategy() if spec.get("strategy", "fsdp") == "fsdp" else "auto"
     trainer = pl.Trainer(

@@ -538,31 +538,40 @@ def _settings_from_gguf(path: Path, tokenizer_model: str) -> dict[str, Any] | No
 
 
 def _derived_settings(directory: Path, tokenizer_model: str) -> dict[str, Any]:
-    from qblora_pl.sources import load_tokenizer
-
     config_file = directory / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    settings: dict[str, Any] = {"origin": f"derived from {directory}", "pre": "default", "add_space_prefix": None}
-    tokenizer = None
-    if tokenizer_model == "gpt2" or "add_bos_token" not in config or "add_eos_token" not in config:
-        tokenizer = load_tokenizer(str(directory))
-    if tokenizer_model == "gpt2":
-        name, fingerprint = bpe_pre_tokenizer(tokenizer)
-        settings["pre"] = name or "default"
-        settings["pre_fingerprint"] = fingerprint
-        if name is None:
-            settings["origin"] += f" (BPE pre-tokenizer fingerprint {fingerprint[:12]} not recognized: 'default')"
-    if tokenizer is not None:
-        ids = tokenizer("a")["input_ids"]
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-        settings["add_bos"] = config.get("add_bos_token", bos is not None and ids[:1] == [bos])
-        settings["add_eos"] = config.get("add_eos_token", eos is not None and len(ids) > 1 and ids[-1] == eos)
-    else:
-        settings["add_bos"], settings["add_eos"] = config["add_bos_token"], config["add_eos_token"]
     template = config.get("chat_template")
     if template is None and (directory / "chat_template.jinja").is_file():
         template = (directory / "chat_template.jinja").read_text()
-    settings["chat_template"] = template
+    settings: dict[str, Any] = {"origin": f"derived from {directory}", "chat_template": template}
+    if tokenizer_model == "llama":
+        # SentencePiece llamas: llama.cpp's default pre-tokenizer, BOS added unless configured off,
+        # the space prefix of the SentencePiece model (convert_hf_to_gguf.py).
+        spm_path = sentencepiece_model_path(directory)
+        settings.update(
+            pre="default",
+            add_bos=bool(config.get("add_bos_token", True)),
+            add_eos=bool(config.get("add_eos_token", False)),
+            add_space_prefix=_spm_adds_dummy_prefix(spm_path) if spm_path is not None else None,
+        )
+        return settings
+
+    from qblora_pl.sources import load_tokenizer
+
+    tokenizer = load_tokenizer(str(directory))
+    name, fingerprint = bpe_pre_tokenizer(tokenizer)
+    if name is None:
+        settings["origin"] += f" (BPE pre-tokenizer fingerprint {fingerprint[:12]} not recognized: 'default')"
+    # What the tokenizer does to a text decides add-BOS / add-EOS unless the config states them.
+    ids = tokenizer("a")["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    settings.update(
+        pre=name or "default",
+        pre_fingerprint=fingerprint,
+        add_bos=bool(config.get("add_bos_token", bos is not None and ids[:1] == [bos])),
+        add_eos=bool(config.get("add_eos_token", eos is not None and len(ids) > 1 and ids[-1] == eos)),
+        add_space_prefix=None,
+    )
     return settings
 
 
@@ -634,11 +643,6 @@ def _add_sentencepiece_vocab(writer, spm_path: Path, source_dir: Path, vocab_siz
             types[token_id] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
 
     settings = tokenizer_settings(source_dir, "llama")
-    if settings["origin"].startswith("derived"):
-        # SentencePiece llamas add BOS unless the config says otherwise (convert_hf_to_gguf.py).
-        settings["add_bos"] = bool(tokenizer_config.get("add_bos_token", True))
-        settings["add_eos"] = bool(tokenizer_config.get("add_eos_token", False))
-        settings["add_space_prefix"] = _spm_adds_dummy_prefix(spm_path)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre(settings["pre"])
     writer.add_token_list(tokens)

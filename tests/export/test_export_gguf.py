@@ -335,3 +335,37 @@ def test_tokenizer_settings_of_a_gguf_source_are_carried_over(wide_chat_model_di
     assert fields["tokenizer.ggml.pre"] == "smollm"
     assert fields["tokenizer.ggml.add_bos_token"] is False and fields["tokenizer.ggml.add_eos_token"] is True
     assert fields["tokenizer.chat_template"] == "{{ messages[0]['content'] }}"
+
+
+def test_sentencepiece_settings_follow_the_model_and_its_config():
+    from sentencepiece import sentencepiece_model_pb2
+
+    from qblora_pl.export.gguf_writer import tokenizer_settings
+    from qblora_pl.paths import EMBEDDED_MODEL_DIR
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((EMBEDDED_MODEL_DIR / "tokenizer.model").read_bytes())
+    settings = tokenizer_settings(EMBEDDED_MODEL_DIR, "llama")
+    assert settings["pre"] == "default" and settings["add_bos"] is True and settings["add_eos"] is False
+    assert settings["add_space_prefix"] == proto.normalizer_spec.add_dummy_prefix
+
+
+def test_a_gguf_source_with_another_tokenizer_kind_is_not_copied(wide_chat_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from qblora_pl.export.gguf_writer import tokenizer_settings
+
+    converted = tmp_path / "converted"
+    shutil.copytree(wide_chat_model_dir, converted)
+    source = tmp_path / "source.gguf"
+    writer = gguf.GGUFWriter(str(source), "llama")
+    writer.add_tokenizer_model("llama")  # SentencePiece settings would not fit the BPE vocabulary we write
+    writer.add_add_bos_token(False)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (converted / "qblora_gguf_source.json").write_text(json.dumps({"gguf_file": str(source)}))
+    settings = tokenizer_settings(converted, "gpt2")
+    assert settings["origin"].startswith("derived from") and settings["add_bos"] is True

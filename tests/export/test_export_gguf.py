@@ -175,7 +175,9 @@ def test_int_b_group_g_exports_as_exact_q4_1(bits, group_size, wide_chat_model_d
     info = report["formats"]["gguf"]
     assert info["fallback_layers"] == [] and info["layer_types"] == {"Q4_1": len(layers)}
 
-    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "model.gguf")).tensors}
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    assert reader.get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q4_1
+    tensors = {t.name: t for t in reader.tensors}
     assert "output.weight" not in tensors  # tied embeddings stay tied
     for name, weight in merged_weights.items():
         block, short = int(name.split(".")[2]), name.rsplit(".", 1)[-1]

@@ -209,6 +209,8 @@ def test_the_tolerance_catches_a_wrong_file(mistake, qablora_export, spm_model_d
 from tests.realmodel.conftest import smollm2_gguf  # noqa: E402,F401 - the fixture
 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+MIXED_TEXTS = ["Numbers: 12345 and 3.14159, or 1,000,000!", "  two  spaces\tand a tab\n\nnew lines",
+               "I'm sure you'll see we've done it", "Привет, мир! 你好，世界 🦙🚀", "x = f(a[0]) + 'b' ... ???"]
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +266,8 @@ def test_llama_cpp_runs_the_smollm2_qablora_export(smollm2_qablora, smollm2_gguf
     llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), n_ctx=128, vocab_only=True, verbose=False)
     try:
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids, "llama.cpp tokenizes the chat differently"
+        for other in MIXED_TEXTS:  # digits, punctuation runs, non-Latin scripts: what the 'smollm' pre-tokenizer splits
+            assert llm.tokenize(other.encode(), add_bos=True, special=True) == tokenizer(other)["input_ids"], other
         assert llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
         assert llm.metadata["tokenizer.ggml.pre"] == "smollm"
     finally:

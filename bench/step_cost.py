@@ -2,6 +2,11 @@
 
     python bench/step_cost.py                       # embedded model, CPU or GPU
     python bench/step_cost.py --model meta-llama/Llama-2-7b-hf --batch-size 4 --seq-len 512
+    python bench/step_cost.py --cases qlora qblora --nf4-implementations bitsandbytes torchao
+
+``--nf4-implementations bitsandbytes torchao`` adds ``qlora_torchao`` / ``qblora_torchao``: the same
+cases on ``NF4(implementation="torchao")`` (torchao's NF4Tensor, the base FSDP2 can shard), each
+compared with its bitsandbytes twin (``time x`` / ``mem x``) and listed side by side at the end.
 
 Each strategy runs in its own subprocess (so peak memory is its own), on the same base
 model, batch and budget rank, with the same optimizer (AdamW). The ``peft_qlora`` case is
@@ -49,7 +54,11 @@ CASES = {
     "qalora": ("GroupwiseInt", "QALoRA", "lora_int4"),
     "qablora": ("GroupwiseInt", "QABLoRA", "qalora"),
     "peft_qlora": ("NF4", "peft.LoRA", "peft_qlora"),  # HF PEFT + bitsandbytes, the reference
+    # NF4 on torchao (--nf4-implementations ... torchao), each against its bitsandbytes twin
+    "qlora_torchao": ("NF4:torchao", "LoRA", "qlora"),
+    "qblora_torchao": ("NF4:torchao", "QBLoRA", "qblora"),
 }
+TORCHAO_CASES = {"qlora": "qlora_torchao", "qblora": "qblora_torchao"}
 PEFT_CASE = "peft_qlora"
 
 
@@ -104,7 +113,10 @@ def run_case(args: argparse.Namespace) -> dict:
         from qblora_pl.module import QuantizedCausalLM
 
         backend_name, strategy_name, _ = CASES[args.case]
-        backend = getattr(quantization, backend_name)(**({"bits": args.bits, "group_size": args.group_size} if backend_name == "GroupwiseInt" else {}))
+        if backend_name == "NF4:torchao":
+            backend = quantization.NF4(implementation="torchao", scaler_block_size=args.scaler_block_size)
+        else:
+            backend = getattr(quantization, backend_name)(**({"bits": args.bits, "group_size": args.group_size} if backend_name == "GroupwiseInt" else {}))
         rank_kw = {"budget_rank": args.rank} if strategy_name == "QABLoRA" else {"r": args.rank}
         strategy = getattr(adapters, strategy_name)(dropout=0.0, **rank_kw)
         torch.manual_seed(0)
@@ -169,7 +181,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over all cases; the fastest round of each case is reported")
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=[c for c in CASES if c not in TORCHAO_CASES.values()], choices=list(CASES))
+    parser.add_argument("--nf4-implementations", nargs="+", default=["bitsandbytes"], choices=["bitsandbytes", "torchao"],
+                        help="NF4 bases to time the qlora / qblora cases on (torchao adds qlora_torchao / qblora_torchao)")
+    parser.add_argument("--scaler-block-size", type=int, default=256, help="torchao NF4: blocks per double-quantization factor")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads per case (0: torch's default / OMP_NUM_THREADS)")
     parser.add_argument("--validate-every", type=int, default=0,
                         help="an untimed eval-mode no-grad forward before every Nth step, as a fit that validates runs (0: never)")
@@ -189,6 +204,10 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args)))
         return
+    if "torchao" in args.nf4_implementations:
+        args.cases += [TORCHAO_CASES[c] for c in args.cases if c in TORCHAO_CASES and TORCHAO_CASES[c] not in args.cases]
+    if "bitsandbytes" not in args.nf4_implementations:
+        args.cases = [c for c in args.cases if c not in TORCHAO_CASES]
 
     if PEFT_CASE in args.cases:
         import importlib.util
@@ -200,7 +219,8 @@ def main() -> None:
     for round_index in range(args.repeats):  # interleaved, so background load hits every case alike
         for case in args.cases:
             cmd = [sys.executable, __file__, "--case", case, "--model", args.model]
-            for key in ("rank", "bits", "group_size", "batch_size", "seq_len", "steps", "warmup", "threads", "validate_every"):
+            for key in ("rank", "bits", "group_size", "batch_size", "seq_len", "steps", "warmup", "threads", "validate_every",
+                        "scaler_block_size"):
                 cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
             if args.peft_kbit_prep:
                 cmd.append("--peft-kbit-prep")
@@ -262,6 +282,7 @@ def main() -> None:
             "rounds of the case's CPU time (wall time on a GPU) / PEFT's in the same round; median-round wall ms/step: "
             + ", ".join(f"{c} {r['median_round_ms']:.1f}" for c, r in results.items())
         )
+    _print_nf4_side_by_side(results)
     environment = _environment()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "environment": environment, "results": results}, indent=2))
@@ -271,6 +292,22 @@ def main() -> None:
     print(f"wrote {plot}")
 
 
+def _print_nf4_side_by_side(results: dict) -> None:
+    """Each NF4 case on bitsandbytes next to the same case on torchao's NF4Tensor."""
+    pairs = [(c, t) for c, t in TORCHAO_CASES.items() if c in results and t in results]
+    if not pairs:
+        return
+    print(f"\nNF4 base: bitsandbytes vs torchao (peak memory: {results[pairs[0][0]]['memory_kind']})")
+    print(f"{'case':<8} {'bnb ms':>8} {'torchao ms':>10} {'x':>6} {'bnb CPU ms':>10} {'torchao CPU ms':>14} {'x':>6}"
+          f" {'bnb MiB':>8} {'torchao MiB':>11} {'x':>6}")
+    for bnb, ao in pairs:
+        b, a = results[bnb], results[ao]
+        print(f"{bnb:<8} {b['step_time_s'] * 1000:>8.1f} {a['step_time_s'] * 1000:>10.1f} {a['step_time_s'] / b['step_time_s']:>6.2f}"
+              f" {b['best_cpu_ms']:>10.1f} {a['best_cpu_ms']:>14.1f} {a['best_cpu_ms'] / b['best_cpu_ms']:>6.2f}"
+              f" {b['peak_memory_bytes'] / 2**20:>8.1f} {a['peak_memory_bytes'] / 2**20:>11.1f}"
+              f" {a['peak_memory_bytes'] / max(b['peak_memory_bytes'], 1):>6.2f}")
+
+
 def _environment() -> dict:
     import os
     import platform
@@ -278,7 +315,7 @@ def _environment() -> dict:
     import torch
 
     versions = {"torch": torch.__version__}
-    for package in ("transformers", "bitsandbytes", "peft", "lightning"):
+    for package in ("transformers", "bitsandbytes", "peft", "lightning", "torchao"):
         try:
             versions[package] = __import__(package).__version__
         except Exception:  # noqa: BLE001 - optional
@@ -299,7 +336,8 @@ def _plot(results: dict, args: argparse.Namespace, environment: dict, path: str)
     import matplotlib.pyplot as plt
 
     cases = list(results)
-    colors = ["#888888" if c == PEFT_CASE else ("#1f77b4" if CASES[c][0] == "NF4" else "#2ca02c") for c in cases]
+    palette = {"NF4": "#1f77b4", "NF4:torchao": "#9467bd"}
+    colors = ["#888888" if c == PEFT_CASE else palette.get(CASES[c][0], "#2ca02c") for c in cases]
     fig, axes = plt.subplots(1, 4, figsize=(16, 4))
     panels = (
         ("ms / step, wall (fastest round)", [results[c]["step_time_s"] * 1000 for c in cases], "time_ratio_vs_peft"),
@@ -321,7 +359,7 @@ def _plot(results: dict, args: argparse.Namespace, environment: dict, path: str)
     fig.suptitle(
         f"train step, batch {args.batch_size}x{args.seq_len}, rank {args.rank}, {device} "
         f"({environment['cpu_count']} cores, {results[cases[0]]['torch_threads']} thread(s)); labels: x PEFT; "
-        "blue NF4, green INT4 g32, grey HF PEFT",
+        "blue NF4 (bitsandbytes), purple NF4 (torchao), green INT4 g32, grey HF PEFT",
         fontsize=9,
     )
     fig.tight_layout()

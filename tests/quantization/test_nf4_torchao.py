@@ -271,3 +271,21 @@ def test_yaml_chooses_torchao_nf4_and_composes_with_fsdp(tmp_path, monkeypatch):
         assert type(cli.trainer.strategy).__name__ == "FSDP2Strategy"
     cli = _cli(["--config", str(CONFIG_DIR / "qblora.yaml"), "--model.quantization.init_args.implementation", "torchao"])
     assert cli.model.quantization.implementation == "torchao" and cli.model.quantization.scaler_block_size == 256
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_layer_computes_with_its_w_hat_and_matches_the_cpu_codes():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 128, bias=False)
+    cpu = TorchaoNF4Linear.from_linear(linear)
+    gpu = TorchaoNF4Linear.from_linear(linear.cuda())
+    assert torch.equal(gpu.weight.quantized_data.cpu(), cpu.weight.quantized_data)
+    bf16 = TorchaoNF4Linear.from_linear(linear.to(torch.bfloat16))
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = bf16(x)
+    y.sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    nn.functional.linear(x_ref, bf16.dequantize()).sum().backward()
+    assert y.dtype == torch.bfloat16 and torch.equal(y, nn.functional.linear(x.detach(), bf16.dequantize()))
+    assert torch.equal(x.grad, x_ref.grad)

@@ -30,9 +30,12 @@ class MLXCausalLM(nn.Module):
     """A torch-facing view of an mlx-lm model: token ids in, float32 CPU logits out.
 
     mlx-lm's forward has a causal mask but no padding mask, so each row runs on its attended
-    tokens alone; padding must be on the right (the positions after a row's last attended
-    token get zero logits, which the comparisons mask out). No torch parameters: everything
-    lives in MLX.
+    tokens alone, which must be one contiguous span (left or right padding). Padded positions get
+    zero logits; the comparisons mask them out. For a left-padded row that matches a Hugging Face
+    model up to rounding: RoPE attention depends only on relative positions. (A perplexity whose
+    labels include a left-padded row's first token scores it from a pad position, where a torch
+    model has arbitrary logits and this one zeros, so that one term differs.) No torch
+    parameters: everything lives in MLX.
     """
 
     def __init__(self, model, tokenizer, path: str | Path) -> None:
@@ -46,22 +49,25 @@ class MLXCausalLM(nn.Module):
 
         ids = input_ids.cpu()
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask.cpu()
-        rows = []
-        for row, (row_ids, row_mask) in enumerate(zip(ids, mask)):
-            length = int(row_mask.sum())
-            if not bool(row_mask[:length].all()):
-                raise ValueError(f"row {row}: attention_mask is not right-padded ({row_mask.tolist()}); "
-                                 "the MLX client runs each row on its leading attended tokens")
-            logits = torch.zeros(ids.shape[1], 0)
-            if length:
-                out = self.mlx_model(mx.array(row_ids[:length].numpy()[None].astype(np.int32)))
-                logits = torch.from_numpy(np.array(out.astype(mx.float32))[0])
-            rows.append(logits)
-        vocab = max(r.shape[-1] for r in rows)
-        batch = torch.zeros(ids.shape[0], ids.shape[1], vocab)
-        for row, logits in enumerate(rows):
-            batch[row, : logits.shape[0], : logits.shape[1]] = logits
-        return MLXOutput(logits=batch)
+        spans = []
+        for row, row_mask in enumerate(mask):
+            attended = row_mask.nonzero().flatten()
+            if len(attended) and int(attended[-1] - attended[0]) + 1 != len(attended):
+                raise ValueError(f"row {row}: the attended tokens are not one contiguous span "
+                                 f"(attention_mask {row_mask.tolist()}); the MLX client cannot run them")
+            spans.append((int(attended[0]), int(attended[-1]) + 1) if len(attended) else (0, 0))
+        logits = None
+        for row, (start, end) in enumerate(spans):
+            if start == end:
+                continue
+            out = self.mlx_model(mx.array(ids[row, start:end].numpy()[None].astype(np.int32)))
+            row_logits = torch.from_numpy(np.array(out.astype(mx.float32))[0])
+            if logits is None:
+                logits = torch.zeros(*ids.shape, row_logits.shape[-1])
+            logits[row, start:end] = row_logits
+        if logits is None:
+            raise ValueError("the batch has no attended tokens")
+        return MLXOutput(logits=logits)
 
     def greedy_tokens(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         """mlx-lm's own greedy decoding (``generate_step`` with its KV cache, argmax sampling)."""

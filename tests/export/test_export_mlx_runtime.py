@@ -194,6 +194,40 @@ def test_mlx_lm_runs_the_qablora_export_like_our_loader(bits, group_size, tmp_pa
         assert float((ours - base(input_ids=x).logits).abs().max() / ours.std()) > 100 * CROSS_RUNTIME_TOLERANCE
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_padded_batches_as_the_export_verification_feeds_them(padding_side, tmp_path):
+    """load_mlx in the exporter's verification: a padded batch (the embedded tokenizer pads on the
+    left, SmolLM2's on the right) gives load_native's logits on every attended position."""
+    import_mlx_lm()
+    from qblora_pl.export.mlx_loader import load_mlx
+    from qblora_pl.export.verify import SAMPLE_TEXTS, compare_logits, logits_and_perplexity
+
+    module = qablora_module(EMBEDDED_MODEL_DIR, 4, 32)
+    native_dir, mlx_dir, _ = export_both(module, EMBEDDED_MODEL_DIR, tmp_path)
+    tokenizer = load_tokenizer(str(EMBEDDED_MODEL_DIR))
+    tokenizer.padding_side = padding_side
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    encoded = tokenizer(list(SAMPLE_TEXTS), padding=True, return_tensors="pt")
+    assert not bool(encoded["attention_mask"].all())  # the batch really is padded
+    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+    # Each row's first token is not predicted by anything real (after left padding, a pad position
+    # would "predict" it; MLX gives pad positions zero logits): leave it out of the perplexity.
+    labels[torch.arange(len(labels)), encoded["attention_mask"].argmax(-1)] = -100
+    batch = {**encoded, "labels": labels}
+    reference, reference_ppl = logits_and_perplexity(load_native(native_dir), batch)
+    client = load_mlx(mlx_dir)
+    logits, ppl = logits_and_perplexity(client, batch)
+    result = compare_logits(reference, logits, batch)
+    attended = batch["attention_mask"].bool()
+    assert result["max_abs_logit_diff"] < CROSS_RUNTIME_TOLERANCE * float(reference[attended].std())
+    assert result["argmax_agreement"] == 1.0 and ppl == pytest.approx(reference_ppl, rel=1e-5)
+
+    holes = torch.ones_like(batch["attention_mask"])
+    holes[1, 2] = 0
+    with pytest.raises(ValueError, match="row 1"):
+        client(input_ids=batch["input_ids"], attention_mask=holes)
+
+
 def test_layers_of_mixed_widths_and_dense_layers(tmp_path):
     """Per-layer overrides: one layer INT8 g128, one INT3 g64, one dense, the rest INT4 g32."""
     import_mlx_lm()

@@ -20,8 +20,9 @@ rounded to fp16) or ``"requantize_q4_1"`` (round-to-nearest Q4_1 of the dense we
 :class:`ExportFallbackWarning` names the layers, why, and the measured error.
 
 The token embedding (and an untied ``output``) is kept compact: under ``dense_type="auto"`` it
-is Q8_0 when Q8_0 holds it losslessly (a model converted from a GGUF file whose embedding was
-Q8_0 re-quantizes to the same bytes), else F16. The tokenizer settings llama.cpp needs beyond
+keeps the source GGUF file's bytes and type when the model was converted from one and the
+values are exactly that tensor's dequantization, else it is Q8_0 when Q8_0 holds it losslessly,
+else F16. The tokenizer settings llama.cpp needs beyond
 the vocabulary (``tokenizer.ggml.pre``, add-BOS / add-EOS, the chat template) come from the
 source ``.gguf`` file when the model was converted from one (:func:`qblora_pl.sources.converted_from_gguf`),
 else they are derived from the Hugging Face tokenizer as ``convert_hf_to_gguf.py`` does
@@ -160,8 +161,8 @@ def write_gguf(
 
     ``dense_type`` is the GGUF type of the tensors that are neither Q4_1 layers nor norms:
     ``"f32"``, ``"f16"`` or ``"q8_0"`` for all of them, or ``"auto"``: the token embedding and an
-    untied ``output`` become Q8_0 when Q8_0 holds them losslessly, else F16 (bfloat16 stays
-    BF16); frozen dense layers keep their precision (F32 for float32, F16 for float16, BF16
+    untied ``output`` keep the source GGUF's type when the values are its dequantization, else
+    become Q8_0 when Q8_0 holds them losslessly, else F16 (bfloat16 stays BF16); frozen dense layers keep their precision (F32 for float32, F16 for float16, BF16
     for bfloat16). Norms are always F32 (ggml requires it). Tied embeddings stay tied (no
     ``output.weight``). Returns the per-layer types and measured weight errors for the report.
     """
@@ -195,6 +196,7 @@ def write_gguf(
     writer.add_layer_norm_rms_eps(hp["rms_eps"])
     writer.add_vocab_size(hp["vocab_size"])
     vocab = _add_vocab(writer, tokenizer_source, hp["vocab_size"])
+    source_tensors = _source_gguf_tensors(tokenizer_source) if dense_type == "auto" else {}
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["n_layers"])
     layers: dict[str, dict[str, Any]] = {}
@@ -223,7 +225,8 @@ def write_gguf(
         if data.dim() <= 1 or gname.endswith("_norm.weight"):
             entries.append((gname, data.float().numpy(), None))
         else:
-            array, raw_type = _dense_array(data, dense_type, compact=gname in EMBEDDING_TENSORS)
+            array, raw_type = _dense_array(data, dense_type, compact=gname in EMBEDDING_TENSORS,
+                                           source=source_tensors.get(gname))
             dense_tensors[gname] = _dense_report(array, raw_type, data)
             entries.append((gname, array, raw_type))
 
@@ -232,7 +235,8 @@ def write_gguf(
             continue
         gname = gguf_name(f"{layer_name}.weight")
         permute = permutation(gname)
-        info, array, raw_type = _linear_to_gguf(linear, permute, fallback, dense_type, compact=gname in EMBEDDING_TENSORS)
+        info, array, raw_type = _linear_to_gguf(linear, permute, fallback, dense_type, compact=gname in EMBEDDING_TENSORS,
+                                                source=source_tensors.get(gname))
         layers[layer_name] = {"gguf_name": gname, **info}
         if info.get("fallback"):
             fallbacks[layer_name] = info
@@ -286,11 +290,12 @@ def write_gguf(
     }
 
 
-def _linear_to_gguf(linear: LinearSnapshot, permute, fallback: str, dense_type: str, compact: bool = False):
+def _linear_to_gguf(linear: LinearSnapshot, permute, fallback: str, dense_type: str, compact: bool = False,
+                    source=None):
     """One linear layer's GGUF array, raw type and report entry (exact Q4_1, dense, or fallback).
 
     ``compact``: the layer is the (untied) ``output`` and follows the embedding rule of
-    :func:`_dense_array`."""
+    :func:`_dense_array` (``source``: the source GGUF's tensor of that name)."""
     import gguf
 
     info: dict[str, Any] = {"origin": linear.origin}
@@ -318,7 +323,7 @@ def _linear_to_gguf(linear: LinearSnapshot, permute, fallback: str, dense_type: 
 
     weight = linear.dense_weight()
     if linear.origin == FROZEN_DENSE and not linear.is_quantized:
-        array, raw_type = _dense_array(permute(linear.weight), dense_type, compact=compact)
+        array, raw_type = _dense_array(permute(linear.weight), dense_type, compact=compact, source=source)
         report = _dense_report(array, raw_type, permute(linear.weight))
         info.update(gguf_type=report["gguf_type"], max_abs_weight_error=report["max_abs_error"],
                     relative_weight_error=report["relative_error"])
@@ -361,18 +366,22 @@ class GroupwiseQ41View:
         return w.reshape(rows, n)
 
 
-def _dense_array(tensor: Tensor, dense_type: str, compact: bool = False) -> tuple[np.ndarray, Any]:
+def _dense_array(tensor: Tensor, dense_type: str, compact: bool = False, source=None) -> tuple[np.ndarray, Any]:
     """A non-Q4_1, non-norm tensor as (array, raw GGML type or None for a plain float array).
 
-    ``compact`` (the token embedding, an untied ``output``) under ``"auto"``: Q8_0 when Q8_0
-    holds the values exactly (``dequantize(quantize(x)) == x``, true for an embedding that came
-    from a Q8_0 GGUF tensor), else F16; BF16 and F16 sources keep their type.
+    ``compact`` (the token embedding, an untied ``output``) under ``"auto"``: the bytes of
+    ``source`` (the same tensor of the GGUF file the model was converted from, any type but
+    F32) when they dequantize to exactly these values - a frozen embedding keeps the source's
+    type, K-quants included; else Q8_0 when Q8_0 holds the values exactly
+    (``dequantize(quantize(x)) == x``); else F16. BF16 and F16 tensors keep their type.
     """
     import gguf
 
     if dense_type == "q8_0":
         return _q8_0(tensor)
     if dense_type == "auto" and compact and tensor.dtype == torch.float32:
+        if source is not None and _is_dequantized(tensor, source):
+            return np.array(source.data, copy=True), source.tensor_type
         packed = _q8_0(tensor, only_if_lossless=True)
         return packed if packed is not None else _dense_array(tensor, "f16")
     if dense_type == "f32" or (dense_type == "auto" and tensor.dtype == torch.float32):
@@ -386,6 +395,30 @@ def _dense_array(tensor: Tensor, dense_type: str, compact: bool = False) -> tupl
     if dense_type == "auto":
         return tensor.float().numpy(), None
     raise ValueError(f"dense_type {dense_type!r} must be 'auto', 'f32', 'f16' or 'q8_0'")
+
+
+def _source_gguf_tensors(tokenizer_source: str | Path) -> dict[str, Any]:
+    """The embedding / output tensors of the ``.gguf`` file the model directory was converted
+    from (:func:`qblora_pl.sources.converted_from_gguf`), by GGUF name; {} for any other source."""
+    import gguf
+
+    from qblora_pl.sources import converted_from_gguf
+
+    path = converted_from_gguf(tokenizer_source)
+    if path is None:
+        return {}
+    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors if t.name in EMBEDDING_TENSORS}
+
+
+def _is_dequantized(tensor: Tensor, source) -> bool:
+    """Whether ``tensor`` is exactly the dequantization of the GGUF tensor ``source`` (not F32)."""
+    import gguf
+
+    shape = tuple(int(n) for n in reversed(source.shape.tolist()))
+    if source.tensor_type == gguf.GGMLQuantizationType.F32 or shape != tuple(tensor.shape):
+        return False
+    values = gguf.quants.dequantize(np.asarray(source.data), source.tensor_type).reshape(shape)
+    return bool(np.array_equal(values.astype(np.float32), tensor.float().numpy()))
 
 
 def _q8_0(tensor: Tensor, only_if_lossless: bool = False):

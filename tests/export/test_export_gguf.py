@@ -371,3 +371,44 @@ def test_a_gguf_source_with_another_tokenizer_kind_is_not_copied(wide_chat_model
     (converted / "qblora_gguf_source.json").write_text(json.dumps({"gguf_file": str(source)}))
     settings = tokenizer_settings(converted, "gpt2")
     assert settings["origin"].startswith("derived from") and settings["add_bos"] is True
+
+
+def test_embedding_keeps_the_source_gguf_type_when_it_holds_the_values(wide_chat_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    from qblora_pl.export.gguf_writer import _dense_array
+    from tests.export.conftest import adapted_module
+
+    # A model "converted" from a GGUF file whose token_embd is Q5_0: our float32 embedding is
+    # exactly its dequantization, which Q8_0 would not hold; the export writes the source's bytes.
+    Q5_0 = gguf.GGMLQuantizationType.Q5_0
+    converted = tmp_path / "converted"
+    shutil.copytree(wide_chat_model_dir, converted)
+    model = LlamaForCausalLM.from_pretrained(converted)
+    packed = gguf.quants.quantize(model.model.embed_tokens.weight.detach().numpy(), Q5_0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.from_numpy(gguf.quants.dequantize(packed, Q5_0)))
+    model.save_pretrained(converted)
+    source = tmp_path / "source.gguf"
+    writer = gguf.GGUFWriter(str(source), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tensor("token_embd.weight", packed, raw_dtype=Q5_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (converted / "qblora_gguf_source.json").write_text(json.dumps({"gguf_file": str(source)}))
+
+    module = adapted_module(converted, "qablora")
+    report = export_module(module, tmp_path / "out", formats=["gguf"], verify=False, log=lambda _: None)
+    assert report["formats"]["gguf"]["dense_tensors"]["token_embd.weight"]["gguf_type"] == "Q5_0"
+    [written] = [t for t in gguf.GGUFReader(str(tmp_path / "out" / "model.gguf")).tensors if t.name == "token_embd.weight"]
+    assert written.tensor_type == Q5_0 and np.array_equal(np.asarray(written.data), packed)
+    # Values that are not the source's dequantization do not take its bytes.
+    [source_tensor] = gguf.GGUFReader(str(source)).tensors
+    embedding = module.model.get_input_embeddings().weight.detach().float()
+    assert _dense_array(embedding, "auto", compact=True, source=source_tensor)[1] == Q5_0
+    assert _dense_array(embedding + 1e-3, "auto", compact=True, source=source_tensor)[1] is None  # F16

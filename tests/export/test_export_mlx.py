@@ -231,3 +231,22 @@ def test_a_failed_write_leaves_the_previous_export(tiny_model_dir, tmp_path, mon
         write_mlx(snapshot, tmp_path / "mlx", tiny_model_dir)
     assert (tmp_path / "mlx" / MLX_WEIGHTS_FILE).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlx"]
+
+
+def test_rope_settings_move_to_where_mlx_lm_reads_them():
+    from transformers import LlamaConfig
+
+    from qblora_pl.export.mlx_writer import mlx_config
+    from qblora_pl.export.snapshot import ModelSnapshot
+
+    linear = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0})
+    config = mlx_config(ModelSnapshot(config=linear, linears={}, others={}), None)
+    assert config["rope_theta"] == 500000.0
+    assert config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    assert "quantization" not in config and "quantization_config" not in config
+
+    default = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
+    config = mlx_config(ModelSnapshot(config=default, linears={}, others={}), {"bits": 4})
+    assert config["rope_theta"] == 10000.0 and not config.get("rope_scaling")
+    assert config["quantization"] == config["quantization_config"] == {"bits": 4}

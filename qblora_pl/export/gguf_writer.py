@@ -257,10 +257,10 @@ def write_gguf(
 
     if fallbacks:
         worst = max(fallbacks, key=lambda n: fallbacks[n]["relative_weight_error"])
-        kinds = sorted({f"{v['source']} -> {v['gguf_type']} ({v['fallback_reason']})" for v in fallbacks.values()})
+        kinds = sorted({f"{v['source']} -> {v['gguf_type']}: {v['fallback_reason']}" for v in fallbacks.values()})
         warnings.warn(
             f"GGUF export: {len(fallbacks)} layer(s) have no exact GGUF type and use the "
-            f"'{fallback}' fallback: {'; '.join(kinds)}. Relative weight error: max "
+            f"'{fallback}' fallback ({'; '.join(kinds)}). Relative weight error: max "
             f"{fallbacks[worst]['relative_weight_error']:.4g} ({worst}). Exact Q4_1 needs an INT2, INT3 "
             f"or INT4 base with a group size that is a multiple of {QK4_1} and a QA-LoRA / QA-BLoRA merge.",
             ExportFallbackWarning,

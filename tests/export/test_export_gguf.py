@@ -210,7 +210,7 @@ def test_int8_falls_back_to_f16_and_says_why(wide_chat_model_dir, tmp_path):
     from tests.export.conftest import adapted_module
 
     module = adapted_module(wide_chat_model_dir, "qablora", bits=8, group_size=32)
-    with pytest.warns(ExportFallbackWarning, match=r"INT8 g32 -> F16 \(INT8 codes \(0..255\) do not fit Q4_1's 4-bit codes"):
+    with pytest.warns(ExportFallbackWarning, match=r"'f16' fallback \(INT8 g32 -> F16: INT8 codes \(0..255\) do not fit Q4_1's 4-bit codes"):
         report = export_module(module, tmp_path, formats=["gguf"], verify=False, log=lambda _: None)
     info = report["formats"]["gguf"]
     assert info["layer_types"] == {"F16": 14} and len(info["fallback_layers"]) == 14

@@ -186,19 +186,20 @@ def test_lora_exports_say_they_requantize(tiny_model_dir, tmp_path):
     entry = meta["layers"]["model.layers.0.self_attn.q_proj"]
     assert entry["storage"] == "int" and entry["requantized"]["relative_weight_error"] > 0
     assert load_native(tmp_path / "native") is not None
-    assert report["formats"]["gguf"]["layer_types"] == {"F16": 14, "F32": 1}
+    assert report["formats"]["gguf"]["layer_types"] == {"F16": 15}  # 14 fallbacks + the untied head (compact F16)
     # Round-to-nearest INT4 moves the logits far more than fp16 rounding does.
     native_diff = report["formats"]["native"]["verification"]["max_abs_logit_diff"]
     assert native_diff > 10 * report["formats"]["gguf"]["verification"]["max_abs_logit_diff"] > 0
 
 
 @pytest.mark.parametrize("fallback, expected_type", [("f16", "F16"), ("requantize_q4_1", "Q4_1")])
-def test_int3_gguf_uses_the_named_fallback(gqa_model_dir, tmp_path, fallback, expected_type):
-    module = adapted_module(gqa_model_dir, "qablora", bits=3)
-    with pytest.warns(ExportFallbackWarning, match=rf"'{fallback}' fallback \(INT3 g32 -> {expected_type}\)"):
+def test_int8_gguf_uses_the_named_fallback(gqa_model_dir, tmp_path, fallback, expected_type):
+    module = adapted_module(gqa_model_dir, "qablora", bits=8)  # INT2/3/4 are exact Q4_1; INT8 codes do not fit
+    with pytest.warns(ExportFallbackWarning, match=rf"'{fallback}' fallback \(INT8 g32 -> {expected_type}: "):
         report = export_module(module, tmp_path, formats=["gguf"], gguf_fallback=fallback, log=_quiet)
     info = report["formats"]["gguf"]
-    assert len(info["fallback_layers"]) == 14 and info["layer_types"][expected_type] == 14
+    assert len(info["fallback_layers"]) == 14
+    assert all(info["layers"][name]["gguf_type"] == expected_type for name in info["fallback_layers"])
     reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == expected_type

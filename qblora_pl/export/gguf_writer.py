@@ -22,11 +22,10 @@ rounded to fp16) or ``"requantize_q4_1"`` (round-to-nearest Q4_1 of the dense we
 The token embedding (and an untied ``output``) is kept compact: under ``dense_type="auto"`` it
 keeps the source GGUF file's bytes and type when the model was converted from one and the
 values are exactly that tensor's dequantization, else it is Q8_0 when Q8_0 holds it losslessly,
-else F16. The tokenizer settings llama.cpp needs beyond
-the vocabulary (``tokenizer.ggml.pre``, add-BOS / add-EOS, the chat template) come from the
-source ``.gguf`` file when the model was converted from one (:func:`qblora_pl.sources.converted_from_gguf`),
-else they are derived from the Hugging Face tokenizer as ``convert_hf_to_gguf.py`` does
-(:func:`tokenizer_settings`).
+else F16. The tokenizer settings llama.cpp needs beyond the vocabulary (``tokenizer.ggml.pre``,
+add-BOS / add-EOS, the chat template) come from the source ``.gguf`` file when the model was
+converted from one (:func:`qblora_pl.sources.converted_from_gguf`), else they are derived from
+the Hugging Face tokenizer as ``convert_hf_to_gguf.py`` does (:func:`tokenizer_settings`).
 
 Like llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel.modify_tensors``), the rows of
 ``q_proj`` / ``k_proj`` are permuted from Hugging Face's rotate-half RoPE layout to the
@@ -60,7 +59,7 @@ Q4_1_BLOCK_BYTES = 20  # fp16 d + fp16 m + 16 bytes of nibbles
 Q4_1_MAX_BITS = 4  # codes 0..15: INT2, INT3 and INT4 codes all fit
 GGUFFallback = Literal["f16", "requantize_q4_1"]
 DenseType = Literal["auto", "f32", "f16", "q8_0"]
-#: The tensors "auto" keeps compact (Q8_0 when lossless, else F16) instead of float32.
+#: The tensors "auto" keeps compact (the source GGUF's type or Q8_0 when lossless, else F16).
 EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")
 
 
@@ -162,9 +161,9 @@ def write_gguf(
     ``dense_type`` is the GGUF type of the tensors that are neither Q4_1 layers nor norms:
     ``"f32"``, ``"f16"`` or ``"q8_0"`` for all of them, or ``"auto"``: the token embedding and an
     untied ``output`` keep the source GGUF's type when the values are its dequantization, else
-    become Q8_0 when Q8_0 holds them losslessly, else F16 (bfloat16 stays BF16); frozen dense layers keep their precision (F32 for float32, F16 for float16, BF16
-    for bfloat16). Norms are always F32 (ggml requires it). Tied embeddings stay tied (no
-    ``output.weight``). Returns the per-layer types and measured weight errors for the report.
+    become Q8_0 when Q8_0 holds them losslessly, else F16 (bfloat16 stays BF16); frozen dense
+    layers keep their precision (F32 for float32, F16 for float16, BF16 for bfloat16). Norms
+    are always F32 (ggml requires it). Tied embeddings stay tied (no ``output.weight``). Returns the per-layer types and measured weight errors for the report.
     """
     import gguf
 
@@ -417,7 +416,10 @@ def _is_dequantized(tensor: Tensor, source) -> bool:
     shape = tuple(int(n) for n in reversed(source.shape.tolist()))
     if source.tensor_type == gguf.GGMLQuantizationType.F32 or shape != tuple(tensor.shape):
         return False
-    values = gguf.quants.dequantize(np.asarray(source.data), source.tensor_type).reshape(shape)
+    try:
+        values = gguf.quants.dequantize(np.asarray(source.data), source.tensor_type).reshape(shape)
+    except NotImplementedError:  # a type the gguf package cannot dequantize: not provably equal
+        return False
     return bool(np.array_equal(values.astype(np.float32), tensor.float().numpy()))
 
 

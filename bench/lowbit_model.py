@@ -10,7 +10,7 @@
    written from the 16-bit HF export (every linear layer F16), so llama.cpp can be compared
    with itself. Both GGUF files store embeddings / output head in F16 (``gguf_dense_type=f16``),
    so the transformer linears are the only difference; the file the default export writes
-   (embeddings and head kept F32) is timed too (``gguf_q4_1_default``).
+   (embeddings and head: the source's type if exact, else Q8_0 if lossless, else F16) is timed too (``gguf_q4_1_default``).
 3. Perplexity on the embedded validation split (every record; response tokens as in training,
    and all non-pad tokens) of: the INT4 base before training, the trained adapter model
    (unmerged), the merged model in memory, the native export (``load_native``; and with

@@ -51,9 +51,14 @@ def mmlu_question(record: Mapping[str, Any], include_answer: bool) -> str:
     return text
 
 
+def mmlu_shots(subject: str, shots: list[Mapping[str, Any]]) -> str:
+    """The header and answered shots: the part of the prompt every question of ``subject`` shares."""
+    header = f"The following are multiple choice questions (with answers) about {format_subject(subject)}.\n\n"
+    return header + "".join(mmlu_question(s, True) for s in shots)
+
+
 def mmlu_prompt(record: Mapping[str, Any], shots: list[Mapping[str, Any]]) -> str:
-    header = f"The following are multiple choice questions (with answers) about {format_subject(record['subject'])}.\n\n"
-    return header + "".join(mmlu_question(s, True) for s in shots) + mmlu_question(record, False)
+    return mmlu_shots(record["subject"], shots) + mmlu_question(record, False)
 
 
 def check_mmlu_record(row: Mapping[str, Any], where: str, subject: str | None = None) -> dict[str, Any]:
@@ -257,7 +262,13 @@ class MMLU(EvaluationTask):
         A prompt longer than the scorer's ``max_length`` drops shots from the end until it fits
         (Hendrycks' ``evaluate.py`` does the same).
         """
-        contexts, letters, reduced = [], [], 0
+        contexts, letters, reduced, _ = self._prompts_and_shared_prefixes(scorer)
+        return contexts, letters, reduced
+
+    def _prompts_and_shared_prefixes(self, scorer: LanguageModelScorer,
+                                     ) -> tuple[list[list[int]], list[list[list[int]]], int, list[list[int]]]:
+        """:meth:`prompts` plus, per question, the ids of its header and shots (the scorer's prefix-cache hint)."""
+        contexts, letters, reduced, prefixes = [], [], 0, []
         for record in self.records:
             shots = self.shots.get(record["subject"], [])
             while True:
@@ -273,7 +284,8 @@ class MMLU(EvaluationTask):
                 ids_per_letter.append(letter_ids)
             contexts.append(context_ids)
             letters.append(ids_per_letter)
-        return contexts, letters, reduced
+            prefixes.append(scorer.encode(mmlu_shots(record["subject"], shots)))
+        return contexts, letters, reduced, prefixes
 
     def letter_logprobs(self, scorer: LanguageModelScorer) -> tuple[torch.Tensor, int]:
         """``[questions, 4]`` log-probabilities of the answers ``" A"`` .. ``" D"``, and the prompts that lost shots.
@@ -282,15 +294,19 @@ class MMLU(EvaluationTask):
         pass per question reading the four letters' next-token logits (the MMLU / QLoRA protocol).
         A tokenizer that splits ``" A"`` into several tokens gets each answer's summed
         log-likelihood instead (lm-evaluation-harness's protocol; the same number for one token).
+        The header and shots of a subject are the scorer's shared-prefix hint: with its
+        ``prefix_cache`` they run once per subject instead of once per question.
         """
-        contexts, letters, reduced = self.prompts(scorer)
+        contexts, letters, reduced, prefixes = self._prompts_and_shared_prefixes(scorer)
         desc = f"{self.name} ({self.k_shot}-shot)"
         if all(len(ids) == 1 for row in letters for ids in row):
             self.scoring = "letter_logits"
-            scores = scorer.next_token_logprobs(contexts, [[ids[0] for ids in row] for row in letters], desc=desc)
+            scores = scorer.next_token_logprobs(contexts, [[ids[0] for ids in row] for row in letters], desc=desc,
+                                                prefixes=prefixes)
             return torch.stack(scores), reduced
         self.scoring = "letter_loglikelihood"
-        flat = scorer.loglikelihoods([(c, ids) for c, row in zip(contexts, letters) for ids in row], desc=desc)
+        flat = scorer.loglikelihoods([(c, ids) for c, row in zip(contexts, letters) for ids in row], desc=desc,
+                                     prefixes=[p for p in prefixes for _ in LETTERS])
         return torch.tensor([ll for ll, _ in flat]).view(len(contexts), len(LETTERS)), reduced
 
     def predict(self, scorer: LanguageModelScorer) -> tuple[torch.Tensor, int]:

@@ -291,8 +291,9 @@ class InstructionDataModule(L.LightningDataModule):
             self._resume = None
         self._train_sampler = sampler
         # The sampler orders whole global batches; under FSDP2Strategy each rank loads its share.
+        # Also on one rank: Lightning would otherwise wrap the sampler in a shuffling DistributedSampler.
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and int(trainer.world_size) > 1 and trainer.distributed_sampler_kwargs:
+        if trainer is not None and trainer.distributed_sampler_kwargs:
             shares = trainer.distributed_sampler_kwargs
             return self._loader(dataset, self.device_batch_size(self.batch_size, "batch_size"),
                                 RankShareSampler(sampler, shares["num_replicas"], shares["rank"]))

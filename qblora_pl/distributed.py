@@ -110,6 +110,11 @@ def shard_model(model: nn.Module, device_mesh, reshard_after_forward: bool = Tru
         )
     mesh = data_parallel_mesh(device_mesh)
     check_nf4_shards(model, mesh.size())
+    if mesh.size() == 1 and any(type(m).__name__ == "TorchaoNF4Linear" for m in model.modules()):
+        # One rank has nothing to shard, and FSDP2's one-rank all-gather hands torchao's NF4Tensor
+        # one buffer where its fsdp_post_all_gather unpacks three (torchao 0.18, torch 2.13): the
+        # model stays unsharded and computes exactly what it would sharded.
+        return 0
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:

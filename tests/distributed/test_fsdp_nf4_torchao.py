@@ -82,7 +82,7 @@ def test_torchao_nf4_qblora_on_two_processes_matches_one_resumes_and_exports(tin
 
 
 @pytest.mark.slow
-def test_torchao_nf4_checkpoint_of_one_process_resumes_on_two(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_torchao_nf4_checkpoint_of_one_process_resumes_on_two_and_on_one_fsdp_rank(tiny_model_dir, tiny_data_dir, tmp_path):
     common = {"model_dir": str(tiny_model_dir), "data_dir": str(tiny_data_dir), "method": "lora",
               "backend": "nf4_torchao", "lr": 3e-3}
     single_ckpt = tmp_path / "single.ckpt"
@@ -92,6 +92,11 @@ def test_torchao_nf4_checkpoint_of_one_process_resumes_on_two(tiny_model_dir, ti
     resumed = global_losses(rank_results(tmp_path / "w2", 2))
     assert len(resumed) == 7
     assert resumed == pytest.approx(reference["losses"], rel=LOSS_RTOL)
+    # FSDP2Strategy on one rank too (configs/fsdp.yaml with --trainer.devices 1): the model stays
+    # unsharded there (shard_model), and trains as the plain one-device run does.
+    launch({**common, "out_dir": str(tmp_path / "w1"), "devices": 1, "max_epochs": 2, "resume": str(single_ckpt)}, tmp_path)
+    one_rank = rank_results(tmp_path / "w1", 1)[0]
+    assert not one_rank["sharded"] and one_rank["losses"] == pytest.approx(reference["losses"], rel=LOSS_RTOL)
 
 
 # ---------------------------------------------------------------------------------------- fast

@@ -243,7 +243,7 @@ def main() -> None:
     peft = results.get(PEFT_CASE)
     print(f"\nmodel={args.model} rank={args.rank} INT{args.bits} g{args.group_size} batch={args.batch_size}x{args.seq_len} device={results[args.cases[0]]['device']} threads={results[args.cases[0]]['torch_threads']}")
     print(
-        f"{'case':<10} {'params':>9} {'ms/step':>9} {'CPU ms':>8} {'tok/s':>9} {'peak MiB':>9} {'vs':>10} {'time x':>7} {'mem x':>7}"
+        f"{'case':<14} {'params':>9} {'ms/step':>9} {'CPU ms':>8} {'tok/s':>9} {'peak MiB':>9} {'vs':>10} {'time x':>7} {'mem x':>7}"
         f" {'time x PEFT':>11} {'CPU x PEFT':>10} {'paired':>7} {'mem x PEFT':>10}"
     )
     for case, r in results.items():
@@ -270,7 +270,7 @@ def main() -> None:
         r["median_round_ms"] = statistics.median(r["rounds_ms"])
         fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
         print(
-            f"{case:<10} {r['trainable_params']:>9,} {r['step_time_s'] * 1000:>9.1f} {r['best_cpu_ms']:>8.1f} {r['tokens_per_s']:>9.0f} "
+            f"{case:<14} {r['trainable_params']:>9,} {r['step_time_s'] * 1000:>9.1f} {r['best_cpu_ms']:>8.1f} {r['tokens_per_s']:>9.0f} "
             f"{r['peak_memory_bytes'] / 2**20:>9.1f} {CASES[case][2]:>10} {t_ratio:>7.3f} {m_ratio:>7.3f}"
             f" {fmt(r['time_ratio_vs_peft']):>11} {fmt(r['cpu_time_ratio_vs_peft']):>10}"
             f" {fmt(r['paired_ratio_vs_peft']):>7} {fmt(r['memory_ratio_vs_peft']):>10}"
@@ -314,11 +314,13 @@ def _environment() -> dict:
 
     import torch
 
+    from importlib.metadata import PackageNotFoundError, version
+
     versions = {"torch": torch.__version__}
     for package in ("transformers", "bitsandbytes", "peft", "lightning", "torchao"):
-        try:
-            versions[package] = __import__(package).__version__
-        except Exception:  # noqa: BLE001 - optional
+        try:  # the installed version, without importing the package (torchao's import is slow and noisy)
+            versions[package] = version(package)
+        except PackageNotFoundError:
             versions[package] = None
     return {
         "cpu": platform.processor() or platform.machine(),

@@ -20,6 +20,14 @@ IMPLIED = {
 }
 
 
+#: Modules only optional features import, each installed by an extra: module -> the extra declaring it.
+OPTIONAL = {
+    "torchao": "fsdp-nf4",  # NF4(implementation: torchao): qblora_pl/quantization/torchao_nf4.py
+    "mlx": "mlx",  # the MLX client: qblora_pl/export/mlx_loader.py
+    "mlx_lm": "mlx",
+}
+
+
 def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -27,6 +35,11 @@ def _normalise(name: str) -> str:
 def declared_dependencies() -> set[str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     return {_normalise(re.split(r"[\s<>=!~;\[]", spec, maxsplit=1)[0]) for spec in project["dependencies"]}
+
+
+def declared_extra(extra: str) -> set[str]:
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return {_normalise(re.split(r"[\s<>=!~;\[]", spec, maxsplit=1)[0]) for spec in extras[extra]}
 
 
 def third_party_imports() -> dict[str, set[str]]:
@@ -53,6 +66,10 @@ def test_every_runtime_import_is_a_declared_dependency():
     missing = []
     for module, files in sorted(third_party_imports().items()):
         names = {_normalise(d) for d in distributions.get(module, [module])}
+        if module in OPTIONAL:
+            if not names & declared_extra(OPTIONAL[module]):
+                missing.append(f"{module} (optional: not in the [{OPTIONAL[module]}] extra)")
+            continue
         if not names & declared:
             missing.append(f"{module} (distribution {sorted(names)}; imported by {', '.join(sorted(files)[:3])})")
     assert not missing, "imported at run time but not in [project].dependencies: " + "; ".join(missing)

@@ -38,6 +38,8 @@ from torch import nn
 from qblora_pl.export.atomic import atomic_directory, atomic_file
 from qblora_pl.export.gguf_writer import GGUFFallback, write_gguf
 from qblora_pl.export.hf_dense import write_hf_dense
+from qblora_pl.export.mlx_loader import MLX_CLIENT, load_mlx
+from qblora_pl.export.mlx_writer import write_mlx
 from qblora_pl.export.native import load_native, write_native
 from qblora_pl.export.snapshot import dtype_from_name, snapshot_merged_model
 from qblora_pl.export.verify import (
@@ -52,6 +54,9 @@ from qblora_pl.merging import merge_adapters, unmerge_adapters
 from qblora_pl.sources import pretrained_name_or_path
 
 EXPORT_FORMATS = ("native", "gguf", "hf")
+# Written only when named (formats: [..., mlx]): verifying it needs mlx-lm (pip install -e ".[mlx]").
+ON_REQUEST_FORMATS = ("mlx",)
+MLX_DIR = "mlx"
 NATIVE_DIR, GGUF_FILE, HF_DIR, REPORT_FILE = "native", "model.gguf", "hf", "export_report.json"
 
 
@@ -129,6 +134,7 @@ def _export_into(model, output_dir: Path, tokenizer_source, *, formats, verify, 
                 name=str((method or {}).get("adapter", {}).get("class", "qblora-export")),
             ),
             "hf": lambda: write_hf_dense(snapshot, output_dir / HF_DIR, tokenizer_source, dense),
+            "mlx": lambda: write_mlx(snapshot, output_dir / MLX_DIR, tokenizer_source),
         }
         for fmt in formats:
             report["formats"][fmt] = writers[fmt]()
@@ -152,6 +158,7 @@ def _export_into(model, output_dir: Path, tokenizer_source, *, formats, verify, 
             "native": lambda: (load_native(output_dir / NATIVE_DIR), "qblora_pl.export.load_native"),
             "gguf": lambda: load_gguf(output_dir / GGUF_FILE),
             "hf": lambda: (load_hf_dense(output_dir / HF_DIR), "transformers AutoModelForCausalLM (float32 compute)"),
+            "mlx": lambda: (load_mlx(output_dir / MLX_DIR), MLX_CLIENT),
         }
         for fmt in formats:
             loaded, client = loaders[fmt]()
@@ -417,7 +424,7 @@ def _accepted(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def check_formats(formats: Sequence[str]) -> list[str]:
     formats = list(dict.fromkeys(formats))
-    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    unknown = [f for f in formats if f not in EXPORT_FORMATS + ON_REQUEST_FORMATS]
     if unknown or not formats:
-        raise ValueError(f"export formats {unknown or formats} are not among {list(EXPORT_FORMATS)}")
+        raise ValueError(f"export formats {unknown or formats} are not among {list(EXPORT_FORMATS + ON_REQUEST_FORMATS)}")
     return formats

@@ -250,3 +250,18 @@ def test_rope_settings_move_to_where_mlx_lm_reads_them():
     config = mlx_config(ModelSnapshot(config=default, linears={}, others={}), {"bits": 4})
     assert config["rope_theta"] == 10000.0 and not config.get("rope_scaling")
     assert config["quantization"] == config["quantization_config"] == {"bits": 4}
+
+
+def test_mlx_is_exported_when_named_and_not_by_default(tiny_model_dir, tmp_path):
+    from qblora_pl.export.exporter import EXPORT_FORMATS, check_formats, export_module
+
+    assert "mlx" not in EXPORT_FORMATS  # the default formats need no MLX to verify
+    assert check_formats(["native", "mlx"]) == ["native", "mlx"]
+    with pytest.raises(ValueError, match="'mlx2'"):
+        check_formats(["mlx2"])
+    module = adapted_module(tiny_model_dir, "qablora")
+    report = export_module(module, tmp_path / "exports", formats=["mlx"], verify=False, log=lambda _: None)
+    written = report["formats"]["mlx"]
+    assert written["path"] == str(tmp_path / "exports" / "mlx") and written["int_layers"] == 14
+    config = json.loads((tmp_path / "exports" / "mlx" / MLX_CONFIG_FILE).read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"}

@@ -194,6 +194,23 @@ def test_mlx_lm_runs_the_qablora_export_like_our_loader(bits, group_size, tmp_pa
         assert float((ours - base(input_ids=x).logits).abs().max() / ours.std()) > 100 * CROSS_RUNTIME_TOLERANCE
 
 
+def test_the_exporter_verifies_the_mlx_export_with_mlx_lm(tmp_path):
+    """export_module(formats=[..., "mlx"]) loads the MLX export with mlx-lm for its verification."""
+    import_mlx_lm()
+    from qblora_pl.export import export_module
+    from qblora_pl.export.mlx_loader import MLX_CLIENT
+
+    module = qablora_module(EMBEDDED_MODEL_DIR, 3, 64)
+    report = export_module(module, tmp_path / "exports", formats=["native", "mlx"], log=lambda _: None)
+    native, mlx = (report["formats"][f]["verification"] for f in ("native", "mlx"))
+    print(f"\nexport verification: mlx-lm max |logit diff| {mlx['max_abs_logit_diff']:.3g}, "
+          f"load_native {native['max_abs_logit_diff']:.3g}")
+    assert mlx["client"] == MLX_CLIENT and mlx["argmax_agreement"] == 1.0
+    # 3e-4 of the embedded model's logit std (about 2.7) - the cross-runtime tolerance above.
+    assert mlx["max_abs_logit_diff"] < 1e-3
+    assert (tmp_path / "exports" / "mlx" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_padded_batches_as_the_export_verification_feeds_them(padding_side, tmp_path):
     """load_mlx in the exporter's verification: a padded batch (the embedded tokenizer pads on the

@@ -15,14 +15,16 @@ positions whose greedy (argmax) token agrees; per export format the artifact's b
 weight (all weights, embeddings included) and, for GGUF, the bytes per weight of the Q4_1
 linear layers next to the INT-b ideal ``(b + 32 / g) / 8`` (fp16 scale and offset per group).
 
-Runtimes (add one by adding an entry to :data:`RUNTIMES`; an MLX runtime would read the
-``mlx`` export format once the exporter writes it):
+Runtimes (add one by adding an entry to :data:`RUNTIMES`):
 
 * ``llama.cpp`` - llama-cpp-python on ``model.gguf`` (its CPU kernels quantize activations to 8
   bits, so its logits differ from any exact evaluation by a few % of their std);
 * ``transformers-gguf`` - transformers' GGUF loader (float32 evaluation of the file's weights:
   only the fp16 rounding of the merged offsets shows, and that of the embedding / head, F16
-  under the default ``--gguf-dense-type auto`` for this float32 model; ``f32`` keeps them).
+  under the default ``--gguf-dense-type auto`` for this float32 model; ``f32`` keeps them);
+* ``mlx`` - mlx-lm (:func:`qblora_pl.export.mlx_loader.load_mlx`) on the ``mlx/`` export, whose
+  float32 scales and biases hold the reference's weights exactly, so only MLX's vs torch's float32
+  kernels show. Left out, with a note, when ``mlx_lm`` is not installed (``pip install -e ".[mlx]"``).
 
 Prints a Markdown table and writes JSON to ``--out``.
 """
@@ -30,6 +32,7 @@ Prints a Markdown table and writes JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -52,7 +55,7 @@ class Runtime:
     """A client that runs one export format: ``logits(artifact, prompts_ids, threads)`` returns
     float32 ``(len(ids), vocab)`` logits per prompt."""
 
-    export_format: str  # an export_module format ("gguf"; "mlx" once it exists)
+    export_format: str  # an export_module format ("gguf", "mlx")
     artifact: str  # path inside the export directory
     logits: Logits
 
@@ -93,13 +96,23 @@ def native_logits(path: Path, prompts_ids: list[list[int]], threads: int) -> lis
     return torch_logits(load_native(path), prompts_ids)
 
 
+def mlx_logits(path: Path, prompts_ids: list[list[int]], threads: int) -> list[np.ndarray]:
+    from qblora_pl.export.mlx_loader import load_mlx
+
+    return torch_logits(load_mlx(path), prompts_ids)
+
+
 #: The reference: the project's own loader of its native (exact INT-b) export.
 REFERENCE = Runtime("native", "native", native_logits)
-#: runtime name -> how it runs which export. Add "mlx": Runtime("mlx", <its artifact>, mlx_logits).
+#: runtime name -> how it runs which export.
 RUNTIMES: dict[str, Runtime] = {
     "llama.cpp": Runtime("gguf", "model.gguf", llama_cpp_logits),
     "transformers-gguf": Runtime("gguf", "model.gguf", transformers_gguf_logits),
 }
+if importlib.util.find_spec("mlx_lm") is not None:
+    RUNTIMES["mlx"] = Runtime("mlx", "mlx", mlx_logits)
+else:
+    print("bench/export_exactness.py: mlx_lm is not installed, no MLX column (pip install -e '.[mlx]')")
 
 
 def compare(reference: list[np.ndarray], other: list[np.ndarray]) -> dict[str, float]:
@@ -213,6 +226,8 @@ def run_one(args, settings: dict, bits: int, group_size: int, data, prompts_ids,
 def markdown(rows: list[dict]) -> str:
     names = list(RUNTIMES)
     head = ["INT-b", "g", "GGUF B/weight (file)", "Q4_1 B/weight (linears)", "INT-b ideal B/weight", "linears Q4_1 / fallback"]
+    if "mlx" in names:
+        head.append("MLX B/weight (file)")
     for name in names:
         head += [f"{name} max abs dlogit (/std)", f"{name} greedy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -222,6 +237,8 @@ def markdown(rows: list[dict]) -> str:
         cells = [f"INT{row['bits']}", str(row["group_size"]), f"{row['formats']['gguf']['bytes_per_weight']:.3f}",
                  f"{g['q4_1_linear_bytes_per_weight']:.3f}", f"{g['int_b_ideal_bytes_per_weight']:.3f}",
                  f"{q4_1} / {g['fallback_layers']}"]
+        if "mlx" in row["formats"]:
+            cells.append(f"{row['formats']['mlx']['bytes_per_weight']:.3f}")
         for name in names:
             r = row["runtimes"][name]
             cells += [f"{r['max_abs_logit_diff']:.3g} ({r['max_abs_logit_diff_over_std']:.3f})",

@@ -44,7 +44,8 @@ class MergeExport(pl.Callback):
             without a logger), so every run has its own.
         overwrite: allow replacing an export another run wrote in ``output_dir``.
         formats: any of ``native`` (the project's INT-b checkpoint, :func:`qblora_pl.export.load_native`),
-            ``gguf`` (llama.cpp) and ``hf`` (merged dense Hugging Face directory).
+            ``gguf`` (llama.cpp), ``hf`` (merged dense Hugging Face directory) and, on request,
+            ``mlx`` (mlx-lm's quantized layout; verifying it needs ``mlx-lm``).
         verify: load every export back, run a validation batch (the datamodule's first val
             batch, else fixed tokens) and record the max logit difference from the in-memory
             merged model and both perplexities in ``export_report.json``.

@@ -14,7 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from qblora_pl.export.exporter import EXPORT_FORMATS, default_checkpoint_export_dir, export_from_checkpoint
+from qblora_pl.export.exporter import (
+    EXPORT_FORMATS,
+    ON_REQUEST_FORMATS,
+    default_checkpoint_export_dir,
+    export_from_checkpoint,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -24,7 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the base model, when not where the checkpoint recorded it (the same base: checked)")
     parser.add_argument("--output_dir", default=None,
                         help="default: <run>/exports for <run>/checkpoints/*.ckpt, else <ckpt name>_export beside it")
-    parser.add_argument("--formats", nargs="+", default=list(EXPORT_FORMATS), choices=list(EXPORT_FORMATS))
+    parser.add_argument("--formats", nargs="+", default=list(EXPORT_FORMATS),
+                        choices=list(EXPORT_FORMATS) + list(ON_REQUEST_FORMATS),
+                        help="default: native gguf hf; mlx on request (verifying it needs mlx-lm: pip install -e '.[mlx]')")
     parser.add_argument("--overwrite", action="store_true", help="replace an export of another checkpoint in output_dir")
     parser.add_argument("--no_verify", action="store_true", help="skip reloading each export to compare its logits")
     parser.add_argument("--data_path", default=None,

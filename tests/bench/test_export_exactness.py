@@ -31,8 +31,8 @@ def test_weight_count_counts_int_b_layers_as_dense_and_skips_adapters(tiny_model
 
 
 def test_every_runtime_reads_a_format_the_exporter_writes():
-    from qblora_pl.export.exporter import EXPORT_FORMATS
+    from qblora_pl.export.exporter import EXPORT_FORMATS, ON_REQUEST_FORMATS
 
     assert export_exactness.REFERENCE.export_format in EXPORT_FORMATS
     for name, runtime in export_exactness.RUNTIMES.items():
-        assert runtime.export_format in EXPORT_FORMATS, name
+        assert runtime.export_format in EXPORT_FORMATS + ON_REQUEST_FORMATS, name

@@ -3,8 +3,8 @@
 Merges a saved adapter checkpoint into its base and writes the low-bit model, outside of a
 training run. The model, base and strategy are rebuilt from what the checkpoint recorded.
 
-The export goes with its run: by default ``<run>/exports`` for ``<run>/checkpoints/x.ckpt``
-(``x_export/`` beside any other checkpoint file). It is staged and appears whole or not at all,
+The export goes with its run: by default ``<run>/exports_x`` for ``<run>/checkpoints/x.ckpt``
+(``x_export/`` beside any other checkpoint file), beside the fit's own ``<run>/exports``. It is staged and appears whole or not at all,
 it never replaces the export of another checkpoint (``--overwrite`` to allow it), and it is
 verified on held-out (validation) records of the data the checkpoint was trained on.
 """
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model_name_or_path", default=None,
                         help="the base model, when not where the checkpoint recorded it (the same base: checked)")
     parser.add_argument("--output_dir", default=None,
-                        help="default: <run>/exports for <run>/checkpoints/*.ckpt, else <ckpt name>_export beside it")
+                        help="default: <run>/exports_<name> for <run>/checkpoints/<name>.ckpt, else <name>_export beside it")
     parser.add_argument("--formats", nargs="+", default=list(EXPORT_FORMATS),
                         choices=list(EXPORT_FORMATS) + list(ON_REQUEST_FORMATS),
                         help="default: native gguf hf; mlx on request (verifying it needs mlx-lm: pip install -e '.[mlx]')")

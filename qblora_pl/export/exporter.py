@@ -350,11 +350,12 @@ def checkpoint_run(ckpt_path: str | Path, checkpoint: dict[str, Any]) -> dict[st
 
 
 def default_checkpoint_export_dir(ckpt_path: str | Path) -> Path:
-    """Where ``main.py export`` writes by default: ``<run>/exports`` for ``<run>/checkpoints/x.ckpt``,
-    else ``<x>_export`` beside the checkpoint - the export lives with the run it came from."""
+    """Where ``main.py export`` writes by default: ``<run>/exports_<x>`` for ``<run>/checkpoints/x.ckpt``,
+    else ``<x>_export`` beside the checkpoint - the export lives with the run it came from, one
+    directory per checkpoint, beside (never over) the fit's own ``<run>/exports``."""
     path = Path(ckpt_path).expanduser()
     if path.parent.name == "checkpoints":
-        return path.parent.parent / "exports"
+        return path.parent.parent / f"exports_{path.stem}"
     return path.with_name(f"{path.stem}_export")
 
 

@@ -142,10 +142,12 @@ def test_checkpoint_export_verifies_on_the_runs_held_out_records(tiny_model_dir,
     run_dir = tmp_path / "runs" / "m" / "version_0"
     ckpt = run_dir / "checkpoints" / "adapter.ckpt"
     trainer.save_checkpoint(ckpt)
-    (run_dir / "exports").rename(run_dir / "fit_exports")  # the fit's own export; the CLI writes a new one
+    fit_export = (run_dir / "exports" / "export_report.json").read_bytes()
 
     report = export_main(["--ckpt_path", str(ckpt), "--formats", "native", "--verify_records", "3"])
-    assert report["report_path"] == str(run_dir / "exports" / "export_report.json")  # the run's dir by default
+    # the run's dir by default, one directory per checkpoint, beside the fit's own export
+    assert report["report_path"] == str(run_dir / "exports_adapter" / "export_report.json")
+    assert (run_dir / "exports" / "export_report.json").read_bytes() == fit_export
     validation = report["validation"]
     assert validation["batch_source"] == f"validation split of {tiny_data_dir} (first 3 records)"
     assert validation["batch_shape"][0] == 3

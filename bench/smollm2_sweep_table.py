@@ -15,8 +15,8 @@ for f in sorted(glob.glob("bench/results/accuracy_smollm2_val_lr*.json")):
 table = "| method @ LR | val loss, trained (NF4 + adapter) | val loss, deployed INT3 g32 | train min (shared CPU) |\n|---|---|---|---|\n" + "\n".join(rows)
 print(table)
 p = Path("README.md"); s = p.read_text()
-start = s.index("The paper's method comparison on this model is issue 13's grid")
-end = s.index("\n\n", start)
+start = s.index("<!-- sweep:start -->\n") + len("<!-- sweep:start -->\n")
+end = s.index("\n<!-- sweep:end -->", start)
 new = ("The paper's method comparison on this model is issue 13's grid (`bash bench/smollm2_grid.sh sweep | lrs | step1 ...`;\n"
        "`bench/accuracy.py` docstring and `docs/benchmarks.md` give the commands). Its first stage, the learning-rate\n"
        "sweep on the **validation** split (INT3 g32, 1 seed, 200 steps, batch 4, chat Alpaca), has these runs so far;\n"

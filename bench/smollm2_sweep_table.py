@@ -21,7 +21,8 @@ new = ("The paper's method comparison on this model is issue 13's grid (`bash be
        "`bench/accuracy.py` docstring and `docs/benchmarks.md` give the commands). Its first stage, the learning-rate\n"
        "sweep on the **validation** split (INT3 g32, 1 seed, 200 steps, batch 4, chat Alpaca), has these runs so far;\n"
        "the test-split grid has not started, so no claim is read from them:\n\n" + table + "\n\n"
-       "Re-quantizing a QLoRA / Q-BLoRA model to INT3 g32 by round-to-nearest costs ~1.3-1.4 nats here, while QA-LoRA's\n"
-       "INT3 g32 model keeps 2.11: the regime in which the paper's QA-* claim can show.")
+       "Compare the trained and deployed columns: what round-to-nearest re-quantization to INT3 g32 costs\n"
+       "QLoRA / Q-BLoRA, next to the loss QA-* deploy exactly. One seed at one LR pair per method: no claim\n"
+       "is read before the test-split grid.")
 s = s[:start] + new + s[end:]
 p.write_text(s)

@@ -45,20 +45,19 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from qblora_pl.export.atomic import atomic_directory
 from qblora_pl.export.snapshot import (
     FROZEN_DENSE,
     ExportFallbackWarning,
-    LinearSnapshot,
     ModelSnapshot,
     QuantizedParts,
+    check_finite_tensors,
     dtype_from_name,
     dtype_name,
+    requantize_linear,
 )
 from qblora_pl.export.tokenizer_files import copy_tokenizer_files
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
 
 MLX_WEIGHTS_FILE = "model.safetensors"
 MLX_CONFIG_FILE = "config.json"
@@ -136,7 +135,7 @@ def write_mlx(
         entry: dict[str, Any] = {"d_out": linear.d_out, "d_in": linear.d_in, "origin": linear.origin}
         parts = linear.quantized
         if parts is None and fallback == "requantize" and linear.origin != FROZEN_DENSE:
-            parts, requantized[name] = _requantize(linear, bits, group_size)
+            parts, requantized[name] = requantize_linear(linear, bits, group_size)
             entry["requantized"] = {"method": "min-max round-to-nearest", "relative_weight_error": requantized[name]}
         if parts is None:
             entry.update(storage="dense", dtype=dtype_name(linear.weight.dtype))
@@ -158,7 +157,7 @@ def write_mlx(
         tensors[key] = tensor.contiguous()
     if tied:
         tensors.pop("lm_head.weight", None)
-    _check_finite(tensors)
+    check_finite_tensors(tensors, "MLX export")
 
     if requantized:
         worst = max(requantized, key=requantized.get)
@@ -258,21 +257,3 @@ def _record_rounding(rounding: dict[str, float], parts: QuantizedParts, scales: 
         stored = QuantizedParts(parts.codes, scales, biases, parts.bits, parts.group_size)
         weight_err = float((stored.dequantize() - parts.dequantize()).abs().max())
         rounding["max_abs_weight_error"] = max(rounding["max_abs_weight_error"], weight_err)
-
-
-def _requantize(linear: LinearSnapshot, bits: int, group_size: int) -> tuple[QuantizedParts, float]:
-    """RTN INT-b quantization of a dense (merged) weight; returns the parts and the relative error."""
-    weight = linear.dense_weight()
-    dense = nn.Linear(linear.d_in, linear.d_out, bias=False)
-    dense.weight.data = weight
-    layer = GroupwiseIntLinear.from_linear(dense, bits=bits, group_size=group_size)
-    parts = QuantizedParts(layer.codes(), layer.scales, layer.offsets, bits, group_size)
-    error = float((parts.dequantize() - weight).norm() / weight.norm().clamp_min(1e-12))
-    return parts, error
-
-
-def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise FloatingPointError(f"tensor {key} has {bad} non-finite values; MLX export aborted")

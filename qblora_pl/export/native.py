@@ -37,11 +37,11 @@ from qblora_pl.export.atomic import atomic_directory
 from qblora_pl.export.snapshot import (
     FROZEN_DENSE,
     ExportFallbackWarning,
-    LinearSnapshot,
     ModelSnapshot,
-    QuantizedParts,
+    check_finite_tensors,
     dtype_from_name,
     dtype_name,
+    requantize_linear,
 )
 from qblora_pl.export.tokenizer_files import copy_tokenizer_files
 from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear, enable_int4_inference
@@ -79,7 +79,7 @@ def write_native(
         elif linear.origin == FROZEN_DENSE:
             parts = None
         else:
-            parts, rel_error = _requantize(linear, bits, group_size)
+            parts, rel_error = requantize_linear(linear, bits, group_size)
             requantized[name] = rel_error
             entry["requantized"] = {"method": "min-max round-to-nearest", "relative_weight_error": rel_error}
         if parts is None:
@@ -107,7 +107,7 @@ def write_native(
         tensors[key] = tensor.contiguous()
     if tied:
         tensors.pop("lm_head.weight", None)
-    _check_finite(tensors)
+    check_finite_tensors(tensors)
 
     if requantized:
         worst = max(requantized, key=requantized.get)
@@ -222,24 +222,6 @@ def load_native(path: str | Path, device: str | torch.device = "cpu", *, fast_in
     if fast_int4:
         enable_int4_inference(model)
     return model
-
-
-def _requantize(linear: LinearSnapshot, bits: int, group_size: int) -> tuple[QuantizedParts, float]:
-    """RTN INT-b quantization of a dense (merged) weight; returns the parts and the relative error."""
-    weight = linear.dense_weight()
-    dense = nn.Linear(linear.d_in, linear.d_out, bias=False)
-    dense.weight.data = weight
-    quantized = GroupwiseIntLinear.from_linear(dense, bits=bits, group_size=group_size)
-    parts = QuantizedParts(quantized.codes(), quantized.scales, quantized.offsets, bits, group_size)
-    error = float((parts.dequantize() - weight).norm() / weight.norm().clamp_min(1e-12))
-    return parts, error
-
-
-def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise FloatingPointError(f"tensor {key} has {bad} non-finite values; export aborted")
 
 
 def _most_common(values: list[int]) -> int | None:

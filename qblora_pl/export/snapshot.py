@@ -149,6 +149,25 @@ def _linear_snapshot(name: str, layer: nn.Module, origin: str) -> LinearSnapshot
     return LinearSnapshot(name, d_out, d_in, origin, weight=weight, bias=bias)
 
 
+def requantize_linear(linear: LinearSnapshot, bits: int, group_size: int) -> tuple[QuantizedParts, float]:
+    """RTN INT-b quantization of a dense (merged) weight; returns the parts and the relative error."""
+    weight = linear.dense_weight()
+    dense = nn.Linear(linear.d_in, linear.d_out, bias=False)
+    dense.weight.data = weight
+    quantized = GroupwiseIntLinear.from_linear(dense, bits=bits, group_size=group_size)
+    parts = QuantizedParts(quantized.codes(), quantized.scales, quantized.offsets, bits, group_size)
+    error = float((parts.dequantize() - weight).norm() / weight.norm().clamp_min(1e-12))
+    return parts, error
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str = "export") -> None:
+    """Raise FloatingPointError naming the first floating tensor holding NaN / inf (``what`` aborted)."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise FloatingPointError(f"tensor {key} has {bad} non-finite values; {what} aborted")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

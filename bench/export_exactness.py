@@ -47,6 +47,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qblora_pl.export.verify import llama_cpp_logits  # noqa: E402  (after the path insert)
+
 Logits = Callable[[Path, list[list[int]], int], list[np.ndarray]]
 
 
@@ -58,21 +60,6 @@ class Runtime:
     export_format: str  # an export_module format ("gguf", "mlx")
     artifact: str  # path inside the export directory
     logits: Logits
-
-
-def llama_cpp_logits(path: Path, prompts_ids: list[list[int]], threads: int) -> list[np.ndarray]:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, n_threads=threads, verbose=False)
-    try:
-        out = []
-        for ids in prompts_ids:
-            llm.reset()
-            llm.eval(ids)
-            out.append(np.array(llm.scores[: len(ids)], dtype=np.float32, copy=True))
-        return out
-    finally:
-        llm.close()
 
 
 def torch_logits(model, prompts_ids: list[list[int]]) -> list[np.ndarray]:

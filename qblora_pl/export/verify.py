@@ -171,3 +171,20 @@ def load_gguf_with_reader(path: str | Path) -> nn.Module:
     if set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()):
         raise RuntimeError(f"{path}: tensors missing from the GGUF file: {missing}")
     return model
+
+
+def llama_cpp_logits(path: str | Path, prompts_ids: list[list[int]], threads: int = 1, n_ctx: int = 512) -> list:
+    """llama.cpp's float32 ``(len(ids), vocab)`` logits for each prompt of a GGUF file (llama-cpp-python)."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=threads, verbose=False)
+    try:
+        out = []
+        for ids in prompts_ids:
+            llm.reset()
+            llm.eval(ids)
+            out.append(np.array(llm.scores[: len(ids)], dtype=np.float32, copy=True))
+        return out
+    finally:
+        llm.close()

@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from qblora_pl.export import export_module
+from qblora_pl.export.verify import llama_cpp_logits
 from qblora_pl.paths import EMBEDDED_MODEL_DIR
 from tests.export.conftest import adapted_module
 
@@ -104,19 +105,6 @@ def qablora_export(spm_model_dir, tmp_path_factory):
     return _export(spm_model_dir, tmp_path_factory.mktemp("llama-cpp-export"))
 
 
-def _llama_cpp_logits(llama_cpp, gguf_path: Path, prompts_ids: list[list[int]]) -> list[np.ndarray]:
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=128, logits_all=True, n_threads=1, verbose=False)
-    try:
-        out = []
-        for ids in prompts_ids:
-            llm.reset()
-            llm.eval(ids)
-            out.append(np.array(llm.scores[: len(ids)], dtype=np.float32, copy=True))
-        return out
-    finally:
-        llm.close()
-
-
 def _our_logits(module, prompts_ids):
     module.model.eval()
     with torch.no_grad():
@@ -160,7 +148,7 @@ def _check_against_llama_cpp(module, gguf_path: Path, report, spm_model_dir) -> 
         llm.close()
 
     worst, agree, checked = 0.0, 0, 0
-    for prompt, ours, theirs in zip(PROMPTS, _our_logits(module, prompts_ids), _llama_cpp_logits(llama_cpp, gguf_path, prompts_ids)):
+    for prompt, ours, theirs in zip(PROMPTS, _our_logits(module, prompts_ids), llama_cpp_logits(gguf_path, prompts_ids, n_ctx=128)):
         spread = float(ours.std())
         diff = float(np.abs(theirs - ours).max())
         worst = max(worst, diff / spread)
@@ -178,7 +166,7 @@ def _check_against_llama_cpp(module, gguf_path: Path, report, spm_model_dir) -> 
 @pytest.mark.parametrize("mistake", ["nibbles_swapped", "qk_not_permuted"])
 def test_the_tolerance_catches_a_wrong_file(mistake, qablora_export, spm_model_dir, tmp_path, monkeypatch):
     """Negative controls: the same export with a deliberate layout mistake fails the tolerance."""
-    llama_cpp = import_llama_cpp()
+    import_llama_cpp()  # skips without llama-cpp-python
     import sentencepiece as spm
 
     import qblora_pl.export.gguf_writer as gguf_writer
@@ -198,7 +186,7 @@ def test_the_tolerance_catches_a_wrong_file(mistake, qablora_export, spm_model_d
     export_module(module, tmp_path, formats=["gguf"], verify=False, log=lambda _: None)
     sp = spm.SentencePieceProcessor(model_file=str(Path(spm_model_dir) / "tokenizer.model"))
     prompts_ids = [[sp.bos_id(), *sp.encode(p)] for p in PROMPTS[:2]]
-    ours, theirs = _our_logits(module, prompts_ids), _llama_cpp_logits(llama_cpp, tmp_path / "model.gguf", prompts_ids)
+    ours, theirs = _our_logits(module, prompts_ids), llama_cpp_logits(tmp_path / "model.gguf", prompts_ids, n_ctx=128)
     assert max(float(np.abs(t - o).max() / o.std()) for o, t in zip(ours, theirs)) > TOLERANCE
 
 
@@ -274,13 +262,13 @@ def test_llama_cpp_runs_the_smollm2_qablora_export(smollm2_qablora, smollm2_gguf
         llm.close()
 
     [ours] = _our_logits(module, [ids])
-    [theirs] = _llama_cpp_logits(llama_cpp, tmp_path / "model.gguf", [ids])
+    [theirs] = llama_cpp_logits(tmp_path / "model.gguf", [ids], n_ctx=128)
     # The runtime's own error on this model: llama.cpp on the source file vs its weights in float32.
     base = load_causal_lm(str(smollm2_gguf), dtype=torch.float32).eval()
     with torch.no_grad():
         exact_source = base(input_ids=torch.tensor([ids])).logits[0].numpy()
     del base
-    [llama_source] = _llama_cpp_logits(llama_cpp, smollm2_gguf, [ids])
+    [llama_source] = llama_cpp_logits(smollm2_gguf, [ids], n_ctx=128)
     runtime_error = float(np.abs(llama_source - exact_source).max() / exact_source.std())
     export_error = float(np.abs(theirs - ours).max() / ours.std())
     print(f"\nSmolLM2 QA-BLoRA: llama.cpp vs ours max |dlogit| / std = {export_error:.4g}; llama.cpp on the source "

@@ -20,11 +20,15 @@ IMPLIED = {
 }
 
 
-#: Modules only optional features import, each installed by an extra: module -> the extra declaring it.
+#: Modules only optional features import, each installed by an extra: module -> (the extra declaring
+#: it, its distribution). The distribution is named here because the default test run has the extras
+#: uninstalled, and an uninstalled module cannot be mapped to its distribution (llama_cpp ->
+#: llama-cpp-python).
 OPTIONAL = {
-    "torchao": "fsdp-nf4",  # NF4(implementation: torchao): qblora_pl/quantization/torchao_nf4.py
-    "mlx": "mlx",  # the MLX client: qblora_pl/export/mlx_loader.py
-    "mlx_lm": "mlx",
+    "torchao": ("fsdp-nf4", "torchao"),  # NF4(implementation: torchao): qblora_pl/quantization/torchao_nf4.py
+    "mlx": ("mlx", "mlx"),  # the MLX client: qblora_pl/export/mlx_loader.py
+    "mlx_lm": ("mlx", "mlx-lm"),
+    "llama_cpp": ("integration", "llama-cpp-python"),  # the llama.cpp client: qblora_pl/export/verify.py
 }
 
 
@@ -65,14 +69,24 @@ def test_every_runtime_import_is_a_declared_dependency():
     distributions = importlib.metadata.packages_distributions()
     missing = []
     for module, files in sorted(third_party_imports().items()):
-        names = {_normalise(d) for d in distributions.get(module, [module])}
         if module in OPTIONAL:
-            if not names & declared_extra(OPTIONAL[module]):
-                missing.append(f"{module} (optional: not in the [{OPTIONAL[module]}] extra)")
+            extra, distribution = OPTIONAL[module]
+            if _normalise(distribution) not in declared_extra(extra):
+                missing.append(f"{module} (optional: {distribution} is not in the [{extra}] extra)")
             continue
+        names = {_normalise(d) for d in distributions.get(module, [module])}
         if not names & declared:
             missing.append(f"{module} (distribution {sorted(names)}; imported by {', '.join(sorted(files)[:3])})")
     assert not missing, "imported at run time but not in [project].dependencies: " + "; ".join(missing)
+
+
+@pytest.mark.parametrize("module", sorted(OPTIONAL))
+def test_optional_modules_are_installed_by_their_distribution(module):
+    """The distribution named in OPTIONAL is the one that provides the module, where it is installed."""
+    installed = importlib.metadata.packages_distributions().get(module)
+    if not installed:
+        pytest.skip(f"{module} is not installed here")
+    assert _normalise(OPTIONAL[module][1]) in {_normalise(d) for d in installed}
 
 
 @pytest.mark.parametrize("package", sorted(IMPLIED))

@@ -23,8 +23,11 @@ The low-bit model each method deploys:
 * QA-LoRA / QA-BLoRA train on an INT-b group-``g`` base and merge *into* it exactly: the
   low-bit model is the trained model (its merged loss is measured, not assumed).
 
-Every finished run is appended to ``--out`` immediately (JSON), and runs already there are
-skipped, so an interrupted sweep resumes where it stopped. ``--report-only`` prints the
+Every finished run is appended to ``--out`` immediately (JSON, written atomically), and runs
+already there are skipped, so an interrupted sweep resumes where it stopped. The same command
+started in two shells (``OMP_NUM_THREADS=1`` each, one per core) splits the runs between the two
+workers: each claims a run before making it and merges its rows into the file as it is on disk
+(:class:`ResultsStore`). ``--report-only`` prints the
 table and plot from the JSON without training. Each method's learning rate is fixed up
 front (``--lr`` for the LoRA family, ``--qa-lr`` for QA-*: their mean pooling over a
 g-wide group shrinks the update by 1/g, see README; ``--method-lr`` per method), never
@@ -123,9 +126,12 @@ Why these numbers (timed here, 1 thread, 2 cores shared by other jobs at load 4-
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import functools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -781,6 +787,83 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class ResultsStore:
+    """One results file (``--out``) that several worker processes on this machine fill together.
+
+    Start the same command twice (e.g. one per core, ``OMP_NUM_THREADS=1``) and the two split the
+    planned runs: before a run, a worker *claims* it under an exclusive lock (``<out>.lock``),
+    skipping runs already stored or claimed by a live process (claims: ``<out>.claims.json``,
+    run key -> pid; a claim whose process has died - a killed session - is taken over). Each
+    finished run is merged into the file as it is on disk *at that moment* and written atomically
+    (temporary file + rename), so no worker overwrites another's rows and a crash mid-write
+    leaves the previous file intact.
+    """
+
+    def __init__(self, path: Path, settings: dict):
+        self.path, self.settings = path, settings
+        self.lock_path = path.with_name(path.name + ".lock")
+        self.claims_path = path.with_name(path.name + ".claims.json")
+
+    @contextlib.contextmanager
+    def locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.exists() else {"runs": {}}
+
+    def runs(self) -> dict[str, dict]:
+        with self.locked():
+            return self.read()["runs"]
+
+    def _claims(self) -> dict[str, int]:
+        claims = json.loads(self.claims_path.read_text()) if self.claims_path.exists() else {}
+        return {key: pid for key, pid in claims.items() if pid == os.getpid() or _alive(pid)}
+
+    def _write(self, path: Path, payload: dict) -> None:
+        from qblora_pl.export.atomic import atomic_file
+
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(payload, indent=1))
+
+    def claim(self, args, run: tuple) -> dict[str, dict] | None:
+        """The stored runs if ``run`` is now this process's to do; None if it is done or another's."""
+        key = run_key(*run)
+        with self.locked():
+            results = self.read()["runs"]
+            claims = self._claims()
+            if is_done(args, run, results) or claims.get(key, os.getpid()) != os.getpid():
+                return None
+            claims[key] = os.getpid()
+            self._write(self.claims_path, claims)
+            return results
+
+    def store(self, run: tuple, rows: dict[str, dict]) -> dict[str, dict]:
+        """Merge ``rows`` into the file as it is now, release the claim; returns all stored runs."""
+        with self.locked():
+            results = {**self.read()["runs"], **rows}
+            self._write(self.path, {"settings": self.settings, "runs": results})
+            claims = self._claims()
+            claims.pop(run_key(*run), None)
+            self._write(self.claims_path, claims)
+            return results
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     import logging
 
@@ -793,9 +876,11 @@ def main(argv: list[str] | None = None) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
     out = Path(args.out or ROOT / "bench" / "results" / f"accuracy_{args.tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    stored = json.loads(out.read_text()) if out.exists() else {"runs": {}}
-    results: dict[str, dict] = stored["runs"]
     settings = run_settings(args)
+    store = ResultsStore(out, settings)
+    with store.locked():
+        stored = store.read()
+    results: dict[str, dict] = stored["runs"]
     if results and stored.get("settings") != settings and not args.report_only:
         raise SystemExit(f"{out} holds runs made with other settings:\n  {stored.get('settings')}\n  now: {settings}\n"
                          "pass another --out (or --tag) or delete the file")
@@ -809,16 +894,19 @@ def main(argv: list[str] | None = None) -> None:
         for name, n in check_tasks(benchmark_tasks(args)).items():  # a bad path fails now, not after training
             print(f"benchmark {name}: {n} questions")
     for i, (method, seed, bits, g, qat) in enumerate(todo, 1):
+        key = run_key(method, seed, bits, g, qat)
+        claimed = store.claim(args, (method, seed, bits, g, qat))
+        if claimed is None:  # stored or being run by another worker since this one started
+            print(f"[{i}/{len(todo)}] {key}: done or running in another process; skipped", flush=True)
+            continue
         started, cpu_started = time.perf_counter(), time.process_time()
         if method == REFERENCE:
             rows = run_reference(args, bits, g)
         else:
-            rows = run_method(args, method, seed, bits, g, qat, stored=results)
+            rows = run_method(args, method, seed, bits, g, qat, stored=claimed)
         for row in rows.values():  # all threads of this process, less moved by other jobs' load than the wall clock
             row["cpu_seconds"] = time.process_time() - cpu_started
-        results.update(rows)
-        out.write_text(json.dumps({"settings": settings, "runs": results}, indent=1))  # nothing lost on a crash
-        key = run_key(method, seed, bits, g, qat)
+        results = store.store((method, seed, bits, g, qat), rows)  # nothing lost on a crash
         main_row = rows[key] if key in rows else next(iter(rows.values()))  # a re-run adds only +ptq rows
         scored = main_row["low_bit"] or main_row["trained"]
         bench = "".join(f", {m} {scored[m]:.3f}" for m in BENCH_METRICS if m in scored)
@@ -830,6 +918,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"exact match {shown['exact_match']:.3f}")
         print(f"[{i}/{len(todo)}] {key}: {losses}{bench} ({time.perf_counter() - started:.0f}s)", flush=True)
 
+    results = store.runs() if todo else results  # with the rows other workers stored meanwhile
     for extra in args.include:
         other = json.loads(Path(extra).read_text())
         if other.get("settings") != settings:

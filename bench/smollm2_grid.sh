@@ -8,6 +8,8 @@
 #   bash bench/smollm2_grid.sh report     #    tables + plots
 #
 # THREADS (default 1) sets OMP_NUM_THREADS: two stages may share the 2 cores of this machine.
+# The same stage started twice (e.g. `bash bench/smollm2_grid.sh step1 &` twice) splits its runs
+# between the two processes, one per core (bench/accuracy.py's ResultsStore).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${THREADS:-1}

@@ -792,7 +792,7 @@ class ResultsStore:
 
     Start the same command twice (e.g. one per core, ``OMP_NUM_THREADS=1``) and the two split the
     planned runs: before a run, a worker *claims* it under an exclusive lock (``<out>.lock``),
-    skipping runs already stored or claimed by a live process (claims: ``<out>.claims.json``,
+    skipping runs already stored or claimed by a live process (claims: ``<out>.claims``,
     run key -> pid; a claim whose process has died - a killed session - is taken over). Each
     finished run is merged into the file as it is on disk *at that moment* and written atomically
     (temporary file + rename), so no worker overwrites another's rows and a crash mid-write
@@ -802,7 +802,7 @@ class ResultsStore:
     def __init__(self, path: Path, settings: dict):
         self.path, self.settings = path, settings
         self.lock_path = path.with_name(path.name + ".lock")
-        self.claims_path = path.with_name(path.name + ".claims.json")
+        self.claims_path = path.with_name(path.name + ".claims")  # not *.json: result globs skip it
 
     @contextlib.contextmanager
     def locked(self):
@@ -850,7 +850,10 @@ class ResultsStore:
             self._write(self.path, {"settings": self.settings, "runs": results})
             claims = self._claims()
             claims.pop(run_key(*run), None)
-            self._write(self.claims_path, claims)
+            if claims:
+                self._write(self.claims_path, claims)
+            else:
+                self.claims_path.unlink(missing_ok=True)
             return results
 
 

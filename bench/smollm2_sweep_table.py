@@ -1,28 +1,78 @@
-"""Print the issue-13 LR sweep rows so far (bench/results/accuracy_smollm2_val_lr*.json) and write them into README.md:  python bench/smollm2_sweep_table.py"""
-import json, glob
+"""Write the issue-13 learning-rate sweep (bench/results/accuracy_smollm2_val_lr*.json) into README.md.
+
+    python bench/smollm2_sweep_table.py            # prints the table and rewrites README's sweep block
+
+Rows: every method at every LR swept so far, sorted by method then LR; the lowest validation loss
+of each method in bold (deployed loss; for QLoRA / Q-BLoRA both the trained NF4 + adapter loss and
+the INT3 g32 RTN loss are shown, and each column's best is bold). Idempotent: the block between
+``<!-- sweep:start -->`` and ``<!-- sweep:end -->`` is replaced.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 LABEL = {"qlora": "QLoRA", "qblora": "Q-BLoRA", "qalora": "QA-LoRA", "qablora": "QA-BLoRA"}
-rows = []
-for f in sorted(glob.glob("bench/results/accuracy_smollm2_val_lr*.json")):
-    d = json.load(open(f)); st = d["settings"]
-    for k, r in d["runs"].items():
-        m = r["method"]
-        if "|nf4|" in k:  # trained row, paired with its +ptq row
-            continue
-        lr = st.get("lr") if m in ("qlora", "qblora") else st.get("qa_lr")
-        trained = r["trained"]["loss"] if m in ("qlora", "qblora") else None
-        rows.append(f"| {LABEL[m]} @ {lr:g} | {'%.4f' % trained if trained else '= deployed'} | {r['low_bit']['loss']:.4f} | {round(r['train_seconds']/60)} |")
-table = "| method @ LR | val loss, trained (NF4 + adapter) | val loss, deployed INT3 g32 | train min (shared CPU) |\n|---|---|---|---|\n" + "\n".join(rows)
-print(table)
-p = Path("README.md"); s = p.read_text()
-start = s.index("<!-- sweep:start -->\n") + len("<!-- sweep:start -->\n")
-end = s.index("\n<!-- sweep:end -->", start)
-new = ("The paper's method comparison on this model is issue 13's grid (`bash bench/smollm2_grid.sh sweep | lrs | step1 ...`;\n"
-       "`bench/accuracy.py` docstring and `docs/benchmarks.md` give the commands). Its first stage, the learning-rate\n"
-       "sweep on the **validation** split (INT3 g32, 1 seed, 200 steps, batch 4, chat Alpaca), has these runs so far;\n"
-       "the test-split grid has not started, so no claim is read from them:\n\n" + table + "\n\n"
-       "Compare the trained and deployed columns: what round-to-nearest re-quantization to INT3 g32 costs\n"
-       "QLoRA / Q-BLoRA, next to the loss QA-* deploy exactly. One seed at one LR pair per method: no claim\n"
-       "is read before the test-split grid.")
-s = s[:start] + new + s[end:]
-p.write_text(s)
+DENSE_MERGE = ("qlora", "qblora")
+
+
+def sweep_rows() -> dict[str, dict[float, dict]]:
+    """method -> LR -> {"trained": loss or None, "deployed": loss, "minutes": training wall clock}."""
+    rows: dict[str, dict[float, dict]] = {}
+    for path in sorted(glob.glob(str(ROOT / "bench" / "results" / "accuracy_smollm2_val_lr*.json"))):
+        stored = json.loads(Path(path).read_text())
+        settings = stored["settings"]
+        for key, run in stored["runs"].items():
+            method = run["method"]
+            if "|nf4|" in key or method not in LABEL:  # the NF4 row pairs with its +ptq row
+                continue
+            lr = (settings.get("method_lr") or {}).get(method) or settings["lr" if method in DENSE_MERGE else "qa_lr"]
+            rows.setdefault(method, {})[lr] = {
+                "trained": run["trained"]["loss"] if method in DENSE_MERGE else None,
+                "deployed": run["low_bit"]["loss"],
+                "minutes": round(run["train_seconds"] / 60),
+            }
+    return rows
+
+
+def table(rows: dict[str, dict[float, dict]]) -> str:
+    lines = ["| method @ LR | val loss, trained (NF4 + adapter) | val loss, deployed INT3 g32 | train min (shared CPU) |",
+             "|---|---|---|---|"]
+    for method in [m for m in LABEL if m in rows]:
+        by_lr = rows[method]
+        best_deployed = min(r["deployed"] for r in by_lr.values())
+        best_trained = min((r["trained"] for r in by_lr.values() if r["trained"] is not None), default=None)
+        for lr in sorted(by_lr):
+            r = by_lr[lr]
+            trained = "= deployed" if r["trained"] is None else (
+                f"**{r['trained']:.4f}**" if r["trained"] == best_trained else f"{r['trained']:.4f}")
+            deployed = f"**{r['deployed']:.4f}**" if r["deployed"] == best_deployed else f"{r['deployed']:.4f}"
+            lines.append(f"| {LABEL[method]} @ {lr:g} | {trained} | {deployed} | {r['minutes']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    text = table(sweep_rows())
+    print(text)
+    readme = ROOT / "README.md"
+    s = readme.read_text()
+    start = s.index("<!-- sweep:start -->\n") + len("<!-- sweep:start -->\n")
+    end = s.index("\n<!-- sweep:end -->", start)
+    block = (
+        "The paper's method comparison on this model is issue 13's grid (`bash bench/smollm2_grid.sh sweep | lrs | step1 ...`;\n"
+        "`bench/accuracy.py` docstring and `docs/benchmarks.md` give the commands). Its first stage, the learning-rate\n"
+        "sweep on the **validation** split (INT3 g32, 1 seed, 200 steps, batch 4, chat Alpaca), has these runs so far\n"
+        "(`python bench/smollm2_sweep_table.py` rewrites this table; best per method and column in bold):\n\n"
+        + text + "\n\n"
+        "Compare the trained and deployed columns: what round-to-nearest re-quantization to INT3 g32 costs\n"
+        "QLoRA / Q-BLoRA, next to the loss QA-* deploy exactly. These are validation runs for choosing\n"
+        "learning rates (one seed); the paper's claims are read from the test-split grid, not from them."
+    )
+    readme.write_text(s[:start] + block + s[end:])
+
+
+if __name__ == "__main__":
+    main()

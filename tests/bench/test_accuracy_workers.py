@@ -43,8 +43,9 @@ def test_a_run_claimed_by_a_live_process_is_skipped_and_a_dead_ones_taken_over(t
 def test_a_stored_run_is_not_claimed_again(tmp_path):
     store = accuracy.ResultsStore(tmp_path / "r.json", {"tag": "t"})
     assert store.claim(_args(), QA_RUN) == {}
+    assert [p.name for p in tmp_path.glob("*.json")] == []  # a claim is not a results file to a glob
     store.store(QA_RUN, {accuracy.run_key(*QA_RUN): _row("qalora")})
-    assert json.loads(store.claims_path.read_text()) == {}  # the claim is released
+    assert not store.claims_path.exists()  # the claim is released; no claims file left behind
     assert store.claim(_args(), QA_RUN) is None
 
 

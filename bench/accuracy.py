@@ -61,7 +61,7 @@ arc/ARC-Easy-Test.jsonl, mmlu/{dev,test}/*.csv)::
     MODEL=$(python scripts/fetch_smollm2.py --quiet)   # ~/.cache/qblora_pl/models/SmolLM2-135M-Instruct.Q4_1.gguf
     D=../shared/data
     COMMON="--model $MODEL --data $D/alpaca_5000.json --prompt-template chat --max-source-length 128
-            --max-target-length 128 --batch-size 4 --eval-batch-size 8 --steps 300 --warmup 10 --no-exact-match"
+            --max-target-length 128 --batch-size 4 --eval-batch-size 8 --steps 200 --warmup 10 --no-exact-match"
     BENCH="--arc $D/arc/ARC-Easy-Test.jsonl --arc-limit 1000 --mmlu-dir $D/mmlu --mmlu-k-shot 5
            --mmlu-limit-per-subject 10"
 
@@ -94,11 +94,11 @@ arc/ARC-Easy-Test.jsonl, mmlu/{dev,test}/*.csv)::
 
 Why these numbers (timed here, 1 thread, 2 cores shared by other jobs at load 4-5):
 
-* ``--steps 300`` at batch 4 x <= 256 tokens: 1,200 chat examples, about a quarter of the 4,498
-  training records (one pass, no repeats), and the configs' 300 steps; ~2-8 s a step, so
-  10-40 min a run (~25 min typical). Scoring one model costs more than that (below), so more
-  steps would not change the grid's cost much, fewer would leave QAT (start 20, ramp 30) and
-  the INT2 recoveries short.
+* ``--steps 200`` at batch 4 x <= 256 tokens: 800 chat examples, about a sixth of the 4,498
+  training records (one pass, no repeats). The session-3 QA-BLoRA fit's validation loss stopped
+  improving by step 80-120 (README), so 200 leaves margin, and training is not what a run costs
+  most: 200 steps take 18-22 min (QA-*) and 30-45 min (NF4) of one core here, scoring one
+  benchmarked model ~23 min (below). QAT (start 20, ramp 30) has 150 steps at full strength.
 * Without the scorer's prefix cache: ARC-Easy 0.65-0.76 s a question (dense, INT3), the first
   1,000 ~12 min per model; MMLU 5-shot, 10 per subject (570 questions, 358k prompt tokens, the
   5 shots make a prompt ~630 tokens on average) ~135 tokens/s, ~45 min per model, its 5-shot
@@ -109,12 +109,11 @@ Why these numbers (timed here, 1 thread, 2 cores shared by other jobs at load 4-
   (1.10 -> 0.63 s; its prefixes are short, so the saved tokens matter less than the extra
   passes), every prediction equal, scores within 5e-5. So **~10 min** for MMLU and **~7 min**
   for ARC's 1,000 per model. Held-out loss (250 test records): ~6 min per model.
-* So one benchmarked model is ~23 min with the prefix cache (~65 min before, which the run and
-  step figures here still assume: scale their scoring share by ~1/3); a QA-LoRA / QA-BLoRA run
-  ~1.6 h (train, trained loss, deployed model); a QLoRA / Q-BLoRA run at INT3 + INT2 ~3.8 h (NF4
-  model benchmarked too with ``--bench-trained nf4``; 2.8 h with ``none``); a reference ~65 min.
-  Step 0 ~8 h; step 1 ~45 h (3 references + 3 seeds x 14 h); step 2 ~38 h; step 3 ~19 h; step
-  4 ~36 h. On an unshared machine with 2 threads expect roughly half. ``cpu_seconds`` /
+* So one benchmarked model is ~23 min: a QA-LoRA / QA-BLoRA run ~45 min (train, then its
+  deployed model = trained model benchmarked); a QLoRA / Q-BLoRA run at INT3 + INT2 ~2 h (NF4
+  model benchmarked with ``--bench-trained nf4``, merged loss check, two RTN models benchmarked);
+  a reference ~23 min. Step 1: 3 references + 3 seeds x (2 x 2 h + 4 x 45 min) ~ 22 h of one
+  core, ~11 h with two workers (the same command started twice). ``cpu_seconds`` /
   ``eval_seconds`` in the JSON give the real figures as the grid runs.
 * The GGUF file is Q4_1 (asymmetric INT4, blocks of 32): its 210 quantized linear layers are
   already on the INT4 g32 grid (checked: ``GroupwiseInt(4, 32)`` reproduces every weight

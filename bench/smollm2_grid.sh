@@ -29,7 +29,10 @@ case "${1:?stage: sweep | lrs | step1 | step2 | step3 | step4 | report}" in
     for pair in "1e-3 1e-2" "3e-4 3e-3" "3e-3 3e-2"; do set -- $pair
       python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --bits 3 --group-sizes 32 \
           --lr "$1" --qa-lr "$2" --bench-trained none --tag "smollm2_val_lr$1"
-    done ;;
+    done
+    # QA-LoRA and QA-BLoRA were both best at 3e-3, the grid's low end: one more factor-3 step down
+    python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --bits 3 --group-sizes 32 \
+        --methods qalora qablora --lr 3e-4 --qa-lr 1e-3 --bench-trained none --tag smollm2_val_lr_qa1e-3 ;;
   lrs)
     lrs | tee /dev/stderr | grep -- "--method-lr" | sed 's/^for the test runs: //' > "$LR_FILE"; cat "$LR_FILE" ;;
   step1)

@@ -72,7 +72,9 @@ arc/ARC-Easy-Test.jsonl, mmlu/{dev,test}/*.csv)::
     done
     python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_lr*.json
     # prints "for the test runs: --method-lr qlora=... qblora=... qalora=... qablora=..."; if a
-    # method's best LR is at an end of the grid, add the next factor-3 step for it first.
+    # method's best LR is at an end of the grid, add the next factor-3 step for it first. Chosen
+    # by the val loss of the model each method trains (QLoRA / Q-BLoRA: NF4 + adapter); the
+    # deployed (RTN) model's choice is printed too (--lr-criterion deployed chooses by it).
     LRS="--method-lr qlora=... qblora=... qalora=... qablora=..."   # paste the printed values
 
     # 1. all four methods at INT3 and INT2 g32, 3 seeds, plus the unmodified references:
@@ -592,15 +594,23 @@ def compute_time(results: dict[str, dict]) -> str:
     return text
 
 
-def lr_report(paths: list[str], metric: str = "loss") -> str:
+def lr_report(paths: list[str], metric: str = "loss", criterion: str = "trained") -> str:
     """Each method's validation ``metric`` per learning rate over sweep files, and the best LR per method.
 
-    Every file must be a ``--eval-split val`` result (LRs are chosen on val, never on test). A
-    method's score at one LR is the mean over its deployed low-bit formats (and seeds) of the
-    low-bit model's metric; NF4 runs are scored by their unmerged model. Lower is better for
-    ``loss``, higher for accuracies.
+    Every file must be a ``--eval-split val`` result (LRs are chosen on val, never on test).
+    ``criterion`` says which model's score chooses:
+
+    * ``trained`` (default): the model each method trains - QLoRA / Q-BLoRA's NF4 base + adapter,
+      QA-*'s INT-b model (which is also what they deploy). The quantity the Q-BLoRA vs QLoRA
+      comparison is about, and how a QLoRA user tunes before quantizing.
+    * ``deployed``: the low-bit model each method ships, mean over its deployed formats (QLoRA /
+      Q-BLoRA: merged and RTN re-quantized). For QA-* the two criteria are the same.
+
+    Both are printed; seeds are averaged. Lower is better for ``loss``, higher for accuracies.
     """
-    by_method: dict[str, dict[float, list[float]]] = {}
+    if criterion not in ("trained", "deployed"):
+        raise SystemExit(f"--lr-criterion {criterion!r}: choose 'trained' or 'deployed'")
+    scores: dict[str, dict[str, dict[float, list[float]]]] = {"trained": {}, "deployed": {}}
     cells: dict[str, dict[float, float]] = {}
     for path in paths:
         stored = json.loads(Path(path).read_text())
@@ -617,9 +627,12 @@ def lr_report(paths: list[str], metric: str = "loss") -> str:
             lr = learning_rate(settings, family)
             part = "low_bit" if "low_bit" in parts else "trained"
             cells.setdefault(config, {})[lr] = parts[part][0]
+            trained_as = method.replace("+ptq", "")  # qlora+qat stays its own method
             if part == "low_bit":
-                trained_as = method.replace("+ptq", "")
-                by_method.setdefault(trained_as, {}).setdefault(lr, []).append(parts[part][0])
+                scores["deployed"].setdefault(trained_as, {}).setdefault(lr, []).append(parts[part][0])
+            if part == "low_bit" and family not in DENSE_MERGE or method == family and family in DENSE_MERGE:
+                # QA-*: the trained model is the deployed one; QLoRA / Q-BLoRA: the NF4 row's unmerged model
+                scores["trained"].setdefault(trained_as, {}).setdefault(lr, []).append(parts[part][0])
     lrs = sorted({lr for row in cells.values() for lr in row})
     lines = [f"validation {metric} per learning rate (deployed low-bit model; NF4 rows: unmerged)",
              f"{'method':<14} {'base':<10} " + " ".join(f"{lr:>10.0e}" for lr in lrs)]
@@ -628,13 +641,20 @@ def lr_report(paths: list[str], metric: str = "loss") -> str:
         lines.append(f"{method:<14} {base:<10} " + " ".join(
             f"{cells[config][lr]:>10.4f}" if lr in cells[config] else f"{'-':>10}" for lr in lrs))
     pick = min if metric == "loss" else max
-    lines.append(f"\nchosen on val ({'lowest' if metric == 'loss' else 'highest'} mean over deployed formats):")
     chosen = {}
-    for method in sorted(by_method, key=lambda m: (METHODS.index(m.split("+")[0]), m)):
-        means = {lr: statistics.fmean(v) for lr, v in by_method[method].items()}
-        chosen.setdefault(method.split("+")[0], pick(means, key=means.get))
-        lines.append(f"  {method:<12} {pick(means, key=means.get):g}   ("
-                     + ", ".join(f"{lr:g}: {v:.4f}" for lr, v in sorted(means.items())) + ")")
+    for name in ("trained", "deployed"):
+        marker = " - chooses" if name == criterion else ""
+        lines.append(f"\n{name} model's {'lowest' if metric == 'loss' else 'highest'} val {metric}{marker}:")
+        by_method = scores[name]
+        for method in sorted(by_method, key=lambda m: (METHODS.index(m.split("+")[0]), m)):
+            means = {lr: statistics.fmean(v) for lr, v in by_method[method].items()}
+            best = pick(means, key=means.get)
+            if name == criterion:
+                chosen.setdefault(method.split("+")[0], best)
+            edge = " (at an end of the grid: add the next factor-3 step)" if len(means) > 1 and best in (
+                min(means), max(means)) else ""
+            lines.append(f"  {method:<12} {best:g}   (" + ", ".join(
+                f"{lr:g}: {v:.4f}" for lr, v in sorted(means.items())) + ")" + edge)
     lines.append("\nfor the test runs: --method-lr " + " ".join(f"{m}={lr:g}" for m, lr in chosen.items()))
     return "\n".join(lines)
 
@@ -693,7 +713,7 @@ def plot(results: dict[str, dict], metric: str, path: Path, title: str) -> None:
 
 
 RUN_SELECTION = ("report_only", "progress", "out", "seeds", "methods", "bits", "group_sizes", "qat_bits", "qat_only",
-                 "qat_start", "qat_ramp", "include", "markdown", "reference", "lr_report", "bench_trained")
+                 "qat_start", "qat_ramp", "include", "markdown", "reference", "lr_report", "lr_criterion", "bench_trained")
 """Options that choose which runs / rows to make or show, not how a run is made (QAT rows record their schedule)."""
 
 
@@ -768,6 +788,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also score the unmodified model once: dense float32 and RTN to each INT-b g (no training)")
     parser.add_argument("--method-lr", nargs="+", default=None, metavar="METHOD=LR",
                         help="per-method learning rates (e.g. chosen by --lr-report on val), overriding --lr / --qa-lr")
+    parser.add_argument("--lr-criterion", default="trained", choices=["trained", "deployed"],
+                        help="--lr-report: choose each LR by the trained model's val score (QLoRA / Q-BLoRA: NF4 + "
+                             "adapter) or by the deployed low-bit model's")
     parser.add_argument("--lr-report", nargs="+", default=None, metavar="JSON",
                         help="print each method's validation loss per LR over these --eval-split val files and exit")
     args = parser.parse_args(argv)
@@ -871,7 +894,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
     if args.lr_report:
-        print(lr_report(args.lr_report))
+        print(lr_report(args.lr_report, criterion=args.lr_criterion))
         return
     if not args.progress:  # one line per run instead of Lightning's and the adapter table's output
         for name in ("lightning.pytorch", "lightning.fabric", "lightning_utilities"):

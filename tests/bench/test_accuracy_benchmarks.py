@@ -139,3 +139,22 @@ def test_method_lr_overrides_the_family_lr():
     assert accuracy.run_settings(args)["method_lr"] == {"qblora": 3e-3, "qablora": 0.02}
     with pytest.raises(SystemExit):
         accuracy.parse_args(["--method-lr", "lora=1e-3"])
+
+
+def test_lr_criterion_chooses_by_the_trained_or_the_deployed_model(tmp_path):
+    """QLoRA's NF4 + adapter and its RTN re-quantization can prefer different LRs; QA-* cannot."""
+    def sweep_file(lr: float, qa_lr: float, nf4_loss: float, rtn_loss: float, qa_loss: float) -> str:
+        runs = {
+            "qlora|nf4|seed0": {"method": "qlora", "trained": {"loss": nf4_loss}, "low_bit": None},
+            "qlora+ptq|int3_g32|seed0": {"method": "qlora", "trained": {"loss": nf4_loss}, "low_bit": {"loss": rtn_loss}},
+            "qalora|int3_g32|seed0": {"method": "qalora", "trained": {"loss": qa_loss}, "low_bit": {"loss": qa_loss}},
+        }
+        path = tmp_path / f"val_lr{lr:g}.json"
+        path.write_text(json.dumps({"settings": {"eval_split": "val", "lr": lr, "qa_lr": qa_lr}, "runs": runs}))
+        return str(path)
+
+    files = [sweep_file(1e-3, 1e-2, 1.88, 3.28, 2.11), sweep_file(3e-3, 3e-3, 2.01, 3.07, 2.09)]
+    assert accuracy.lr_report(files).endswith("--method-lr qlora=0.001 qalora=0.003")
+    assert accuracy.lr_report(files, criterion="deployed").endswith("--method-lr qlora=0.003 qalora=0.003")
+    with pytest.raises(SystemExit, match="criterion"):
+        accuracy.lr_report(files, criterion="test")

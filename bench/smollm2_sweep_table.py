@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import glob
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.accuracy import lr_report  # noqa: E402  (after the path insert)
+
+SWEEP_FILES = str(ROOT / "bench" / "results" / "accuracy_smollm2_val_lr*.json")
 LABEL = {"qlora": "QLoRA", "qblora": "Q-BLoRA", "qalora": "QA-LoRA", "qablora": "QA-BLoRA"}
 DENSE_MERGE = ("qlora", "qblora")
 
@@ -22,7 +28,7 @@ DENSE_MERGE = ("qlora", "qblora")
 def sweep_rows() -> dict[str, dict[float, dict]]:
     """method -> LR -> {"trained": loss or None, "deployed": loss, "minutes": training wall clock}."""
     rows: dict[str, dict[float, dict]] = {}
-    for path in sorted(glob.glob(str(ROOT / "bench" / "results" / "accuracy_smollm2_val_lr*.json"))):
+    for path in sorted(glob.glob(SWEEP_FILES)):
         stored = json.loads(Path(path).read_text())
         settings = stored["settings"]
         for key, run in stored["runs"].items():
@@ -56,6 +62,10 @@ def table(rows: dict[str, dict[float, dict]]) -> str:
 
 def main() -> None:
     text = table(sweep_rows())
+    report = lr_report(sorted(glob.glob(SWEEP_FILES)))
+    chosen = report.splitlines()[-1].removeprefix("for the test runs: ")
+    trained_part = report.split("trained model's")[1].split("deployed model's")[0]
+    edges = [line.split()[0] for line in trained_part.splitlines() if "at an end of the grid" in line]
     print(text)
     readme = ROOT / "README.md"
     s = readme.read_text()
@@ -69,7 +79,11 @@ def main() -> None:
         + text + "\n\n"
         "Compare the trained and deployed columns: what round-to-nearest re-quantization to INT3 g32 costs\n"
         "QLoRA / Q-BLoRA, next to the loss QA-* deploy exactly. These are validation runs for choosing\n"
-        "learning rates (one seed); the paper's claims are read from the test-split grid, not from them."
+        "learning rates (one seed); the paper's claims are read from the test-split grid, not from them.\n"
+        "Each LR is chosen by the val loss of the model the method trains (QLoRA / Q-BLoRA: NF4 + adapter;\n"
+        "why, and where the deployed RTN loss would choose otherwise: `docs/benchmarks.md` (a)). "
+        "`python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_lr*.json` "
+        f"chooses `{chosen}`" + (f"; still at an end of the grid: {', '.join(edges)}" if edges else "") + "."
     )
     readme.write_text(s[:start] + block + s[end:])
 

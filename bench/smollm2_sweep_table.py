@@ -74,7 +74,7 @@ def main() -> None:
     block = (
         "The paper's method comparison on this model is issue 13's grid (`bash bench/smollm2_grid.sh sweep | lrs | step1 ...`;\n"
         "`bench/accuracy.py` docstring and `docs/benchmarks.md` give the commands). Its first stage, the learning-rate\n"
-        "sweep on the **validation** split (INT3 g32, 1 seed, 200 steps, batch 4, chat Alpaca), has these runs so far\n"
+        "sweep on the **validation** split (INT3 g32, 1 seed, 200 steps, batch 4, chat Alpaca), gave these runs\n"
         "(`python bench/smollm2_sweep_table.py` rewrites this table; best per method and column in bold):\n\n"
         + text + "\n\n"
         "Compare the trained and deployed columns: what round-to-nearest re-quantization to INT3 g32 costs\n"

@@ -594,23 +594,18 @@ def compute_time(results: dict[str, dict]) -> str:
     return text
 
 
-def lr_report(paths: list[str], metric: str = "loss", criterion: str = "trained") -> str:
-    """Each method's validation ``metric`` per learning rate over sweep files, and the best LR per method.
+LR_CRITERIA = ("trained", "deployed")
 
-    Every file must be a ``--eval-split val`` result (LRs are chosen on val, never on test).
-    ``criterion`` says which model's score chooses:
 
-    * ``trained`` (default): the model each method trains - QLoRA / Q-BLoRA's NF4 base + adapter,
-      QA-*'s INT-b model (which is also what they deploy). The quantity the Q-BLoRA vs QLoRA
-      comparison is about, and how a QLoRA user tunes before quantizing.
-    * ``deployed``: the low-bit model each method ships, mean over its deployed formats (QLoRA /
-      Q-BLoRA: merged and RTN re-quantized). For QA-* the two criteria are the same.
+def lr_sweep(paths: list[str], metric: str = "loss"):
+    """The scores of LR sweep files: ``(cells, means)``.
 
-    Both are printed; seeds are averaged. Lower is better for ``loss``, higher for accuracies.
+    ``cells``: config -> LR -> the score ``lr_report`` tabulates (deployed low-bit model; NF4 rows:
+    unmerged). ``means``: criterion (:data:`LR_CRITERIA`) -> method -> LR -> mean score over
+    seeds (and, ``deployed``, over the method's deployed formats). Every file must be an
+    ``--eval-split val`` result (LRs are chosen on val, never on test).
     """
-    if criterion not in ("trained", "deployed"):
-        raise SystemExit(f"--lr-criterion {criterion!r}: choose 'trained' or 'deployed'")
-    scores: dict[str, dict[str, dict[float, list[float]]]] = {"trained": {}, "deployed": {}}
+    values: dict[str, dict[str, dict[float, list[float]]]] = {name: {} for name in LR_CRITERIA}
     cells: dict[str, dict[float, float]] = {}
     for path in paths:
         stored = json.loads(Path(path).read_text())
@@ -618,8 +613,7 @@ def lr_report(paths: list[str], metric: str = "loss", criterion: str = "trained"
         if settings.get("eval_split") != "val":
             raise SystemExit(f"{path} was not scored on the validation split (--eval-split val); "
                              "learning rates are chosen on val only")
-        table = summarize(stored["runs"], metric)
-        for config, parts in table.items():
+        for config, parts in summarize(stored["runs"], metric).items():
             method = config.split("|")[0]
             family = method.split("+")[0]
             if family == REFERENCE:
@@ -628,11 +622,55 @@ def lr_report(paths: list[str], metric: str = "loss", criterion: str = "trained"
             part = "low_bit" if "low_bit" in parts else "trained"
             cells.setdefault(config, {})[lr] = parts[part][0]
             trained_as = method.replace("+ptq", "")  # qlora+qat stays its own method
+            criteria = []
             if part == "low_bit":
-                scores["deployed"].setdefault(trained_as, {}).setdefault(lr, []).append(parts[part][0])
-            if part == "low_bit" and family not in DENSE_MERGE or method == family and family in DENSE_MERGE:
-                # QA-*: the trained model is the deployed one; QLoRA / Q-BLoRA: the NF4 row's unmerged model
-                scores["trained"].setdefault(trained_as, {}).setdefault(lr, []).append(parts[part][0])
+                criteria.append("deployed")
+            if family not in DENSE_MERGE and part == "low_bit":
+                criteria.append("trained")  # QA-*: the trained model is the deployed one
+            if family in DENSE_MERGE and method == family:
+                criteria.append("trained")  # QLoRA / Q-BLoRA: the NF4 row's unmerged model
+            for name in criteria:
+                values[name].setdefault(trained_as, {}).setdefault(lr, []).append(parts[part][0])
+    means = {name: {m: {lr: statistics.fmean(v) for lr, v in by_lr.items()} for m, by_lr in by_method.items()}
+             for name, by_method in values.items()}
+    return cells, means
+
+
+def best_lr(means: dict[float, float], metric: str = "loss") -> tuple[float, bool]:
+    """The best LR of one method's ``{lr: mean score}`` and whether it lies at an end of the grid."""
+    best = (min if metric == "loss" else max)(means, key=means.get)
+    return best, len(means) > 1 and best in (min(means), max(means))
+
+
+def chosen_lrs(method_means: dict[str, dict[float, float]], metric: str = "loss") -> dict[str, float]:
+    """method family -> its best LR (a family's own rows before its ``+qat`` variant)."""
+    chosen: dict[str, float] = {}
+    for method in sorted(method_means, key=lambda m: (METHODS.index(m.split("+")[0]), m)):
+        chosen.setdefault(method.split("+")[0], best_lr(method_means[method], metric)[0])
+    return chosen
+
+
+def method_lr_option(chosen: dict[str, float]) -> str:
+    return "--method-lr " + " ".join(f"{m}={lr:g}" for m, lr in chosen.items())
+
+
+def lr_report(paths: list[str], metric: str = "loss", criterion: str = "trained") -> str:
+    """Each method's validation ``metric`` per learning rate over sweep files, and the best LR per method.
+
+    ``criterion`` says which model's score chooses:
+
+    * ``trained`` (default): the model each method trains - QLoRA / Q-BLoRA's NF4 base + adapter,
+      QA-*'s INT-b model (which is also what they deploy). The quantity the Q-BLoRA vs QLoRA
+      comparison is about, and how a QLoRA user tunes before quantizing.
+    * ``deployed``: the low-bit model each method ships, mean over its deployed formats (QLoRA /
+      Q-BLoRA: merged and RTN re-quantized). For QA-* the two criteria are the same.
+
+    Both are printed; seeds are averaged (:func:`lr_sweep`). Lower is better for ``loss``,
+    higher for accuracies.
+    """
+    if criterion not in LR_CRITERIA:
+        raise SystemExit(f"--lr-criterion {criterion!r}: choose 'trained' or 'deployed'")
+    cells, means = lr_sweep(paths, metric)
     lrs = sorted({lr for row in cells.values() for lr in row})
     lines = [f"validation {metric} per learning rate (deployed low-bit model; NF4 rows: unmerged)",
              f"{'method':<14} {'base':<10} " + " ".join(f"{lr:>10.0e}" for lr in lrs)]
@@ -640,22 +678,15 @@ def lr_report(paths: list[str], metric: str = "loss", criterion: str = "trained"
         method, base = config.split("|")
         lines.append(f"{method:<14} {base:<10} " + " ".join(
             f"{cells[config][lr]:>10.4f}" if lr in cells[config] else f"{'-':>10}" for lr in lrs))
-    pick = min if metric == "loss" else max
-    chosen = {}
-    for name in ("trained", "deployed"):
+    for name in LR_CRITERIA:
         marker = " - chooses" if name == criterion else ""
         lines.append(f"\n{name} model's {'lowest' if metric == 'loss' else 'highest'} val {metric}{marker}:")
-        by_method = scores[name]
-        for method in sorted(by_method, key=lambda m: (METHODS.index(m.split("+")[0]), m)):
-            means = {lr: statistics.fmean(v) for lr, v in by_method[method].items()}
-            best = pick(means, key=means.get)
-            if name == criterion:
-                chosen.setdefault(method.split("+")[0], best)
-            edge = " (at an end of the grid: add the next factor-3 step)" if len(means) > 1 and best in (
-                min(means), max(means)) else ""
+        for method in sorted(means[name], key=lambda m: (METHODS.index(m.split("+")[0]), m)):
+            best, at_end = best_lr(means[name][method], metric)
+            edge = " (at an end of the grid: add the next factor-3 step)" if at_end else ""
             lines.append(f"  {method:<12} {best:g}   (" + ", ".join(
-                f"{lr:g}: {v:.4f}" for lr, v in sorted(means.items())) + ")" + edge)
-    lines.append("\nfor the test runs: --method-lr " + " ".join(f"{m}={lr:g}" for m, lr in chosen.items()))
+                f"{lr:g}: {v:.4f}" for lr, v in sorted(means[name][method].items())) + ")" + edge)
+    lines.append("\nfor the test runs: " + method_lr_option(chosen_lrs(means[criterion], metric)))
     return "\n".join(lines)
 
 
@@ -788,7 +819,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also score the unmodified model once: dense float32 and RTN to each INT-b g (no training)")
     parser.add_argument("--method-lr", nargs="+", default=None, metavar="METHOD=LR",
                         help="per-method learning rates (e.g. chosen by --lr-report on val), overriding --lr / --qa-lr")
-    parser.add_argument("--lr-criterion", default="trained", choices=["trained", "deployed"],
+    parser.add_argument("--lr-criterion", default="trained", choices=LR_CRITERIA,
                         help="--lr-report: choose each LR by the trained model's val score (QLoRA / Q-BLoRA: NF4 + "
                              "adapter) or by the deployed low-bit model's")
     parser.add_argument("--lr-report", nargs="+", default=None, metavar="JSON",
@@ -839,9 +870,10 @@ class ResultsStore:
     def read(self) -> dict:
         return json.loads(self.path.read_text()) if self.path.exists() else {"runs": {}}
 
-    def runs(self) -> dict[str, dict]:
+    def load(self) -> dict:
+        """The file's content (``settings``, ``runs``), read under the lock."""
         with self.locked():
-            return self.read()["runs"]
+            return self.read()
 
     def _claims(self) -> dict[str, int]:
         claims = json.loads(self.claims_path.read_text()) if self.claims_path.exists() else {}
@@ -903,8 +935,7 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = run_settings(args)
     store = ResultsStore(out, settings)
-    with store.locked():
-        stored = store.read()
+    stored = store.load()
     results: dict[str, dict] = stored["runs"]
     if results and stored.get("settings") != settings and not args.report_only:
         raise SystemExit(f"{out} holds runs made with other settings:\n  {stored.get('settings')}\n  now: {settings}\n"
@@ -943,7 +974,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"exact match {shown['exact_match']:.3f}")
         print(f"[{i}/{len(todo)}] {key}: {losses}{bench} ({time.perf_counter() - started:.0f}s)", flush=True)
 
-    results = store.runs() if todo else results  # with the rows other workers stored meanwhile
+    results = store.load()["runs"] if todo else results  # with the rows other workers stored meanwhile
     for extra in args.include:
         other = json.loads(Path(extra).read_text())
         if other.get("settings") != settings:

@@ -18,11 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.accuracy import lr_report  # noqa: E402  (after the path insert)
+from bench.accuracy import DENSE_MERGE, LABEL, best_lr, chosen_lrs, learning_rate, lr_sweep, method_lr_option  # noqa: E402
 
 SWEEP_FILES = str(ROOT / "bench" / "results" / "accuracy_smollm2_val_lr*.json")
-LABEL = {"qlora": "QLoRA", "qblora": "Q-BLoRA", "qalora": "QA-LoRA", "qablora": "QA-BLoRA"}
-DENSE_MERGE = ("qlora", "qblora")
 
 
 def sweep_rows() -> dict[str, dict[float, dict]]:
@@ -35,7 +33,7 @@ def sweep_rows() -> dict[str, dict[float, dict]]:
             method = run["method"]
             if "|nf4|" in key or method not in LABEL:  # the NF4 row pairs with its +ptq row
                 continue
-            lr = (settings.get("method_lr") or {}).get(method) or settings["lr" if method in DENSE_MERGE else "qa_lr"]
+            lr = learning_rate(settings, method)
             rows.setdefault(method, {})[lr] = {
                 "trained": run["trained"]["loss"] if method in DENSE_MERGE else None,
                 "deployed": run["low_bit"]["loss"],
@@ -62,10 +60,9 @@ def table(rows: dict[str, dict[float, dict]]) -> str:
 
 def main() -> None:
     text = table(sweep_rows())
-    report = lr_report(sorted(glob.glob(SWEEP_FILES)))
-    chosen = report.splitlines()[-1].removeprefix("for the test runs: ")
-    trained_part = report.split("trained model's")[1].split("deployed model's")[0]
-    edges = [line.split()[0] for line in trained_part.splitlines() if "at an end of the grid" in line]
+    trained = lr_sweep(sorted(glob.glob(SWEEP_FILES)))[1]["trained"]  # what --lr-report chooses by
+    chosen = method_lr_option(chosen_lrs(trained))
+    edges = [method for method, means in trained.items() if best_lr(means)[1]]
     print(text)
     readme = ROOT / "README.md"
     s = readme.read_text()

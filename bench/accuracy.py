@@ -24,7 +24,9 @@ The low-bit model each method deploys:
   low-bit model is the trained model (its merged loss is measured, not assumed).
 
 Every finished run is appended to ``--out`` immediately (JSON, written atomically), and runs
-already there are skipped, so an interrupted sweep resumes where it stopped. The same command
+already there are skipped, so an interrupted sweep resumes where it stopped; the run that was
+interrupted resumes from its last finished part (trained adapter, each scored model:
+:class:`RunProgress`, ``<out stem>.partial/``). The same command
 started in two shells (``OMP_NUM_THREADS=1`` each, one per core) splits the runs between the two
 workers: each claims a run before making it and merges its rows into the file as it is on disk
 (:class:`ResultsStore`). ``--report-only`` prints the
@@ -130,6 +132,7 @@ import argparse
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
@@ -214,7 +217,8 @@ def _benchmark_tasks(arc, arc_limit, mmlu_dir, mmlu_k_shot, mmlu_limit_per_subje
 
 
 def benchmark_scores(model, tokenizer, tasks, batch_size: int, progress: bool = False) -> dict[str, float]:
-    """``{arc_acc, arc_acc_norm, arc_n, mmlu_acc, mmlu_acc_subject_mean, mmlu_n}`` (those asked for)."""
+    """``{arc_acc, arc_acc_norm, arc_n, mmlu_acc, mmlu_acc_subject_mean, mmlu_n}`` (those asked for),
+    and ``hits``: ``{arc_acc: "0110...", ...}``, each question's outcome, for paired comparisons."""
     from qblora_pl.evaluation import run_tasks
 
     was_training = model.training
@@ -226,6 +230,8 @@ def benchmark_scores(model, tokenizer, tasks, batch_size: int, progress: bool = 
             if metric in result["metrics"]:
                 scores[f"{name}_{metric}"] = result["metrics"][metric]
         scores[f"{name}_n"] = result["examples"]
+        for metric, outcomes in (result.get("per_example") or {}).items():
+            scores.setdefault("hits", {})[f"{name}_{metric}"] = outcomes
     return scores
 
 
@@ -281,7 +287,7 @@ def make_data(args, seed: int):
     from qblora_pl.data.instruction import InstructionDataModule
 
     return InstructionDataModule(
-        args.data, tokenizer_name_or_path=args.model, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        args.data, tokenizer_name_or_path=args.model_dir, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
         prompt_template=args.prompt_template,
         max_source_length=args.max_source_length, max_target_length=args.max_target_length,
         split_seed=0, shuffle_seed=seed,  # a fixed split; the seed sets the init and the data order
@@ -297,8 +303,13 @@ def make_evaluator(args, data, device) -> Evaluator:
 
 
 def train_one(args, method: str, seed: int, bits: int | None, group_size: int | None,
-              qat_bits: int | None = None, qat_group_size: int | None = None):
-    """Fine-tune one method with one seed; returns (module, datamodule, seconds)."""
+              qat_bits: int | None = None, qat_group_size: int | None = None, progress: RunProgress | None = None):
+    """Fine-tune one method with one seed; returns (module, datamodule, seconds).
+
+    ``progress``: where a killed attempt of this run saved its trained adapter; then the model
+    is built as for training and the adapter loaded (``seconds``: the saved training time), and
+    a newly trained adapter is saved there.
+    """
     import lightning.pytorch as pl
 
     from qblora_pl.module import QuantizedCausalLM
@@ -306,8 +317,13 @@ def train_one(args, method: str, seed: int, bits: int | None, group_size: int | 
     pl.seed_everything(seed, verbose=False)
     quantization, adapter = build(method, args.rank, bits, group_size)
     lr = learning_rate(vars(args), method)
-    module = QuantizedCausalLM(args.model, quantization=quantization, adapter=adapter, learning_rate=lr, warmup_steps=args.warmup)
+    module = QuantizedCausalLM(args.model_dir, quantization=quantization, adapter=adapter, learning_rate=lr, warmup_steps=args.warmup)
     data = make_data(args, seed)
+    if progress is not None and progress.has_adapter():
+        module.configure_model()
+        seconds = progress.load_adapter(module)
+        print(f"{progress.key}: trained adapter of an interrupted attempt loaded from {progress.directory}", flush=True)
+        return module, data, seconds
     callbacks = []
     if qat_bits is not None:
         from callbacks.qat_schedule import QATSchedule
@@ -320,9 +336,89 @@ def train_one(args, method: str, seed: int, bits: int | None, group_size: int | 
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - started
     for layer in module.adapted_layers().values():
         layer.fake_quant = None  # evaluate the model itself; QAT only shaped its training
-    return module, data, time.perf_counter() - started
+    if progress is not None:
+        progress.save_adapter(module, seconds)
+    return module, data, seconds
+
+
+class RunProgress:
+    """The finished parts of one run in progress - its trained adapter and each scored model -
+    so that a run killed part-way (a session ends during a 2 h QLoRA run) resumes from its last
+    finished part instead of from scratch.
+
+    Kept in ``<out stem>.partial/<run>/`` next to the results file (``adapter.pt``: the trainable
+    parameters and the training time; ``scores.json``: each part's scores and seconds), written
+    atomically, tagged with the results file's settings (a directory made under other settings
+    is discarded, not used), and removed once the run's rows are stored.
+    """
+
+    def __init__(self, out: Path, key: str, settings: dict) -> None:
+        self.key, self.settings = key, settings
+        self.directory = out.with_name(out.stem + ".partial") / key.replace("|", "_").replace(" ", "_")
+        meta = self.directory / "settings.json"
+        if self.directory.exists() and (not meta.is_file() or json.loads(meta.read_text()) != settings):
+            print(f"{key}: discarding {self.directory}, made under other settings", flush=True)
+            self.clear()
+
+    def _start(self) -> None:
+        from qblora_pl.export.atomic import atomic_file
+
+        if not (self.directory / "settings.json").is_file():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with atomic_file(self.directory / "settings.json") as tmp:
+                tmp.write_text(json.dumps(self.settings, indent=1))
+
+    def has_adapter(self) -> bool:
+        return (self.directory / "adapter.pt").is_file()
+
+    def save_adapter(self, module, seconds: float) -> None:
+        from qblora_pl.export.atomic import atomic_file
+
+        self._start()
+        state = {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad}
+        with atomic_file(self.directory / "adapter.pt") as tmp:
+            torch.save({"state": state, "train_seconds": seconds}, tmp)
+
+    def load_adapter(self, module) -> float:
+        saved = torch.load(self.directory / "adapter.pt", map_location="cpu", weights_only=True)
+        trainable = {name: p for name, p in module.named_parameters() if p.requires_grad}
+        if set(saved["state"]) != set(trainable):
+            raise RuntimeError(f"{self.directory / 'adapter.pt'} holds other parameters than {self.key} trains; delete it")
+        with torch.no_grad():
+            for name, value in saved["state"].items():
+                trainable[name].copy_(value)
+        return saved["train_seconds"]
+
+    def scores(self) -> dict[str, dict]:
+        path = self.directory / "scores.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def scored(self, part: str, evaluate, model, **kwargs) -> dict:
+        """``evaluate(model, **kwargs)``, or the scores an earlier attempt stored for ``part``."""
+        from qblora_pl.export.atomic import atomic_file
+
+        done = self.scores()
+        if part in done:
+            evaluate.seconds += done[part]["seconds"]
+            print(f"{self.key}: {part} scored by an interrupted attempt; reused", flush=True)
+            return done[part]["scores"]
+        before = evaluate.seconds
+        result = evaluate(model, **kwargs)
+        self._start()
+        done = {**self.scores(), part: {"scores": result, "seconds": evaluate.seconds - before}}
+        with atomic_file(self.directory / "scores.json") as tmp:
+            tmp.write_text(json.dumps(done, indent=1))
+        return result
+
+    def clear(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.directory, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.directory.parent.rmdir()  # the .partial folder, once no run is in progress
 
 
 def eval_batches(data, device, limit: int | None, split: str = "test") -> list[dict[str, torch.Tensor]]:
@@ -349,7 +445,7 @@ def is_done(args, run: tuple, results: dict[str, dict]) -> bool:
 
 
 def run_method(args, method: str, seed: int, bits: int | None, group_size: int | None, qat: bool = False,
-               stored: dict[str, dict] | None = None) -> dict[str, dict]:
+               stored: dict[str, dict] | None = None, progress: RunProgress | None = None) -> dict[str, dict]:
     """Train once and return every row this run yields (QA-*: one; QLoRA/Q-BLoRA: trained + PTQ).
 
     ``qat``: train QLoRA / Q-BLoRA with the QATSchedule callback fake-quantizing the merged
@@ -359,6 +455,8 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
     share them; ``run`` names the run; ``main`` adds the run's process ``cpu_seconds``) and the
     benchmarks asked for next to the loss: the deployed low-bit model always, the trained model
     as ``--bench-trained`` says.
+
+    ``progress``: the run's finished parts from a killed attempt (:class:`RunProgress`), reused.
 
     ``stored``: rows already made. A QLoRA / Q-BLoRA run whose NF4 row is stored is being
     re-run for re-quantizations a later invocation asks for (``--bits`` / ``--group-sizes``):
@@ -372,24 +470,26 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
     stored = stored or {}
     bench_trained = args.bench_trained == "all" or (args.bench_trained == "nf4" and method in DENSE_MERGE)
     key = run_key(method, seed, bits, group_size, qat=qat)
+    scored = progress.scored if progress is not None else lambda part, ev, m, **kw: ev(m, **kw)
     if qat:
-        module, data, seconds = train_one(args, method, seed, None, None, qat_bits=bits, qat_group_size=group_size)
+        module, data, seconds = train_one(args, method, seed, None, None, qat_bits=bits, qat_group_size=group_size,
+                                          progress=progress)
         model, evaluate = module.model, make_evaluator(args, data, module.device)
-        trained = evaluate(model, benchmarks=bench_trained)
+        trained = scored("trained", evaluate, model, benchmarks=bench_trained)
         merge_adapters(model)
         requantize_merged(model, bits=bits, group_size=group_size)
         row = {"method": method + "+qat", "seed": seed, "base": "nf4", "bits": bits, "group_size": group_size,
                "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
                "train_seconds": seconds, "qat_start": args.qat_start, "qat_ramp": args.qat_ramp,
-               "trained": trained, "low_bit": evaluate(model)}
+               "trained": trained, "low_bit": scored("low_bit", evaluate, model)}
         unmerge_adapters(model)
         rows = {key: row}
     else:
-        module, data, seconds = train_one(args, method, seed, bits, group_size)
+        module, data, seconds = train_one(args, method, seed, bits, group_size, progress=progress)
         model, evaluate = module.model, make_evaluator(args, data, module.device)
         params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         previous = stored.get(key) if method in DENSE_MERGE else None
-        trained = evaluate(model, benchmarks=bench_trained and previous is None)
+        trained = scored("trained", evaluate, model, benchmarks=bench_trained and previous is None)
         how = merge_adapters(model)
         common = {"method": method, "seed": seed, "trainable_params": params, "train_seconds": seconds}
         rows = {}
@@ -397,7 +497,7 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
             formats = missing_formats(args, method, seed, stored) if previous else \
                 [(b, g) for b in args.bits for g in args.group_sizes]
             if previous is None:
-                merged = evaluate(model, benchmarks=False)  # dense + adapter: the trained model up to rounding
+                merged = scored("merged", evaluate, model, benchmarks=False)  # dense + adapter: the trained model up to rounding
                 rows[key] = {**common, "base": "nf4", "trained": trained, "merged": merged, "low_bit": None}
             elif math.isclose(trained["loss"], previous["trained"]["loss"], rel_tol=1e-6, abs_tol=0.0):
                 trained = previous["trained"]
@@ -411,7 +511,7 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
                 requantize_merged(model, bits=ptq_bits, group_size=g)
                 rows[run_key(method + "+ptq", seed, ptq_bits, g)] = {
                     **common, "base": "nf4", "bits": ptq_bits, "group_size": g, "trained": trained,
-                    "low_bit": evaluate(model),
+                    "low_bit": scored(f"int{ptq_bits}_g{g}", evaluate, model),
                 }
             if previous is not None:
                 key += " again for " + ", ".join(f"int{b}_g{g}" for b, g in formats)  # its own time in the totals
@@ -419,7 +519,7 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
             assert set(how.values()) == {"offsets"}, how
             rows[key] = {
                 **common, "base": f"int{bits}_g{group_size}", "bits": bits, "group_size": group_size,
-                "trained": trained, "low_bit": evaluate(model),
+                "trained": trained, "low_bit": scored("low_bit", evaluate, model),
             }
         unmerge_adapters(model)
     for row in rows.values():
@@ -441,7 +541,7 @@ def run_reference(args, bits: int | None, group_size: int | None) -> dict[str, d
         quantization = NoQuantization(compute_dtype="float32")
     else:
         quantization = GroupwiseInt(bits=bits, group_size=group_size)
-    model = quantization.load(args.model).eval()
+    model = quantization.load(args.model_dir).eval()
     load_seconds = time.perf_counter() - started
     evaluate = make_evaluator(args, make_data(args, seed=0), next(model.parameters()).device)
     scores = evaluate(model)
@@ -566,6 +666,67 @@ def pivot_markdown(results: dict[str, dict], metric: str) -> str:
     dense = table.get(f"{REFERENCE}|dense", {}).get("trained")
     if dense:
         lines.append(f"\nUnmodified dense model (float32, no training): {dense[0]:.3f}.")
+    return "\n".join(lines)
+
+
+CLAIMS = (  # (A, B, what A vs B tests): configs without the format; "trained" = NF4 + adapter
+    ("qblora|nf4", "qlora|nf4", "Q-BLoRA vs QLoRA, trained model (NF4 + adapter)"),
+    ("qblora+ptq", "qlora+ptq", "Q-BLoRA + RTN vs QLoRA + RTN"),
+    ("qablora", "qlora+ptq", "QA-BLoRA vs QLoRA + RTN"),
+    ("qablora", "qalora", "QA-BLoRA vs QA-LoRA"),
+    ("qablora", REFERENCE, "QA-BLoRA vs the unmodified model + RTN"),
+)
+
+
+def question_means(results: dict[str, dict], config: str, metric: str) -> tuple[list[float], int] | None:
+    """Per question, the fraction of ``config``'s seeds that got it right (the deployed model's
+    outcomes; for ``*|nf4`` rows the trained model's), and how many seeds; None without outcomes."""
+    part = "trained" if config.endswith("|nf4") or config.endswith("|dense") else "low_bit"
+    runs = [row[part]["hits"][metric] for key, row in results.items()
+            if config_of(key) == config and row.get(part) and metric in row[part].get("hits", {})]
+    if not runs or len({len(r) for r in runs}) != 1:
+        return None
+    return [statistics.fmean(int(r[q]) for r in runs) for q in range(len(runs[0]))], len(runs)
+
+
+def paired_difference(results: dict[str, dict], config_a: str, config_b: str, metric: str):
+    """Accuracy of ``config_a`` minus ``config_b`` on the same questions, with its standard error
+    over questions: ``(mean, se, n_questions, seeds_a, seeds_b)``, or None without outcomes.
+
+    Each question's difference is taken between the two methods' seed-averaged outcomes, so
+    the questions that both get right or both get wrong cancel - the paired error is far below
+    the two accuracies' own binomial errors (about 0.016 each for ARC's 1000 questions). It
+    measures how sure the difference is *on these questions' population* for these seeds; the
+    spread over seeds is the tables' ± std.
+    """
+    a, b = question_means(results, config_a, metric), question_means(results, config_b, metric)
+    if a is None or b is None or len(a[0]) != len(b[0]):
+        return None
+    diffs = [x - y for x, y in zip(a[0], b[0])]
+    return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)), len(diffs), a[1], b[1]
+
+
+def claims_markdown(results: dict[str, dict]) -> str:
+    """The paper's comparisons on the benchmarks as paired differences (A − B) with their errors."""
+    formats = sorted({config_of(k).split("|")[1] for k in results} - {"nf4", "dense"},
+                     key=lambda b: (-int(b[3]), int(b.split("_g")[1])))
+    lines = ["| comparison (A − B) | deployed as | metric | Δ accuracy | paired SE | Δ / SE | questions | seeds A / B |",
+             "|---|---|---|---|---|---|---|---|"]
+    for a, b, label in CLAIMS:
+        for fmt in (["nf4"] if a.endswith("|nf4") else formats):
+            config_a = a if "|" in a else f"{a}|{fmt}"
+            config_b = b if "|" in b else f"{b}|{fmt}"
+            for metric in BENCH_METRICS:
+                found = paired_difference(results, config_a, config_b, metric)
+                if found is None:
+                    continue
+                mean, se, n, seeds_a, seeds_b = found
+                shown = "NF4 + adapter" if fmt == "nf4" else fmt.replace("int", "INT").replace("_g", " g")
+                ratio = f"{mean / se:+.1f}" if se > 0 else "—"
+                lines.append(f"| {label} | {shown} | {metric} | {mean:+.4f} | {se:.4f} | {ratio} | {n} | "
+                             f"{seeds_a} / {'—' if b == REFERENCE else seeds_b} |")
+    if len(lines) == 2:
+        return "(no paired comparison yet: the rows compared need per-question outcomes, stored since 2026-12-03)"
     return "\n".join(lines)
 
 
@@ -743,7 +904,7 @@ def plot(results: dict[str, dict], metric: str, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-RUN_SELECTION = ("report_only", "progress", "out", "seeds", "methods", "bits", "group_sizes", "qat_bits", "qat_only",
+RUN_SELECTION = ("model_dir", "report_only", "progress", "out", "seeds", "methods", "bits", "group_sizes", "qat_bits", "qat_only",
                  "qat_start", "qat_ramp", "include", "markdown", "reference", "lr_report", "lr_criterion", "bench_trained")
 """Options that choose which runs / rows to make or show, not how a run is made (QAT rows record their schedule)."""
 
@@ -833,11 +994,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parser.error(f"--method-lr {item!r}: expected METHOD=LR with METHOD one of {', '.join(METHODS)}")
             method_lr[method] = float(value)
         args.method_lr = {m: method_lr[m] for m in METHODS if m in method_lr}
+    args.model_dir = args.model
     if args.model and not args.lr_report:  # a .gguf file: its converted HF directory (qblora_pl.sources)
         from qblora_pl.sources import pretrained_name_or_path
 
-        args.model = pretrained_name_or_path(args.model)
+        args.model_dir = pretrained_name_or_path(args.model)
+        args.model = model_identity(args.model, args.model_dir)
     return args
+
+
+def model_identity(model: str, model_dir: str) -> str:
+    """How a results file's settings name the model: a ``.gguf`` file by its name and content
+    (``SmolLM2-135M-Instruct.Q4_1.gguf sha256:...``) - not by its conversion's cache directory,
+    whose name hangs on the file's path and mtime, so the same file fetched on a fresh machine
+    would read as another model and refuse to resume; any other source by what loads it."""
+    if str(model).endswith(".gguf") and Path(model).expanduser().is_file():
+        digest = hashlib.sha256()
+        with open(Path(model).expanduser(), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        return f"{Path(model).name} sha256:{digest.hexdigest()[:16]}"
+    return model_dir
 
 
 class ResultsStore:
@@ -959,10 +1136,13 @@ def main(argv: list[str] | None = None) -> None:
         if method == REFERENCE:
             rows = run_reference(args, bits, g)
         else:
-            rows = run_method(args, method, seed, bits, g, qat, stored=claimed)
+            progress = RunProgress(out, key, settings)
+            rows = run_method(args, method, seed, bits, g, qat, stored=claimed, progress=progress)
         for row in rows.values():  # all threads of this process, less moved by other jobs' load than the wall clock
             row["cpu_seconds"] = time.process_time() - cpu_started
         results = store.store((method, seed, bits, g, qat), rows)  # nothing lost on a crash
+        if method != REFERENCE:
+            progress.clear()
         main_row = rows[key] if key in rows else next(iter(rows.values()))  # a re-run adds only +ptq rows
         scored = main_row["low_bit"] or main_row["trained"]
         bench = "".join(f", {m} {scored[m]:.3f}" for m in BENCH_METRICS if m in scored)
@@ -994,13 +1174,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown:
         for metric in metrics:
             print(f"\n{markdown_table(results, metric)}\n\n{pivot_markdown(results, metric)}")
+        print(f"\nPaired differences on the benchmarks' questions:\n\n{claims_markdown(results)}")
     print(f"\n{compute_time(results)}")
     for metric in metrics:
         png = out.with_name(f"{out.stem}_{metric}.png")
         where = "" if metric in BENCH_METRICS else "test "
         plot(results, metric, png, f"{args.tag}: deployed low-bit model, {where}{metric} (mean ± std over seeds)")
         print(f"wrote {png}")
-    print(f"wrote {out}")
+    print(f"results: {out}")
 
 
 if __name__ == "__main__":

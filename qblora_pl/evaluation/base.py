@@ -25,6 +25,11 @@ from qblora_pl.evaluation.scoring import LanguageModelScorer
 RECORD_SUFFIXES = (".json", ".jsonl", ".csv")
 
 
+def outcomes(hits) -> str:
+    """Per-example 0/1 outcomes (bools, 0/1 floats or a bool tensor) as a compact ``"0110..."``."""
+    return "".join("1" if bool(h) else "0" for h in hits)
+
+
 class EvaluationDataError(ValueError):
     """An evaluation record (or the task's configuration of its data) is unusable.
 
@@ -51,6 +56,11 @@ class EvaluationTask(ABC):
             raise ValueError(f"task name {self.name!r} must be non-empty and contain no '/'")
         self.limit = limit
         self._loaded = False
+        #: each example's outcome in the last :meth:`evaluate`, per metric that is a mean of
+        #: 0/1 outcomes: ``{"acc": "0110..."}`` in record order (``None`` for tasks that keep
+        #: none). Two models scored on the same records compare per example (a paired test),
+        #: which separates far smaller differences than two accuracies' own sampling errors.
+        self.per_example: dict[str, str] | None = None
 
     def load_and_check(self) -> int:
         """Read and validate all records (once; later calls are free); return how many will be evaluated."""

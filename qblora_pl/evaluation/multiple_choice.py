@@ -22,7 +22,7 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from qblora_pl.evaluation.base import EvaluationDataError, EvaluationTask, read_records, require_text
+from qblora_pl.evaluation.base import EvaluationDataError, EvaluationTask, outcomes, read_records, require_text
 from qblora_pl.evaluation.scoring import LanguageModelScorer
 from qblora_pl.paths import EMBEDDED_DATA_DIR
 from qblora_pl.sources import load_hub_dataset, looks_like_local_path
@@ -324,6 +324,7 @@ class MMLU(EvaluationTask):
             metric = per_subject.setdefault(record["subject"], MeanMetric(sync_on_compute=False))
             metric.update((prediction == label).float())
         subject_acc = {s: float(m.compute()) for s, m in sorted(per_subject.items())}
+        self.per_example = {"acc": outcomes(predictions == labels)}
         results = {"acc": float(accuracy.compute()), "acc_subject_mean": sum(subject_acc.values()) / len(subject_acc)}
         results.update({f"acc/{s}": v for s, v in subject_acc.items()})
         if reduced:
@@ -552,13 +553,17 @@ class ZeroShotMultipleChoice(EvaluationTask):
 
     def _evaluate(self, scorer: LanguageModelScorer) -> dict[str, float]:
         metrics: dict[str, MeanMetric] = defaultdict(lambda: MeanMetric(sync_on_compute=False))
+        hits: dict[str, list[float]] = {"acc": [], "acc_norm": []}
         for record, lls in zip(self.records, self.choice_loglikelihoods(scorer)):
             lls_t = torch.tensor(lls, dtype=torch.float64)
             lengths = torch.tensor([float(len(c)) for c in record["choices"]], dtype=torch.float64)
             hit = float(int(lls_t.argmax()) == record["gold"])
             hit_norm = float(int((lls_t / lengths).argmax()) == record["gold"])
+            hits["acc"].append(hit)
+            hits["acc_norm"].append(hit_norm)
             for suffix in ("", f"/{record['task']}") if "task" in record else ("",):
                 metrics["acc" + suffix].update(hit)
                 metrics["acc_norm" + suffix].update(hit_norm)
+        self.per_example = {metric: outcomes(values) for metric, values in hits.items()}
         order = sorted(metrics, key=lambda k: (k.count("/"), k))
         return {k: float(metrics[k].compute()) for k in order}

@@ -64,6 +64,8 @@ def run_tasks(model: nn.Module, tokenizer: Any, tasks: Sequence[EvaluationTask],
         n = task.num_examples()
         results[task.name] = {"metrics": metrics, "examples": n, "seconds": seconds,
                               "examples_per_s": n / max(seconds, 1e-9), "config": task.config()}
+        if task.per_example is not None:
+            results[task.name]["per_example"] = task.per_example
         if log is not None:
             log(f"evaluated {task.name}: {n} examples in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} examples/s)")
     return results

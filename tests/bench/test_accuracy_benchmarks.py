@@ -158,3 +158,50 @@ def test_lr_criterion_chooses_by_the_trained_or_the_deployed_model(tmp_path):
     assert accuracy.lr_report(files, criterion="deployed").endswith("--method-lr qlora=0.003 qalora=0.003")
     with pytest.raises(SystemExit, match="criterion"):
         accuracy.lr_report(files, criterion="test")
+
+
+def test_a_killed_run_resumes_from_its_last_finished_part(tmp_path, monkeypatch):
+    """A run killed while scoring its INT2 model keeps its trained adapter and the scores made so
+    far (bench/results/<tag>.partial/); the next attempt trains nothing, scores only what is left,
+    and stores the rows a run without the interruption stores."""
+    import lightning.pytorch as pl
+
+    argv = TINY + ["--tag", "resume", "--bench-trained", "nf4", "--methods", "qlora", "--bits", "2"]
+    out = tmp_path / "resumed.json"
+    real_call = accuracy.Evaluator.__call__
+    parts = []
+
+    def killed_at_the_third(self, model, benchmarks=True):
+        parts.append(benchmarks)
+        if len(parts) == 3:  # trained, merged, then the INT2 model: killed here
+            raise KeyboardInterrupt
+        return real_call(self, model, benchmarks)
+
+    monkeypatch.setattr(accuracy.Evaluator, "__call__", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.main(argv + ["--out", str(out)])
+    partial = tmp_path / "resumed.partial" / "qlora_nf4_seed0"
+    assert (partial / "adapter.pt").is_file()
+    assert set(json.loads((partial / "scores.json").read_text())) == {"trained", "merged"}
+    assert not out.exists() or not json.loads(out.read_text())["runs"]
+
+    parts.clear()
+    monkeypatch.setattr(accuracy.Evaluator, "__call__", lambda self, model, benchmarks=True: (
+        parts.append(benchmarks), real_call(self, model, benchmarks))[1])
+    monkeypatch.setattr(pl.Trainer, "fit", lambda *a, **k: pytest.fail("the saved adapter must not be retrained"))
+    accuracy.main(argv + ["--out", str(out)])
+    assert parts == [True]  # only the INT2 model was scored (with its benchmarks)
+    assert not (tmp_path / "resumed.partial").exists()
+    resumed = json.loads(out.read_text())["runs"]
+
+    monkeypatch.undo()
+    accuracy.main(argv + ["--out", str(tmp_path / "straight.json")])
+    straight = json.loads((tmp_path / "straight.json").read_text())["runs"]
+    assert set(resumed) == set(straight) == {"qlora|nf4|seed0", "qlora+ptq|int2_g32|seed0"}
+    for key in straight:
+        for part in ("trained", "low_bit", "merged"):
+            if straight[key].get(part) is not None:
+                for metric in ("loss", "arc_acc", "mmlu_acc"):
+                    if metric in straight[key][part]:
+                        assert resumed[key][part][metric] == pytest.approx(straight[key][part][metric], rel=1e-6), (key, part)
+        assert resumed[key]["train_seconds"] > 0

@@ -79,3 +79,51 @@ def test_two_worker_processes_split_the_planned_runs(tmp_path):
             if line.startswith("[") and "trained loss" in line]
     assert sorted(made) == ["qalora|int2_g32|seed0", "qalora|int2_g32|seed1"], outputs
     assert set(json.loads(out.read_text())["runs"]) == set(made)
+
+
+def test_a_gguf_model_is_named_by_its_content_so_a_fresh_fetch_resumes_the_same_file(tmp_path, monkeypatch):
+    """The settings that gate resuming name a .gguf by content, not by its conversion's cache
+    directory (keyed by path and mtime): a re-fetched file on a new machine is the same model."""
+    import qblora_pl.sources
+
+    monkeypatch.setattr(qblora_pl.sources, "pretrained_name_or_path",
+                        lambda path: f"/cache/gguf/model-{os.stat(path).st_mtime_ns}")
+    first, again, other = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c" / "m.gguf"
+    for path, content in ((first, b"weights"), (again, b"weights"), (other, b"other weights")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    os.utime(again, ns=(1, 1))
+
+    def parsed(path):
+        return accuracy.parse_args(["--model", str(path), "--bits", "2", "--seeds", "0"])
+
+    assert parsed(first).model_dir != parsed(again).model_dir  # loading uses each conversion
+    settings = [accuracy.run_settings(parsed(p))["model"] for p in (first, again, other)]
+    assert settings[0] == settings[1] and settings[0].startswith("m.gguf sha256:")
+    assert settings[2] != settings[0]
+    assert "model_dir" not in accuracy.run_settings(parsed(first))
+
+
+def _hits_row(method, seed, base, hits, part="low_bit"):
+    scores = {"arc_acc": hits.count("1") / len(hits), "hits": {"arc_acc": hits}}
+    return {"method": method, "seed": seed, "base": base, "trained": scores if part == "trained" else None,
+            "low_bit": scores if part == "low_bit" else None}
+
+
+def test_paired_difference_matches_hand_computed_numbers():
+    """Per question: A's seed-mean minus B's; mean and stdev/sqrt(n) of those differences."""
+    results = {
+        "qablora|int3_g32|seed0": _hits_row("qablora", 0, "int3_g32", "1100"),
+        "qablora|int3_g32|seed1": _hits_row("qablora", 1, "int3_g32", "1010"),
+        "qalora|int3_g32|seed0": _hits_row("qalora", 0, "int3_g32", "1000"),
+    }
+    # A per question: 1, .5, .5, 0; B: 1, 0, 0, 0 -> differences 0, .5, .5, 0
+    mean, se, n, seeds_a, seeds_b = accuracy.paired_difference(results, "qablora|int3_g32", "qalora|int3_g32", "arc_acc")
+    assert (mean, n, seeds_a, seeds_b) == (0.25, 4, 2, 1)
+    assert se == pytest.approx((1 / 3) ** 0.5 / 2 / 2)  # stdev of (0, .5, .5, 0) = sqrt(1/12); / sqrt(4)
+    table = accuracy.claims_markdown(results)
+    assert "| QA-BLoRA vs QA-LoRA | INT3 g32 | arc_acc | +0.2500 | 0.1443 | +1.7 | 4 | 2 / 1 |" in table
+    assert accuracy.paired_difference(results, "qablora|int3_g32", "qlora+ptq|int3_g32", "arc_acc") is None
+    trained = {"qblora|nf4|seed0": _hits_row("qblora", 0, "nf4", "11", "trained"),
+               "qlora|nf4|seed0": _hits_row("qlora", 0, "nf4", "01", "trained")}
+    assert accuracy.paired_difference(trained, "qblora|nf4", "qlora|nf4", "arc_acc")[:1] == (0.5,)

@@ -79,6 +79,7 @@ def test_mmlu_predictions_are_the_argmax_of_unbatched_letter_scores(model_and_to
         hits.append(hit)
         per_subject[record["subject"]].append(hit)
     assert metrics["acc"] == pytest.approx(sum(hits) / len(hits))
+    assert task.per_example == {"acc": "".join(str(int(h)) for h in hits)}  # each question, in record order
     assert metrics["acc/nouns"] == pytest.approx(sum(per_subject["nouns"]) / 8)
     assert metrics["acc_subject_mean"] == pytest.approx((metrics["acc/nouns"] + metrics["acc/verbs"]) / 2)
     assert task.shots["nouns"][0]["question"].startswith("Dev ")
@@ -99,6 +100,7 @@ def test_zero_shot_acc_and_acc_norm_conventions(tmp_path, monkeypatch):
     metrics = task.evaluate(scorer=None)
     assert metrics == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(2 / 3), "acc/x": 0.0, "acc/y": 0.5,
                        "acc_norm/x": 1.0, "acc_norm/y": 0.5}
+    assert task.per_example == {"acc": "010", "acc_norm": "110"}
 
 
 def test_instruction_response_loss_equals_the_training_loss(model_and_tokenizer, tiny_data_dir):
@@ -145,3 +147,5 @@ def test_run_tasks_reports_throughput(model_and_tokenizer, mmlu_dir):
     results = run_tasks(model, tokenizer, [MMLU(data_path=str(mmlu_dir), k_shot=1, limit=4)], batch_size=4, progress=False)
     assert results["mmlu"]["examples"] == 4 and results["mmlu"]["examples_per_s"] > 0
     assert results["mmlu"]["config"]["scoring"] in {"letter_logits", "letter_loglikelihood"}
+    outcomes = results["mmlu"]["per_example"]["acc"]
+    assert len(outcomes) == 4 and outcomes.count("1") / 4 == pytest.approx(results["mmlu"]["metrics"]["acc"])

@@ -1,0 +1,102 @@
+"""Write the issue-13 test-split grid (bench/results/accuracy_smollm2.json) into README.md.
+
+    python bench/smollm2_grid_table.py            # prints the tables and rewrites README's grid block
+
+One table of every stored configuration (test loss, ARC-Easy acc / acc_norm, MMLU acc; mean ±
+std over the seeds stored so far, with their count), the paper's comparisons as paired
+differences on the benchmark questions (``bench/accuracy.py``'s ``claims_markdown``), and how
+much of step 1 is stored. Works on a partly filled grid: what is missing says so. Idempotent:
+the block between ``<!-- grid:start -->`` and ``<!-- grid:end -->`` is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.accuracy import (  # noqa: E402
+    LABEL, REFERENCE, _order, claims_markdown, config_of, is_done, parse_args, planned_runs, reference_runs,
+    run_key, summarize,
+)
+
+RESULTS = ROOT / "bench" / "results" / "accuracy_smollm2.json"
+STEP1 = ["--seeds", "0", "1", "2", "--bits", "3", "2", "--group-sizes", "32", "--reference"]
+COLUMNS = (("loss", "test loss"), ("arc_acc", "ARC-Easy acc"), ("arc_acc_norm", "ARC-Easy acc_norm"),
+           ("mmlu_acc", "MMLU 5-shot acc"))
+
+
+def describe(config: str) -> tuple[str, str]:
+    """(method, deployed as) in words for a ``method|base`` configuration."""
+    method, base = config.split("|")
+    fmt = base.replace("int", "INT").replace("_g", " g")
+    if method == REFERENCE:
+        return "Unmodified model (no training)", "dense (Q4_1 weights)" if base == "dense" else f"{fmt} (RTN)"
+    family, _, variant = method.partition("+")
+    name = LABEL[family] + {"ptq": " + RTN", "qat": " + QAT + RTN"}.get(variant, "")
+    return name, "NF4 + adapter (trained, unmerged)" if base == "nf4" else fmt
+
+
+def results_table(results: dict[str, dict]) -> str:
+    tables = {metric: summarize(results, metric) for metric, _ in COLUMNS}
+    configs = sorted({config_of(key) for key in results}, key=_order)
+    lines = ["| method | deployed as | " + " | ".join(label for _, label in COLUMNS) + " | seeds |",
+             "|---" * (len(COLUMNS) + 3) + "|"]
+    for config in configs:
+        cells, seeds = [], "—"
+        for metric, _ in COLUMNS:
+            parts = tables[metric].get(config, {})
+            part = "trained" if config.endswith(("|nf4", "|dense")) else "low_bit"
+            if part not in parts:
+                cells.append("—")
+                continue
+            mean, std, n = parts[part]
+            if config.startswith(REFERENCE + "|"):
+                cells.append(f"{mean:.4f}" if metric == "loss" else f"{mean:.3f}")
+            else:
+                cells.append(f"{mean:.4f} ± {std:.4f}" if metric == "loss" else f"{mean:.3f} ± {std:.3f}")
+                seeds = str(n)
+        lines.append("| " + " | ".join(describe(config)) + " | " + " | ".join(cells) + f" | {seeds} |")
+    return "\n".join(lines)
+
+
+def progress(results: dict[str, dict]) -> str:
+    args = parse_args(STEP1)
+    runs = reference_runs(args) + planned_runs(args)
+    missing = [run_key(*run) for run in runs if not is_done(args, run, results)]
+    return f"{len(runs) - len(missing)} of {len(runs)} step-1 runs stored" + (
+        f"; to go: {', '.join(missing)}" if missing else " (step 1 complete)")
+
+
+def block(results: dict[str, dict]) -> str:
+    return (
+        "**The grid on the test split** (step 1: INT3 / INT2 g32, seeds 0 1 2, the LRs above; 200 steps, batch 4;\n"
+        "test loss on 250 chat Alpaca records; ARC-Easy test, first 1,000 questions, 0-shot; MMLU 5-shot, first 10\n"
+        "test questions of each subject = 570; `bash bench/smollm2_grid.sh step1`, run by two workers, fills\n"
+        "`bench/results/accuracy_smollm2.json`; `python bench/smollm2_grid_table.py` rewrites this block). "
+        f"{progress(results)}.\n\n"
+        + results_table(results) + "\n\n"
+        "The paper's comparisons as **paired differences** on the benchmark questions (A − B: each question's\n"
+        "outcome averaged over a method's seeds, then the mean difference and its standard error over questions;\n"
+        "why paired: `docs/benchmarks.md` (a)). One accuracy on 1,000 questions has a binomial error of ~0.016\n"
+        "by itself, so read only |Δ / SE| well above 2 as a difference:\n\n"
+        + claims_markdown(results)
+    )
+
+
+def main() -> None:
+    results = json.loads(RESULTS.read_text())["runs"]
+    text = block(results)
+    print(text)
+    readme = ROOT / "README.md"
+    s = readme.read_text()
+    start = s.index("<!-- grid:start -->\n") + len("<!-- grid:start -->\n")
+    end = s.index("\n<!-- grid:end -->", start)
+    readme.write_text(s[:start] + text + s[end:])
+
+
+if __name__ == "__main__":
+    main()

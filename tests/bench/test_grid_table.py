@@ -1,0 +1,33 @@
+"""bench/smollm2_grid_table.py: the README block of the issue-13 grid, on a partly filled grid."""
+
+from __future__ import annotations
+
+from bench import smollm2_grid_table as grid
+
+
+def _row(method, seed, base, loss, arc, hits, part="low_bit"):
+    scores = {"loss": loss, "arc_acc": arc, "hits": {"arc_acc": hits}}
+    return {"method": method, "seed": seed, "base": base, "trainable_params": 0,
+            "trained": scores if part == "trained" else None, "low_bit": scores if part == "low_bit" else None}
+
+
+RESULTS = {
+    "reference|dense": _row("reference", None, "dense", 2.05, 0.5, "1010", "trained"),
+    "qablora|int3_g32|seed0": _row("qablora", 0, "int3_g32", 2.0, 0.5, "1100"),
+    "qablora|int3_g32|seed1": _row("qablora", 1, "int3_g32", 2.2, 0.75, "1110"),
+    "qalora|int3_g32|seed0": _row("qalora", 0, "int3_g32", 2.3, 0.25, "1000"),
+}
+
+
+def test_the_table_shows_mean_std_over_the_seeds_stored_so_far():
+    table = grid.results_table(RESULTS)
+    assert "| Unmodified model (no training) | dense (Q4_1 weights) | 2.0500 | 0.500 | — | — | — |" in table
+    assert "| QA-BLoRA | INT3 g32 | 2.1000 ± 0.1414 | 0.625 ± 0.177 | — | — | 2 |" in table
+    assert "| QA-LoRA | INT3 g32 | 2.3000 ± 0.0000 | 0.250 ± 0.000 | — | — | 1 |" in table
+
+
+def test_the_block_counts_what_is_left_and_pairs_the_comparisons():
+    text = grid.block(RESULTS)
+    assert "4 of 21 step-1 runs stored; to go: reference|int3_g32, reference|int2_g32, qlora|nf4|seed0" in text
+    # QA-BLoRA per question 1, 1, .5, 0; QA-LoRA 1, 0, 0, 0: differences 0, 1, .5, 0
+    assert "| QA-BLoRA vs QA-LoRA | INT3 g32 | arc_acc | +0.3750 |" in text

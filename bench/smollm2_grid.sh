@@ -5,7 +5,7 @@
 #   bash bench/smollm2_grid.sh sweep      # 0. learning rates on the validation split
 #   bash bench/smollm2_grid.sh lrs        #    print the chosen LRs (--lr-report)
 #   bash bench/smollm2_grid.sh step1      # 1. INT3 / INT2 g32, 4 methods, 3 seeds, references
-#   bash bench/smollm2_grid.sh report     #    tables + plots
+#   bash bench/smollm2_grid.sh report     #    tables + plots, and README's grid block
 #
 # THREADS (default 1) sets OMP_NUM_THREADS: two stages may share the 2 cores of this machine.
 # The same stage started twice (e.g. `bash bench/smollm2_grid.sh step1 &` twice) splits its runs
@@ -49,6 +49,7 @@ case "${1:?stage: sweep | lrs | step1 | step2 | step3 | step4 | report}" in
         --seeds 0 1 2 --bits 3 2 --group-sizes 32 --bench-trained none ;;
   report)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2 --bits 3 2 \
-        --group-sizes 32 --report-only --markdown ;;
+        --group-sizes 32 --report-only --markdown
+    python bench/smollm2_grid_table.py > /dev/null ;;   # README's grid block
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

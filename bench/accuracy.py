@@ -245,10 +245,13 @@ class Evaluator:
         self.seconds = 0.0
 
     def __call__(self, model, benchmarks: bool = True) -> dict[str, float]:
+        from qblora_pl.quantization.groupwise_int import dequantized_weight_cache
+
         started = time.perf_counter()
-        result = score(model, self.batches)
-        if benchmarks and self.tasks:
-            result.update(benchmark_scores(model, self.tokenizer, self.tasks, self.batch_size, self.progress))
+        with dequantized_weight_cache(model):  # INT-b layers unpack once per model, not per forward (exact)
+            result = score(model, self.batches)
+            if benchmarks and self.tasks:
+                result.update(benchmark_scores(model, self.tokenizer, self.tasks, self.batch_size, self.progress))
         self.seconds += time.perf_counter() - started
         return result
 

@@ -23,6 +23,7 @@ docs/evaluation.md.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from qblora_pl.evaluation.base import EvaluationTask
 from qblora_pl.evaluation.suite import check_tasks, format_results_table, resolve_tasks, run_tasks, write_report
+from qblora_pl.quantization.groupwise_int import dequantized_weight_cache
 
 
 class EvaluationSuite(pl.Callback):
@@ -52,10 +54,17 @@ class EvaluationSuite(pl.Callback):
         output_json: report file; a relative path is taken relative to ``trainer.log_dir``
             (the run's ``version_N`` directory), else ``trainer.default_root_dir``.
         progress_bar: show a tqdm bar per task.
+        cache_dequantized_weights: while the tasks run, each INT-b (``GroupwiseIntLinear``) layer
+            keeps its unpacked weight instead of unpacking it on every forward
+            (``qblora_pl.quantization.groupwise_int.dequantized_weight_cache``): the same scores,
+            faster on the many short forwards of multiple-choice scoring, for one dense float32
+            copy of every INT-b weight in memory. Off by default (a low-bit model is low-bit to
+            save that memory); for one process, not a sharded model.
     """
 
     def __init__(self, tasks: list[EvaluationTask | str], batch_size: int = 8, max_length: int | None = None,
-                 output_json: str = "evaluation.json", progress_bar: bool = True) -> None:
+                 output_json: str = "evaluation.json", progress_bar: bool = True,
+                 cache_dequantized_weights: bool = False) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -64,6 +73,7 @@ class EvaluationSuite(pl.Callback):
         self.max_length = max_length
         self.output_json = output_json
         self.progress_bar = progress_bar
+        self.cache_dequantized_weights = cache_dequantized_weights
         self.results: dict[str, dict[str, Any]] | None = None
         self.report_path: Path | None = None
 
@@ -81,9 +91,11 @@ class EvaluationSuite(pl.Callback):
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         tokenizer = _tokenizer_for(trainer, pl_module)
         log = rank_zero_info if trainer.is_global_zero else None
-        self.results = run_tasks(pl_module.model, tokenizer, self.tasks, batch_size=self.batch_size,
-                                 max_length=self.max_length, progress=self.progress_bar and trainer.is_global_zero,
-                                 log=log)
+        cache = dequantized_weight_cache(pl_module.model) if self.cache_dequantized_weights else nullcontext()
+        with cache:
+            self.results = run_tasks(pl_module.model, tokenizer, self.tasks, batch_size=self.batch_size,
+                                     max_length=self.max_length, progress=self.progress_bar and trainer.is_global_zero,
+                                     log=log)
         for name, result in self.results.items():
             for metric, value in result["metrics"].items():
                 pl_module.log(f"test/{name}/{metric}", value, on_epoch=True, sync_dist=False)

@@ -31,8 +31,9 @@ default forward keep the exact float32 dequantize path.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ __all__ = [
     "GroupwiseIntLinear",
     "INT4_KERNEL_GROUP_SIZES",
     "Int4KernelFallbackWarning",
+    "dequantized_weight_cache",
     "enable_int4_inference",
     "quantize_linear_layers",
 ]
@@ -367,6 +369,8 @@ class GroupwiseIntLinear(nn.Module):
         self.scale_dtype = scale_dtype
         self._int4_kernel = False  # opt-in fast inference path (use_int4_kernel)
         self._int4_cache: tuple | None = None  # (key, packed weight, scales_and_zeros)
+        self._cache_dense = False  # opt-in: keep W_hat between forwards (cache_dequantized_weight)
+        self._dense_cache: tuple | None = None  # (key, W_hat)
         self.packed_codes = torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device)
         self.scales = torch.zeros(out_features, n_groups, dtype=scale_dtype, device=device)
         self.offsets = torch.zeros(out_features, n_groups, dtype=scale_dtype, device=device)
@@ -379,10 +383,11 @@ class GroupwiseIntLinear(nn.Module):
             value = nn.Parameter(value, requires_grad=False)
         elif name in self._QUANT_TENSORS and value is None:
             self._parameters[name] = None
-            self.__dict__["_int4_cache"] = None
+            self.__dict__["_int4_cache"] = self.__dict__["_dense_cache"] = None
             return
         if name in self._QUANT_TENSORS:
             self.__dict__["_int4_cache"] = None  # e.g. a QA-* merge replacing the offsets
+            self.__dict__["_dense_cache"] = None
         super().__setattr__(name, value)
 
     @classmethod
@@ -455,7 +460,37 @@ class GroupwiseIntLinear(nn.Module):
                 return self._int4_forward(x)
             _warn_int4_fallback_once(reason)
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if getattr(self, "_cache_dense", False):
+            return F.linear(x, self._cached_dequantized(x.dtype), bias)
         return F.linear(x, self.dequantize(x.dtype), bias)
+
+    # ------------------------------------------------------------------ dequantized-weight cache
+    def cache_dequantized_weight(self, enabled: bool = True) -> GroupwiseIntLinear:
+        """Keep ``W_hat`` between forwards instead of unpacking it on every call.
+
+        Exact: the weight is this layer's :meth:`dequantize`, computed once and reused until the
+        codes, scales or offsets change (in place or by assignment, e.g. a merge) or the layer
+        moves, so outputs are bit-identical to the uncached forward. It costs a dense copy of
+        the weight (4 bytes a weight in float32), so it is off by default and meant for scoring
+        models whose weights fit in memory dense: unpacking is a large share of the short
+        forwards of multiple-choice scoring (``dequantized_weight_cache``). Returns ``self``.
+        """
+        self._cache_dense = bool(enabled)
+        self._dense_cache = None
+        return self
+
+    def _cached_dequantized(self, dtype: torch.dtype) -> Tensor:
+        tensors = (self.packed_codes, self.scales, self.offsets)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return self.dequantize(dtype)  # a differentiable weight is not cached
+        key = (*self._int4_cache_key(), dtype)
+        cache = self._dense_cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        with torch.no_grad():
+            weight = self.dequantize(dtype)
+        self._dense_cache = (key, weight)
+        return weight
 
     # ------------------------------------------------------------------ INT4 kernel path
     def int4_kernel_unsupported_reason(self, device: torch.device | str | None = None) -> str | None:
@@ -585,7 +620,7 @@ class GroupwiseIntLinear(nn.Module):
         # Let device moves through but keep the storage dtype of the quantization tensors:
         # ``model.to(torch.bfloat16)`` must not round fp16 scales or a merged fp32 offset.
         # Restored through ``.data`` so the parameter objects (which FSDP tracks) stay the same.
-        self._int4_cache = None
+        self._int4_cache = self._dense_cache = None
         before = {name: p.data for name in self._QUANT_FLOAT_TENSORS if (p := self._parameters.get(name)) is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():
@@ -691,3 +726,20 @@ def quantize_linear_layers(
         setattr(parent, child, quantized)
         replaced.append(name)
     return replaced
+
+
+@contextlib.contextmanager
+def dequantized_weight_cache(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every :class:`GroupwiseIntLinear` of ``model`` keeps its dequantized
+    weight between forwards (:meth:`GroupwiseIntLinear.cache_dequantized_weight`; exact, one
+    dense copy of each weight); on exit the copies are dropped and each layer's own setting
+    restored. For scoring an INT-b model on many short prompts (benchmarks)."""
+    layers = [m for m in model.modules() if isinstance(m, GroupwiseIntLinear)]
+    previous = [getattr(layer, "_cache_dense", False) for layer in layers]
+    for layer in layers:
+        layer.cache_dequantized_weight(True)
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, previous):
+            layer.cache_dequantized_weight(enabled)

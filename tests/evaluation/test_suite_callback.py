@@ -109,3 +109,26 @@ def test_exported_native_model_scores_like_the_merged_model(tiny_model_dir, tiny
     with pytest.raises(ValueError, match="merged native export.*no adapters to train"):
         pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path).fit(
             QuantizedCausalLM(str(native_dir)), datamodule=data)
+
+
+def test_cached_dequantized_weights_change_the_time_not_the_scores(tiny_model_dir, tiny_data_dir, mmlu_dir, zero_shot_file, tmp_path, monkeypatch):  # noqa: F811
+    from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+
+    calls = []
+    real = GroupwiseIntLinear.dequantize
+    monkeypatch.setattr(GroupwiseIntLinear, "dequantize", lambda self, dtype=None: (calls.append(self), real(self, dtype))[1])
+    module = QuantizedCausalLM(str(tiny_model_dir), quantization=GroupwiseInt(bits=4, group_size=32), adapter=QABLoRA(budget_rank=2))
+    data = InstructionDataModule(str(tiny_data_dir), tokenizer_name_or_path=str(tiny_model_dir), batch_size=8)
+    reports, counts = {}, {}
+    for cache in (False, True):
+        calls.clear()
+        suite = EvaluationSuite(_tasks(mmlu_dir, zero_shot_file, tiny_data_dir)[:2], batch_size=4, progress_bar=False,
+                                cache_dequantized_weights=cache, output_json=str(tmp_path / f"eval_{cache}.json"))
+        pl.Trainer(logger=False, callbacks=[suite], enable_progress_bar=False, enable_model_summary=False,
+                   default_root_dir=tmp_path, limit_test_batches=1).test(module, datamodule=data)
+        reports[cache] = {name: (r["metrics"], r["per_example"]) for name, r in suite.results.items()}
+        counts[cache] = len(calls)
+    assert reports[True] == reports[False]
+    layers = len(module.adapted_layers())
+    assert counts[True] < counts[False] and counts[True] <= 2 * layers + layers  # test loop + one unpack per layer
+    assert all(layer._dense_cache is None for layer in module.model.modules() if isinstance(layer, GroupwiseIntLinear))

@@ -11,6 +11,7 @@ from qblora_pl.quantization.groupwise_int import (
     SUPPORTED_GROUP_SIZES,
     GroupwiseIntLinear,
     GroupwiseIntQuantizer,
+    dequantized_weight_cache,
     quantize_linear_layers,
 )
 from qblora_pl.quantization.packing import unpack_codes
@@ -222,6 +223,33 @@ def test_replacing_offsets_with_float32_shifts_weight_by_the_broadcast_delta():
     torch.testing.assert_close(w_after - w_before, shift, rtol=0, atol=1e-6)
     layer.offsets = original
     assert torch.equal(layer.dequantize(), w_before)
+
+
+def test_dequantized_weight_cache_is_exact_and_follows_every_change_of_the_weight():
+    import torch.nn.functional as F
+
+    _, layer = _layer(bits=3, group_size=32)
+    model = nn.Sequential(layer)
+    x = _randn(5, 64, seed=3)
+    uncached = lambda inputs: F.linear(inputs, layer.dequantize(inputs.dtype), layer.bias.to(inputs.dtype))  # noqa: E731
+    with torch.no_grad():
+        plain = layer(x)
+    with dequantized_weight_cache(model):
+        with torch.no_grad():
+            assert torch.equal(layer(x), plain)
+            cached = layer._dense_cache[1]
+            assert torch.equal(layer(x), plain) and layer._dense_cache[1] is cached  # reused, not recomputed
+            layer.offsets.add_(0.5)  # in place (a merge into the same tensor)
+            assert torch.equal(layer(x), uncached(x)) and not torch.equal(layer(x), plain)
+            layer.offsets = layer.offsets.float() - 0.25  # by assignment (a QA-* merge)
+            assert torch.equal(layer(x), uncached(x))
+            layer.scales.mul_(2)
+            assert torch.equal(layer(x), uncached(x))
+            assert torch.equal(layer(x.double()), uncached(x.double()))  # one cached weight per dtype
+        inputs = x.clone().requires_grad_()  # autograd through the cached weight: d(sum)/dx = column sums of W_hat
+        layer(inputs).sum().backward()
+        assert torch.equal(inputs.grad, layer.dequantize().sum(0).expand(5, -1))
+    assert layer._dense_cache is None and not layer._cache_dense  # dropped on exit, setting restored
 
 
 def test_module_dtype_cast_keeps_quantization_buffers():

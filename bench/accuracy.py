@@ -327,6 +327,8 @@ def train_one(args, method: str, seed: int, bits: int | None, group_size: int | 
         seconds = progress.load_adapter(module)
         print(f"{progress.key}: trained adapter of an interrupted attempt loaded from {progress.directory}", flush=True)
         return module, data, seconds
+    if progress is not None and progress.scores():  # parts scored on another machine, whose adapter is not here
+        progress.retrained = True
     callbacks = []
     if qat_bits is not None:
         from callbacks.qat_schedule import QATSchedule
@@ -356,10 +358,17 @@ class RunProgress:
     parameters and the training time; ``scores.json``: each part's scores and seconds), written
     atomically, tagged with the results file's settings (a directory made under other settings
     is discarded, not used), and removed once the run's rows are stored.
+
+    ``scores.json`` is small and committed with the results (``adapter.pt``, 10 MB for SmolLM2, is
+    not): a session that ends mid-run hands the next one - a fresh checkout, without the adapter -
+    the parts it scored. That session retrains the run (same seed; training is deterministic on
+    CPU), re-scores the trained model's held-out loss, and reuses the stored parts only if it
+    equals the stored one (:meth:`check_retrained`); otherwise it scores everything again.
     """
 
     def __init__(self, out: Path, key: str, settings: dict) -> None:
         self.key, self.settings = key, settings
+        self.retrained = False  # trained here while scores.json holds parts of another attempt
         self.directory = out.with_name(out.stem + ".partial") / key.replace("|", "_").replace(" ", "_")
         meta = self.directory / "settings.json"
         if self.directory.exists() and (not meta.is_file() or json.loads(meta.read_text()) != settings):
@@ -398,6 +407,23 @@ class RunProgress:
     def scores(self) -> dict[str, dict]:
         path = self.directory / "scores.json"
         return json.loads(path.read_text()) if path.is_file() else {}
+
+    def check_retrained(self, model, evaluate) -> None:
+        """After retraining (no saved adapter): keep the stored parts only if the retrained model's
+        held-out loss equals the stored trained loss - the same model - else drop them."""
+        if not self.retrained:
+            return
+        self.retrained = False
+        stored = self.scores().get("trained")
+        loss = evaluate(model, benchmarks=False)["loss"] if stored else None
+        if stored and math.isclose(loss, stored["scores"]["loss"], rel_tol=1e-6, abs_tol=0.0):
+            print(f"{self.key}: retrained model's held-out loss {loss:.6f} equals the interrupted attempt's; "
+                  f"its scored parts ({', '.join(self.scores())}) are reused", flush=True)
+            return
+        compared = f"{loss:.6f} vs {stored['scores']['loss']:.6f}" if stored else "not stored"
+        print(f"{self.key}: the interrupted attempt's scores are not this model's (held-out loss {compared}); "
+              "scoring everything", flush=True)
+        (self.directory / "scores.json").unlink(missing_ok=True)
 
     def scored(self, part: str, evaluate, model, **kwargs) -> dict:
         """``evaluate(model, **kwargs)``, or the scores an earlier attempt stored for ``part``."""
@@ -478,6 +504,8 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
         module, data, seconds = train_one(args, method, seed, None, None, qat_bits=bits, qat_group_size=group_size,
                                           progress=progress)
         model, evaluate = module.model, make_evaluator(args, data, module.device)
+        if progress is not None:
+            progress.check_retrained(model, evaluate)
         trained = scored("trained", evaluate, model, benchmarks=bench_trained)
         merge_adapters(model)
         requantize_merged(model, bits=bits, group_size=group_size)
@@ -490,6 +518,8 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
     else:
         module, data, seconds = train_one(args, method, seed, bits, group_size, progress=progress)
         model, evaluate = module.model, make_evaluator(args, data, module.device)
+        if progress is not None:
+            progress.check_retrained(model, evaluate)
         params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         previous = stored.get(key) if method in DENSE_MERGE else None
         trained = scored("trained", evaluate, model, benchmarks=bench_trained and previous is None)

@@ -7,6 +7,7 @@ embedded sets in qblora_pl/assets/data) is shared by the tests of this module.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,13 @@ def test_a_killed_run_resumes_from_its_last_finished_part(tmp_path, monkeypatch)
     assert (partial / "adapter.pt").is_file()
     assert set(json.loads((partial / "scores.json").read_text())) == {"trained", "merged"}
     assert not out.exists() or not json.loads(out.read_text())["runs"]
+    for other in ("new_machine", "other_model"):  # the committed scores.json without the adapter
+        shutil.copytree(tmp_path / "resumed.partial", tmp_path / f"{other}.partial")
+        (tmp_path / f"{other}.partial" / "qlora_nf4_seed0" / "adapter.pt").unlink()
+    scores = tmp_path / "other_model.partial" / "qlora_nf4_seed0" / "scores.json"
+    tampered = json.loads(scores.read_text())
+    tampered["trained"]["scores"]["loss"] += 1e-3
+    scores.write_text(json.dumps(tampered))
 
     parts.clear()
     monkeypatch.setattr(accuracy.Evaluator, "__call__", lambda self, model, benchmarks=True: (
@@ -195,13 +203,28 @@ def test_a_killed_run_resumes_from_its_last_finished_part(tmp_path, monkeypatch)
     resumed = json.loads(out.read_text())["runs"]
 
     monkeypatch.undo()
+    monkeypatch.setattr(accuracy.Evaluator, "__call__", lambda self, model, benchmarks=True: (
+        parts.append(benchmarks), real_call(self, model, benchmarks))[1])
+    # A fresh checkout has scores.json but no adapter: it retrains (deterministic), checks the
+    # retrained model's held-out loss against the stored one, and scores only the INT2 model.
+    parts.clear()
+    accuracy.main(argv + ["--out", str(tmp_path / "new_machine.json")])
+    assert parts == [False, True]
+    new_machine = json.loads((tmp_path / "new_machine.json").read_text())["runs"]
+    # Stored parts that are not the retrained model's (here: a tampered loss) are all scored again.
+    parts.clear()
+    accuracy.main(argv + ["--out", str(tmp_path / "other_model.json")])
+    assert parts == [False, True, False, True]  # the check, then trained, merged and INT2
+    monkeypatch.undo()
+
     accuracy.main(argv + ["--out", str(tmp_path / "straight.json")])
     straight = json.loads((tmp_path / "straight.json").read_text())["runs"]
-    assert set(resumed) == set(straight) == {"qlora|nf4|seed0", "qlora+ptq|int2_g32|seed0"}
-    for key in straight:
-        for part in ("trained", "low_bit", "merged"):
-            if straight[key].get(part) is not None:
-                for metric in ("loss", "arc_acc", "mmlu_acc"):
-                    if metric in straight[key][part]:
-                        assert resumed[key][part][metric] == pytest.approx(straight[key][part][metric], rel=1e-6), (key, part)
-        assert resumed[key]["train_seconds"] > 0
+    for runs in (resumed, new_machine):
+        assert set(runs) == set(straight) == {"qlora|nf4|seed0", "qlora+ptq|int2_g32|seed0"}
+        for key in straight:
+            for part in ("trained", "low_bit", "merged"):
+                if straight[key].get(part) is not None:
+                    for metric in ("loss", "arc_acc", "mmlu_acc"):
+                        if metric in straight[key][part]:
+                            assert runs[key][part][metric] == pytest.approx(straight[key][part][metric], rel=1e-6), (key, part)
+            assert runs[key]["train_seconds"] > 0

@@ -182,6 +182,28 @@ def run_of(key: str, row: dict) -> str:
     return key
 
 
+def format_name(base: str) -> str:
+    """``int3_g32`` -> ``INT3 g32``."""
+    return base.replace("int", "INT").replace("_g", " g")
+
+
+def format_order(base: str) -> tuple[int, int]:
+    """Sort key of ``int<b>_g<g>`` formats: widest first, then smaller groups."""
+    return -int(base[3]), int(base.split("_g")[1])
+
+
+def method_name(method: str) -> str:
+    """``qlora+ptq`` -> ``QLoRA + RTN``, ``qblora+qat`` -> ``Q-BLoRA + QAT + RTN``."""
+    family, _, variant = method.partition("+")
+    return LABEL[family] + {"ptq": " + RTN", "qat": " + QAT + RTN"}.get(variant, "")
+
+
+def scored_part(config: str) -> str:
+    """Which part of a ``method|base`` config's rows its scores are read from: the trained model
+    for NF4 + adapter and the dense reference, else the deployed low-bit model."""
+    return "trained" if config.endswith(("|nf4", "|dense")) else "low_bit"
+
+
 def build(method: str, rank: int, bits: int | None, group_size: int | None):
     """(quantization backend, adapter strategy) of a method at one budget rank, dropout 0."""
     from qblora_pl.adapters import LoRA, QABLoRA, QALoRA, QBLoRA
@@ -663,10 +685,10 @@ def markdown_table(results: dict[str, dict], metric: str) -> str:
         if method == REFERENCE:  # one evaluation, no seeds
             cell = lambda p: f"{parts[p][0]:.4f}" if p in parts else "—"
             name, seeds = "Unmodified model (no training)", "—"
-            deployed = "dense float32" if base == "dense" else base.replace("int", "INT").replace("_g", " g") + " (RTN)"
+            deployed = "dense float32" if base == "dense" else format_name(base) + " (RTN)"
         else:
-            name = LABEL[method.split("+")[0]] + {"ptq": " + RTN", "qat": " + QAT + RTN"}.get(method.partition("+")[2], "")
-            deployed = "NF4 + adapter (unmerged)" if base == "nf4" else base.replace("int", "INT").replace("_g", " g")
+            name = method_name(method)
+            deployed = "NF4 + adapter (unmerged)" if base == "nf4" else format_name(base)
             seeds = next(iter(parts.values()))[2]
         lines.append(f"| {name} | {deployed} | {params[config]:,} | {cell('trained')} | {cell('low_bit')} | {seeds} |")
     return "\n".join(lines)
@@ -677,11 +699,8 @@ def pivot_markdown(results: dict[str, dict], metric: str) -> str:
     table = summarize(results, metric)
     columns = [m for m in (REFERENCE, "qlora+ptq", "qlora+qat", "qblora+ptq", "qblora+qat", "qalora", "qablora")
                if any(c.startswith(m + "|") for c in table)]
-    header = {REFERENCE: "Unmodified + RTN (no training)",
-              "qlora+ptq": "QLoRA + RTN", "qlora+qat": "QLoRA + QAT + RTN", "qblora+ptq": "Q-BLoRA + RTN",
-              "qblora+qat": "Q-BLoRA + QAT + RTN", "qalora": "QA-LoRA", "qablora": "QA-BLoRA"}
-    formats = sorted({c.split("|")[1] for c in table if c.split("|")[1] not in ("nf4", "dense")},
-                     key=lambda b: (-int(b[3]), int(b.split("_g")[1])))
+    header = {c: "Unmodified + RTN (no training)" if c == REFERENCE else method_name(c) for c in columns}
+    formats = sorted({c.split("|")[1] for c in table if c.split("|")[1] not in ("nf4", "dense")}, key=format_order)
     lines = ["| deployed as | " + " | ".join(header[c] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for fmt in formats:
         cells = []
@@ -691,7 +710,7 @@ def pivot_markdown(results: dict[str, dict], metric: str) -> str:
                 cells.append(f"{cell[0]:.3f}")
             else:
                 cells.append(f"{cell[0]:.3f} ± {cell[1]:.3f}" if cell else "—")
-        lines.append(f"| {fmt.replace('int', 'INT').replace('_g', ' g')} | " + " | ".join(cells) + " |")
+        lines.append(f"| {format_name(fmt)} | " + " | ".join(cells) + " |")
     unmerged = [f"{LABEL[m]} {table[f'{m}|nf4']['trained'][0]:.3f} ± {table[f'{m}|nf4']['trained'][1]:.3f}"
                 for m in ("qlora", "qblora") if f"{m}|nf4" in table]
     if unmerged:
@@ -714,7 +733,7 @@ CLAIMS = (  # (A, B, what A vs B tests): configs without the format; "trained" =
 def question_means(results: dict[str, dict], config: str, metric: str) -> tuple[list[float], int] | None:
     """Per question, the fraction of ``config``'s seeds that got it right (the deployed model's
     outcomes; for ``*|nf4`` rows the trained model's), and how many seeds; None without outcomes."""
-    part = "trained" if config.endswith("|nf4") or config.endswith("|dense") else "low_bit"
+    part = scored_part(config)
     runs = [row[part]["hits"][metric] for key, row in results.items()
             if config_of(key) == config and row.get(part) and metric in row[part].get("hits", {})]
     if not runs or len({len(r) for r in runs}) != 1:
@@ -741,8 +760,7 @@ def paired_difference(results: dict[str, dict], config_a: str, config_b: str, me
 
 def claims_markdown(results: dict[str, dict]) -> str:
     """The paper's comparisons on the benchmarks as paired differences (A − B) with their errors."""
-    formats = sorted({config_of(k).split("|")[1] for k in results} - {"nf4", "dense"},
-                     key=lambda b: (-int(b[3]), int(b.split("_g")[1])))
+    formats = sorted({config_of(k).split("|")[1] for k in results} - {"nf4", "dense"}, key=format_order)
     lines = ["| comparison (A − B) | deployed as | metric | Δ accuracy | paired SE | Δ / SE | questions | seeds A / B |",
              "|---|---|---|---|---|---|---|---|"]
     for a, b, label in CLAIMS:
@@ -754,7 +772,7 @@ def claims_markdown(results: dict[str, dict]) -> str:
                 if found is None:
                     continue
                 mean, se, n, seeds_a, seeds_b = found
-                shown = "NF4 + adapter" if fmt == "nf4" else fmt.replace("int", "INT").replace("_g", " g")
+                shown = "NF4 + adapter" if fmt == "nf4" else format_name(fmt)
                 ratio = f"{mean / se:+.1f}" if se > 0 else "—"
                 lines.append(f"| {label} | {shown} | {metric} | {mean:+.4f} | {se:.4f} | {ratio} | {n} | "
                              f"{seeds_a} / {'—' if b == REFERENCE else seeds_b} |")
@@ -1042,11 +1060,9 @@ def model_identity(model: str, model_dir: str) -> str:
     whose name hangs on the file's path and mtime, so the same file fetched on a fresh machine
     would read as another model and refuse to resume; any other source by what loads it."""
     if str(model).endswith(".gguf") and Path(model).expanduser().is_file():
-        digest = hashlib.sha256()
         with open(Path(model).expanduser(), "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        return f"{Path(model).name} sha256:{digest.hexdigest()[:16]}"
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        return f"{Path(model).name} sha256:{digest[:16]}"
     return model_dir
 
 

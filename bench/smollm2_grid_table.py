@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.accuracy import (  # noqa: E402
-    LABEL, REFERENCE, _order, claims_markdown, config_of, is_done, parse_args, planned_runs, reference_runs,
-    run_key, summarize,
+    REFERENCE, _order, claims_markdown, config_of, format_name, is_done, method_name, parse_args, planned_runs,
+    reference_runs, run_key, scored_part, summarize,
 )
 
 RESULTS = ROOT / "bench" / "results" / "accuracy_smollm2.json"
@@ -32,12 +32,9 @@ COLUMNS = (("loss", "test loss"), ("arc_acc", "ARC-Easy acc"), ("arc_acc_norm", 
 def describe(config: str) -> tuple[str, str]:
     """(method, deployed as) in words for a ``method|base`` configuration."""
     method, base = config.split("|")
-    fmt = base.replace("int", "INT").replace("_g", " g")
     if method == REFERENCE:
-        return "Unmodified model (no training)", "dense (Q4_1 weights)" if base == "dense" else f"{fmt} (RTN)"
-    family, _, variant = method.partition("+")
-    name = LABEL[family] + {"ptq": " + RTN", "qat": " + QAT + RTN"}.get(variant, "")
-    return name, "NF4 + adapter (trained, unmerged)" if base == "nf4" else fmt
+        return "Unmodified model (no training)", "dense (Q4_1 weights)" if base == "dense" else f"{format_name(base)} (RTN)"
+    return method_name(method), "NF4 + adapter (trained, unmerged)" if base == "nf4" else format_name(base)
 
 
 def results_table(results: dict[str, dict]) -> str:
@@ -46,10 +43,9 @@ def results_table(results: dict[str, dict]) -> str:
     lines = ["| method | deployed as | " + " | ".join(label for _, label in COLUMNS) + " | seeds |",
              "|---" * (len(COLUMNS) + 3) + "|"]
     for config in configs:
-        cells, seeds = [], "—"
+        cells, seeds, part = [], "—", scored_part(config)
         for metric, _ in COLUMNS:
             parts = tables[metric].get(config, {})
-            part = "trained" if config.endswith(("|nf4", "|dense")) else "low_bit"
             if part not in parts:
                 cells.append("—")
                 continue

@@ -57,8 +57,8 @@ class EvaluationSuite(pl.Callback):
         cache_dequantized_weights: while the tasks run, each INT-b (``GroupwiseIntLinear``) layer
             keeps its unpacked weight instead of unpacking it on every forward
             (``qblora_pl.quantization.groupwise_int.dequantized_weight_cache``): the same scores,
-            faster on the many short forwards of multiple-choice scoring, for one dense float32
-            copy of every INT-b weight in memory. Off by default (a low-bit model is low-bit to
+            by what unpacking costs faster (1.06x for SmolLM2 INT3 on a CPU, docs/evaluation.md),
+            for one dense float32 copy of every INT-b weight in memory. Off by default (a low-bit model is low-bit to
             save that memory); for one process, not a sharded model.
     """
 

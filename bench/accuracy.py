@@ -634,6 +634,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def mean_pm_std(mean: float, std: float, n: int, digits: int = 4) -> str:
+    """``"1.9271 ± 0.0012"`` over ``n`` seeds; one seed has no spread, so just ``"1.9271"`` (not ``± 0``)."""
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
 def summarize(results: dict[str, dict], metric: str) -> dict[str, dict[str, tuple[float, float, int]]]:
     """{config: {"trained" | "low_bit": (mean, std, n)}} over seeds."""
     groups: dict[str, dict[str, list[float]]] = {}
@@ -668,7 +673,7 @@ def print_table(results: dict[str, dict], metrics: list[str], split: str = "test
         for config in sorted(table, key=_order):
             method, base = config.split("|")
             parts = table[config]
-            fmt = lambda p: f"{parts[p][0]:.4f} ± {parts[p][1]:.4f} (n={parts[p][2]})" if p in parts else "-"
+            fmt = lambda p: f"{mean_pm_std(*parts[p])} (n={parts[p][2]})" if p in parts else "-"
             print(f"{method:<14} {base:<14} {params[config]:>10,} {fmt('trained'):>26} {fmt('low_bit'):>26}")
 
 
@@ -681,7 +686,7 @@ def markdown_table(results: dict[str, dict], metric: str) -> str:
     for config in sorted(table, key=_order):
         method, base = config.split("|")
         parts = table[config]
-        cell = lambda p: f"{parts[p][0]:.4f} ± {parts[p][1]:.4f}" if p in parts else "—"
+        cell = lambda p: mean_pm_std(*parts[p]) if p in parts else "—"
         if method == REFERENCE:  # one evaluation, no seeds
             cell = lambda p: f"{parts[p][0]:.4f}" if p in parts else "—"
             name, seeds = "Unmodified model (no training)", "—"
@@ -709,9 +714,9 @@ def pivot_markdown(results: dict[str, dict], metric: str) -> str:
             if cell and column == REFERENCE:  # one evaluation, no seeds
                 cells.append(f"{cell[0]:.3f}")
             else:
-                cells.append(f"{cell[0]:.3f} ± {cell[1]:.3f}" if cell else "—")
+                cells.append(mean_pm_std(*cell, digits=3) if cell else "—")
         lines.append(f"| {format_name(fmt)} | " + " | ".join(cells) + " |")
-    unmerged = [f"{LABEL[m]} {table[f'{m}|nf4']['trained'][0]:.3f} ± {table[f'{m}|nf4']['trained'][1]:.3f}"
+    unmerged = [f"{LABEL[m]} {mean_pm_std(*table[f'{m}|nf4']['trained'], digits=3)}"
                 for m in ("qlora", "qblora") if f"{m}|nf4" in table]
     if unmerged:
         lines.append(f"\nUnmerged NF4 + adapter (not a low-bit deployment): {', '.join(unmerged)}.")

@@ -12,6 +12,7 @@ the block between ``<!-- grid:start -->`` and ``<!-- grid:end -->`` is replaced.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.accuracy import (  # noqa: E402
-    REFERENCE, _order, claims_markdown, config_of, format_name, is_done, method_name, parse_args, planned_runs,
+    REFERENCE, _order, claims_markdown, config_of, format_name, is_done, mean_pm_std, method_name, parse_args, planned_runs,
     reference_runs, run_key, scored_part, summarize,
 )
 
@@ -53,7 +54,7 @@ def results_table(results: dict[str, dict]) -> str:
             if config.startswith(REFERENCE + "|"):
                 cells.append(f"{mean:.4f}" if metric == "loss" else f"{mean:.3f}")
             else:
-                cells.append(f"{mean:.4f} ± {std:.4f}" if metric == "loss" else f"{mean:.3f} ± {std:.3f}")
+                cells.append(mean_pm_std(mean, std, n, digits=4 if metric == "loss" else 3))
                 seeds = str(n)
         lines.append("| " + " | ".join(describe(config)) + " | " + " | ".join(cells) + f" | {seeds} |")
     return "\n".join(lines)
@@ -67,6 +68,20 @@ def progress(results: dict[str, dict]) -> str:
         f"; to go: {', '.join(missing)}" if missing else " (step 1 complete)")
 
 
+def chance_note(results: dict[str, dict]) -> str:
+    """How far the unmodified model's MMLU and ARC accuracies sit from chance (4 choices), in binomial errors."""
+    dense = (results.get(f"{REFERENCE}|dense") or {}).get("trained") or {}
+    if "mmlu_acc" not in dense or "arc_acc" not in dense:
+        return ""
+    mmlu, n = dense["mmlu_acc"], dense["mmlu_n"]
+    error = math.sqrt(mmlu * (1 - mmlu) / n)
+    reading = ("so at this size MMLU 5-shot can flag a broken model but cannot rank the methods" if mmlu - 0.25 < 2 * error
+               else "so MMLU can rank the methods too")
+    return (f"MMLU's 4 letters put chance at 0.25, and the unmodified model's {mmlu:.3f} on {n} questions (binomial "
+            f"error {error:.3f}) is {(mmlu - 0.25) / error:.1f} errors above it, {reading}; ARC-Easy "
+            f"({dense['arc_acc']:.3f} unmodified, chance 0.25) and the test loss carry the comparison.")
+
+
 def block(results: dict[str, dict]) -> str:
     return (
         "**The grid on the test split** (step 1: INT3 / INT2 g32, seeds 0 1 2, the LRs above; 200 steps, batch 4;\n"
@@ -75,6 +90,7 @@ def block(results: dict[str, dict]) -> str:
         "`bench/results/accuracy_smollm2.json`; `python bench/smollm2_grid_table.py` rewrites this block). "
         f"{progress(results)}.\n\n"
         + results_table(results) + "\n\n"
+        "One seed has no spread, so its cells show the value alone. " + chance_note(results) + "\n\n"
         "The paper's comparisons as **paired differences** on the benchmark questions (A − B: each question's\n"
         "outcome averaged over a method's seeds, then the mean difference and its standard error over questions;\n"
         "why paired: `docs/benchmarks.md` (a)). One accuracy on 1,000 questions has a binomial error of ~0.016\n"

@@ -686,9 +686,8 @@ def markdown_table(results: dict[str, dict], metric: str) -> str:
     for config in sorted(table, key=_order):
         method, base = config.split("|")
         parts = table[config]
-        cell = lambda p: mean_pm_std(*parts[p]) if p in parts else "—"
-        if method == REFERENCE:  # one evaluation, no seeds
-            cell = lambda p: f"{parts[p][0]:.4f}" if p in parts else "—"
+        cell = lambda p: mean_pm_std(*parts[p]) if p in parts else "—"  # a reference: one evaluation, its value
+        if method == REFERENCE:
             name, seeds = "Unmodified model (no training)", "—"
             deployed = "dense float32" if base == "dense" else format_name(base) + " (RTN)"
         else:
@@ -711,10 +710,7 @@ def pivot_markdown(results: dict[str, dict], metric: str) -> str:
         cells = []
         for column in columns:
             cell = table.get(f"{column}|{fmt}", {}).get("low_bit")
-            if cell and column == REFERENCE:  # one evaluation, no seeds
-                cells.append(f"{cell[0]:.3f}")
-            else:
-                cells.append(mean_pm_std(*cell, digits=3) if cell else "—")
+            cells.append(mean_pm_std(*cell, digits=3) if cell else "—")  # a reference: one evaluation, its value
         lines.append(f"| {format_name(fmt)} | " + " | ".join(cells) + " |")
     unmerged = [f"{LABEL[m]} {mean_pm_std(*table[f'{m}|nf4']['trained'], digits=3)}"
                 for m in ("qlora", "qblora") if f"{m}|nf4" in table]

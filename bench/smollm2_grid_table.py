@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.accuracy import (  # noqa: E402
-    REFERENCE, _order, claims_markdown, config_of, format_name, is_done, mean_pm_std, method_name, parse_args, planned_runs,
-    reference_runs, run_key, scored_part, summarize,
+    REFERENCE, _order, claims_markdown, config_of, format_name, is_done, mean_pm_std, method_name, parse_args,
+    planned_runs, reference_runs, run_key, scored_part, summarize,
 )
 
 RESULTS = ROOT / "bench" / "results" / "accuracy_smollm2.json"
@@ -51,10 +51,8 @@ def results_table(results: dict[str, dict]) -> str:
                 cells.append("—")
                 continue
             mean, std, n = parts[part]
-            if config.startswith(REFERENCE + "|"):
-                cells.append(f"{mean:.4f}" if metric == "loss" else f"{mean:.3f}")
-            else:
-                cells.append(mean_pm_std(mean, std, n, digits=4 if metric == "loss" else 3))
+            cells.append(mean_pm_std(mean, std, n, digits=4 if metric == "loss" else 3))  # a reference: n = 1
+            if not config.startswith(REFERENCE + "|"):  # one evaluation, not seeds
                 seeds = str(n)
         lines.append("| " + " | ".join(describe(config)) + " | " + " | ".join(cells) + f" | {seeds} |")
     return "\n".join(lines)
@@ -75,8 +73,8 @@ def chance_note(results: dict[str, dict]) -> str:
         return ""
     mmlu, n = dense["mmlu_acc"], dense["mmlu_n"]
     error = math.sqrt(mmlu * (1 - mmlu) / n)
-    reading = ("so at this size MMLU 5-shot can flag a broken model but cannot rank the methods" if mmlu - 0.25 < 2 * error
-               else "so MMLU can rank the methods too")
+    reading = ("so at this size MMLU 5-shot can flag a broken model but cannot rank the methods"
+               if mmlu - 0.25 < 2 * error else "so MMLU can rank the methods too")
     return (f"MMLU's 4 letters put chance at 0.25, and the unmodified model's {mmlu:.3f} on {n} questions (binomial "
             f"error {error:.3f}) is {(mmlu - 0.25) / error:.1f} errors above it, {reading}; ARC-Easy "
             f"({dense['arc_acc']:.3f} unmodified, chance 0.25) and the test loss carry the comparison.")

@@ -138,6 +138,7 @@ import math
 import os
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -919,7 +920,7 @@ def plot(results: dict[str, dict], metric: str, path: Path, title: str) -> None:
 
     table = summarize(results, metric)
     group_sizes = sorted({int(c.split("_g")[1]) for c in table if "_g" in c})
-    fig, axes = plt.subplots(1, max(1, len(group_sizes)), figsize=(5.5 * max(1, len(group_sizes)), 4), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(group_sizes)), figsize=(5.5 * max(1, len(group_sizes)) + 2.5, 4.3), squeeze=False)
     series = [(REFERENCE, "unmodified + RTN"),
               ("qlora+ptq", "QLoRA + RTN"), ("qlora+qat", "QLoRA + QAT + RTN"), ("qblora+ptq", "Q-BLoRA + RTN"),
               ("qblora+qat", "Q-BLoRA + QAT + RTN"), ("qalora", "QA-LoRA"), ("qablora", "QA-BLoRA")]
@@ -948,9 +949,19 @@ def plot(results: dict[str, dict], metric: str, path: Path, title: str) -> None:
         if metric == "loss":
             finite = [v[p][0] for v in table.values() for p in v if math.isfinite(v[p][0])]
             if finite:
-                ax.set_ylim(min(finite) * 0.95, max(finite) * 1.03)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+                low, high = min(finite) * 0.95, max(finite) * 1.03
+                if high > 4 * low:  # a wrecked model (RTN INT2) would flatten the rest
+                    from matplotlib.ticker import NullFormatter
+
+                    ax.set_yscale("log")
+                    ticks = [t for t in (1, 1.5, 2, 3, 4, 6, 8, 10, 15, 20, 30, 50, 100) if low <= t <= high]
+                    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+                    ax.yaxis.set_minor_formatter(NullFormatter())
+                ax.set_ylim(low, high)
+        elif metric in BENCH_METRICS:
+            ax.axhline(0.25, linestyle=(0, (1, 3)), color="tab:red", linewidth=1, label="chance (4 choices)")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: bars stay visible
+    fig.suptitle(textwrap.fill(title, 70), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,11 +1,12 @@
 """Write the issue-13 test-split grid (bench/results/accuracy_smollm2.json) into README.md.
 
-    python bench/smollm2_grid_table.py            # prints the tables and rewrites README's grid block
+    python bench/smollm2_grid_table.py            # prints the tables, rewrites README's grid block and its plots
 
 One table of every stored configuration (test loss, ARC-Easy acc / acc_norm, MMLU acc; mean ±
 std over the seeds stored so far, with their count), the paper's comparisons as paired
-differences on the benchmark questions (``bench/accuracy.py``'s ``claims_markdown``), and how
-much of step 1 is stored. Works on a partly filled grid: what is missing says so. Idempotent:
+differences on the benchmark questions (``bench/accuracy.py``'s ``claims_markdown``), how
+much of step 1 is stored, and plots of the deployed models' ARC-Easy accuracy and test loss
+(``bench/results/accuracy_smollm2_<metric>.png``, the same figures ``--report-only`` writes). Works on a partly filled grid: what is missing says so. Idempotent:
 the block between ``<!-- grid:start -->`` and ``<!-- grid:end -->`` is replaced.
 """
 
@@ -21,13 +22,29 @@ sys.path.insert(0, str(ROOT))
 
 from bench.accuracy import (  # noqa: E402
     REFERENCE, _order, claims_markdown, config_of, format_name, is_done, mean_pm_std, method_name, parse_args,
-    planned_runs, reference_runs, run_key, scored_part, summarize,
+    planned_runs, plot, reference_runs, run_key, scored_part, summarize,
 )
 
 RESULTS = ROOT / "bench" / "results" / "accuracy_smollm2.json"
 STEP1 = ["--seeds", "0", "1", "2", "--bits", "3", "2", "--group-sizes", "32", "--reference"]
 COLUMNS = (("loss", "test loss"), ("arc_acc", "ARC-Easy acc"), ("arc_acc_norm", "ARC-Easy acc_norm"),
            ("mmlu_acc", "MMLU 5-shot acc"))
+PLOTS = (("arc_acc", "ARC-Easy acc"), ("loss", "test loss"))  # what carries the comparison (chance_note)
+
+
+def plot_path(metric: str, results_path: Path = RESULTS) -> Path:
+    return results_path.with_name(f"{results_path.stem}_{metric}.png")
+
+
+def write_plots(results: dict[str, dict], results_path: Path = RESULTS) -> list[Path]:
+    """The deployed models' ARC-Easy accuracy and test loss per bit width (``bench/accuracy.py``'s ``plot``)."""
+    paths = []
+    for metric, label in PLOTS:
+        path = plot_path(metric, results_path)
+        plot(results, metric, path, f"SmolLM2-135M-Instruct, test split: {label} of each deployed model "
+                                    "(mean ± std over seeds)")
+        paths.append(path)
+    return paths
 
 
 def describe(config: str) -> tuple[str, str]:
@@ -88,6 +105,8 @@ def block(results: dict[str, dict]) -> str:
         "`bench/results/accuracy_smollm2.json`; `python bench/smollm2_grid_table.py` rewrites this block). "
         f"{progress(results)}.\n\n"
         + results_table(results) + "\n\n"
+        + " ".join(f"![{label} of the deployed models]({plot_path(metric).relative_to(ROOT).as_posix()})"
+                   for metric, label in PLOTS) + "\n\n"
         "One seed has no spread, so its cells show the value alone. " + chance_note(results) + "\n\n"
         "The paper's comparisons as **paired differences** on the benchmark questions (A − B: each question's\n"
         "outcome averaged over a method's seeds, then the mean difference and its standard error over questions;\n"
@@ -106,6 +125,8 @@ def main() -> None:
     start = s.index("<!-- grid:start -->\n") + len("<!-- grid:start -->\n")
     end = s.index("\n<!-- grid:end -->", start)
     readme.write_text(s[:start] + text + s[end:])
+    for path in write_plots(results):
+        print(f"wrote {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -47,3 +47,13 @@ def test_the_mmlu_note_measures_the_unmodified_model_against_chance():
     far = {"reference|dense": {"trained": {"mmlu_acc": 0.40, "mmlu_n": 570, "arc_acc": 0.7}}}
     assert "MMLU can rank the methods too" in grid.chance_note(far)
     assert grid.chance_note(RESULTS) == ""  # no MMLU score stored for the unmodified model: no note
+
+
+def test_the_block_shows_the_plots_that_main_writes(tmp_path):
+    text = grid.block(RESULTS)
+    for metric, _ in grid.PLOTS:
+        assert f"(bench/results/accuracy_smollm2_{metric}.png)" in text
+    results_path = tmp_path / "accuracy_smollm2.json"
+    written = grid.write_plots(RESULTS, results_path)
+    assert [p.name for p in written] == [f"accuracy_smollm2_{metric}.png" for metric, _ in grid.PLOTS]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)

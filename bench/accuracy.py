@@ -783,6 +783,111 @@ def claims_markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+READINGS = (  # the paper's claims, read from CLAIMS' comparisons: (A, B, the claim in words)
+    ("qblora|nf4", "qlora|nf4", "Q-BLoRA >= QLoRA at equal trainable parameters (trained NF4 + adapter)"),
+    ("qablora", "qlora+ptq", "QA-BLoRA's exact low-bit model beats QLoRA + RTN"),
+    ("qablora", "qalora", "QA-BLoRA's exact low-bit model beats QA-LoRA"),
+)
+NOISE_Z = 2.0  # |difference / its standard error| below this reads as noise
+
+
+def loss_difference(results: dict[str, dict], config_a: str, config_b: str):
+    """Test loss of ``config_a`` minus ``config_b`` over seeds: ``(mean, se, seeds_a, seeds_b)``;
+    ``se`` is None when a side has one seed (no spread to judge the difference by)."""
+    table = summarize(results, "loss")
+    a = table.get(config_a, {}).get(scored_part(config_a))
+    b = table.get(config_b, {}).get(scored_part(config_b))
+    if a is None or b is None:
+        return None
+    se = math.sqrt(a[1] ** 2 / a[2] + b[1] ** 2 / b[2]) if a[2] > 1 and b[2] > 1 else None
+    return a[0] - b[0], se, a[2], b[2]
+
+
+def _direction(mean: float, se: float | None, higher_is_better: bool) -> int | None:
+    """+1 (A better beyond noise), -1 (A worse), 0 (within noise), None (no spread to judge by)."""
+    if se is None:
+        return None
+    gain = mean if higher_is_better else -mean
+    if se == 0:  # every paired difference equal: no noise at all
+        return (gain > 0) - (gain < 0)
+    return 1 if gain / se >= NOISE_Z else -1 if gain / se <= -NOISE_Z else 0
+
+
+def verdict(arc: int | None, loss: int | None) -> str:
+    """One claim at one format, from ARC-Easy acc's paired test (the benchmark) and the test loss."""
+    if arc is None:
+        return "not yet measured"
+    if arc and loss is not None and loss == -arc:
+        return "mixed: ARC-Easy and the test loss disagree beyond noise"
+    if arc > 0:
+        return "**reproduced**"
+    if arc < 0:
+        return "**not reproduced**: A is worse"
+    if loss:
+        return "within noise on ARC-Easy; the test loss " + ("favours A" if loss > 0 else "favours B")
+    return "within noise"
+
+
+def widening(results: dict[str, dict], a: str, b: str, metric: str = "arc_acc") -> list[str]:
+    """Whether A's lead over B grows as the width falls (same group size), per question:
+    ``(Δ at the narrower width) - (Δ at the wider)`` with its paired standard error."""
+    formats = sorted({config_of(k).split("|")[1] for k in results} - {"nf4", "dense"}, key=format_order)
+    lines = []
+    for wide, narrow in zip(formats, formats[1:]):
+        if wide.split("_g")[1] != narrow.split("_g")[1]:
+            continue
+        per_width = []
+        for fmt in (wide, narrow):
+            qa, qb = question_means(results, f"{a}|{fmt}", metric), question_means(results, f"{b}|{fmt}", metric)
+            if qa is None or qb is None or len(qa[0]) != len(qb[0]):
+                break
+            per_width.append([x - y for x, y in zip(qa[0], qb[0])])
+        if len(per_width) != 2 or len(per_width[0]) != len(per_width[1]):
+            continue
+        change = [n - w for w, n in zip(*per_width)]
+        mean, se = statistics.fmean(change), statistics.stdev(change) / math.sqrt(len(change))
+        direction = _direction(mean, se, True)
+        word = {1: "widens", -1: "narrows", 0: "does not change beyond noise"}[direction]
+        lines.append(f"{format_name(wide)} → {format_name(narrow)}: {metric} Δ {statistics.fmean(per_width[0]):+.3f} → "
+                     f"{statistics.fmean(per_width[1]):+.3f}, change {mean:+.3f} (paired SE {se:.3f}): the gap {word}")
+    return lines
+
+
+def claims_reading(results: dict[str, dict]) -> str:
+    """The paper's claims read from the stored grid: per claim and deployed format, ARC-Easy acc's
+    paired difference (the benchmark) and the test-loss difference over seeds, each judged at
+    |Δ / SE| >= 2, and a verdict - reproduced, not reproduced, within noise - plus, for the
+    QA-BLoRA claims, whether the gap widens as the width falls. Computed, never typed in."""
+    formats = sorted({config_of(k).split("|")[1] for k in results} - {"nf4", "dense"}, key=format_order)
+    lines = ["| claim (A vs B) | deployed as | ARC-Easy acc Δ (Δ/SE) | test loss Δ (Δ/SE) | seeds A / B | reading |",
+             "|---|---|---|---|---|---|"]
+    notes = []
+    for a, b, claim in READINGS:
+        for fmt in (["nf4"] if a.endswith("|nf4") else formats):
+            config_a = a if "|" in a else f"{a}|{fmt}"
+            config_b = b if "|" in b else f"{b}|{fmt}"
+            arc = paired_difference(results, config_a, config_b, "arc_acc")
+            loss = loss_difference(results, config_a, config_b)
+            if arc is None and loss is None:
+                continue
+            arc_cell, arc_dir = "—", None
+            if arc is not None:
+                arc_dir = _direction(arc[0], arc[1], True)
+                arc_cell = f"{arc[0]:+.3f} ({arc[0] / arc[1]:+.2f})" if arc[1] > 0 else f"{arc[0]:+.3f}"
+            loss_cell, loss_dir, seeds = "—", None, "—"
+            if loss is not None:
+                loss_dir = _direction(loss[0], loss[1], False)
+                loss_cell = f"{loss[0]:+.4f} " + (f"({loss[0] / loss[1]:+.2f})" if loss[1] else "(one seed: no spread)")
+                seeds = f"{loss[2]} / {loss[3]}"
+            shown = "NF4 + adapter" if fmt == "nf4" else format_name(fmt)
+            lines.append(f"| {claim} | {shown} | {arc_cell} | {loss_cell} | {seeds} | {verdict(arc_dir, loss_dir)} |")
+        if not a.endswith("|nf4"):
+            notes += [f"{claim}: {line}." for line in widening(results, a, b)]
+    if len(lines) == 2:
+        return "(no claim can be read yet)"
+    return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else []))
+
+
 def compute_time(results: dict[str, dict]) -> str:
     """Total wall-clock time of the runs behind ``results`` (rows of one run counted once)."""
     runs: dict[str, dict] = {}
@@ -1236,6 +1341,7 @@ def main(argv: list[str] | None = None) -> None:
         for metric in metrics:
             print(f"\n{markdown_table(results, metric)}\n\n{pivot_markdown(results, metric)}")
         print(f"\nPaired differences on the benchmarks' questions:\n\n{claims_markdown(results)}")
+        print(f"\nThe paper's claims, read by rule (|Δ / SE| >= {NOISE_Z:g}):\n\n{claims_reading(results)}")
     print(f"\n{compute_time(results)}")
     for metric in metrics:
         png = out.with_name(f"{out.stem}_{metric}.png")

@@ -2,12 +2,13 @@
 
     python bench/smollm2_grid_table.py            # prints the tables, rewrites README's grid block and its plots
 
-One table of every stored configuration (test loss, ARC-Easy acc / acc_norm, MMLU acc; mean ±
-std over the seeds stored so far, with their count), the paper's comparisons as paired
-differences on the benchmark questions (``bench/accuracy.py``'s ``claims_markdown``), how
-much of step 1 is stored, and plots of the deployed models' ARC-Easy accuracy and test loss
-(``bench/results/accuracy_smollm2_<metric>.png``, the same figures ``--report-only`` writes). Works on a partly filled grid: what is missing says so. Idempotent:
-the block between ``<!-- grid:start -->`` and ``<!-- grid:end -->`` is replaced.
+One table of every stored configuration (trainable parameters, test loss, ARC-Easy acc / acc_norm, MMLU acc; mean ±
+std over the seeds stored so far, with their count), how much of step 1 is stored, plots of the
+deployed models' ARC-Easy accuracy and test loss (``bench/results/accuracy_smollm2_<metric>.png``,
+the same figures ``--report-only`` writes), the paper's comparisons as paired differences on the
+benchmark questions (``bench/accuracy.py``'s ``claims_markdown``) and each claim's verdict by rule
+(``claims_reading``). Works on a partly filled grid: what is missing says so. Idempotent: the
+block between ``<!-- grid:start -->`` and ``<!-- grid:end -->`` is replaced.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.accuracy import (  # noqa: E402
-    REFERENCE, _order, claims_markdown, config_of, format_name, is_done, mean_pm_std, method_name, parse_args,
+    NOISE_Z, REFERENCE, _order, claims_markdown, claims_reading, config_of, format_name, is_done, mean_pm_std, method_name, parse_args,
     planned_runs, plot, reference_runs, run_key, scored_part, summarize,
 )
 
@@ -58,8 +59,9 @@ def describe(config: str) -> tuple[str, str]:
 def results_table(results: dict[str, dict]) -> str:
     tables = {metric: summarize(results, metric) for metric, _ in COLUMNS}
     configs = sorted({config_of(key) for key in results}, key=_order)
-    lines = ["| method | deployed as | " + " | ".join(label for _, label in COLUMNS) + " | seeds |",
-             "|---" * (len(COLUMNS) + 3) + "|"]
+    params = {config_of(key): row["trainable_params"] for key, row in results.items()}
+    lines = ["| method | deployed as | trainable params | " + " | ".join(label for _, label in COLUMNS) + " | seeds |",
+             "|---" * (len(COLUMNS) + 4) + "|"]
     for config in configs:
         cells, seeds, part = [], "—", scored_part(config)
         for metric, _ in COLUMNS:
@@ -71,7 +73,8 @@ def results_table(results: dict[str, dict]) -> str:
             cells.append(mean_pm_std(mean, std, n, digits=4 if metric == "loss" else 3))  # a reference: n = 1
             if not config.startswith(REFERENCE + "|"):  # one evaluation, not seeds
                 seeds = str(n)
-        lines.append("| " + " | ".join(describe(config)) + " | " + " | ".join(cells) + f" | {seeds} |")
+        trainable = f"{params[config]:,}" if params[config] else "—"
+        lines.append("| " + " | ".join(describe(config)) + f" | {trainable} | " + " | ".join(cells) + f" | {seeds} |")
     return "\n".join(lines)
 
 
@@ -107,12 +110,19 @@ def block(results: dict[str, dict]) -> str:
         + results_table(results) + "\n\n"
         + " ".join(f"![{label} of the deployed models]({plot_path(metric).relative_to(ROOT).as_posix()})"
                    for metric, label in PLOTS) + "\n\n"
-        "One seed has no spread, so its cells show the value alone. " + chance_note(results) + "\n\n"
+        "One seed has no spread, so its cells show the value alone. Every method is at budget rank 8: QA-BLoRA's\n"
+        "`k_out` is the smallest that keeps it within LoRA-8's count, and QA-LoRA's A is only d_in / g wide, so\n"
+        "QA-BLoRA trains more parameters than QA-LoRA and fewer than QLoRA / Q-BLoRA. " + chance_note(results) + "\n\n"
         "The paper's comparisons as **paired differences** on the benchmark questions (A − B: each question's\n"
         "outcome averaged over a method's seeds, then the mean difference and its standard error over questions;\n"
         "why paired: `docs/benchmarks.md` (a)). One accuracy on 1,000 questions has a binomial error of ~0.016\n"
         "by itself, so read only |Δ / SE| well above 2 as a difference:\n\n"
-        + claims_markdown(results)
+        + claims_markdown(results) + "\n\n"
+        f"**The paper's claims, read by rule** (`bench/accuracy.py`'s `claims_reading`, recomputed from the stored\n"
+        f"rows: ARC-Easy acc's paired Δ / SE and the test loss's Δ over seeds / its SE; |Δ / SE| >= {NOISE_Z:g} counts,\n"
+        "ARC-Easy decides and a loss that disagrees beyond noise makes it \"mixed\"; a side with one seed has no\n"
+        "spread, so its loss is shown but not judged. Provisional until every method has its 3 seeds):\n\n"
+        + claims_reading(results)
     )
 
 

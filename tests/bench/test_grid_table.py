@@ -8,7 +8,8 @@ from bench.accuracy import mean_pm_std
 
 def _row(method, seed, base, loss, arc, hits, part="low_bit"):
     scores = {"loss": loss, "arc_acc": arc, "hits": {"arc_acc": hits}}
-    return {"method": method, "seed": seed, "base": base, "trainable_params": 0,
+    params = {"reference": 0, "qalora": 1_281_600}.get(method, 1_762_560)
+    return {"method": method, "seed": seed, "base": base, "trainable_params": params,
             "trained": scores if part == "trained" else None, "low_bit": scores if part == "low_bit" else None}
 
 
@@ -22,9 +23,9 @@ RESULTS = {
 
 def test_the_table_shows_mean_std_over_the_seeds_stored_so_far():
     table = grid.results_table(RESULTS)
-    assert "| Unmodified model (no training) | dense (Q4_1 weights) | 2.0500 | 0.500 | — | — | — |" in table
-    assert "| QA-BLoRA | INT3 g32 | 2.1000 ± 0.1414 | 0.625 ± 0.177 | — | — | 2 |" in table
-    assert "| QA-LoRA | INT3 g32 | 2.3000 | 0.250 | — | — | 1 |" in table  # one seed: no "± 0"
+    assert "| Unmodified model (no training) | dense (Q4_1 weights) | — | 2.0500 | 0.500 | — | — | — |" in table
+    assert "| QA-BLoRA | INT3 g32 | 1,762,560 | 2.1000 ± 0.1414 | 0.625 ± 0.177 | — | — | 2 |" in table
+    assert "| QA-LoRA | INT3 g32 | 1,281,600 | 2.3000 | 0.250 | — | — | 1 |" in table  # one seed: no "± 0"
 
 
 def test_the_block_counts_what_is_left_and_pairs_the_comparisons():
@@ -57,3 +58,43 @@ def test_the_block_shows_the_plots_that_main_writes(tmp_path):
     written = grid.write_plots(RESULTS, results_path)
     assert [p.name for p in written] == [f"accuracy_smollm2_{metric}.png" for metric, _ in grid.PLOTS]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+
+
+def test_each_claim_reading_follows_the_stated_rule():
+    from bench.accuracy import verdict
+    assert verdict(1, None) == "**reproduced**"  # ARC decides; a one-seed loss is not judged
+    assert verdict(1, 0) == "**reproduced**"
+    assert verdict(-1, None) == "**not reproduced**: A is worse"
+    assert verdict(1, -1).startswith("mixed") and verdict(-1, 1).startswith("mixed")
+    assert verdict(0, None) == "within noise"
+    assert verdict(0, 1) == "within noise on ARC-Easy; the test loss favours A"
+    assert verdict(None, 1) == "not yet measured"
+
+
+def _seeds(method, fmt, runs):
+    return {f"{method}|{fmt}|seed{i}": _row(method, i, fmt, loss, hits.count("1") / len(hits), hits)
+            for i, (loss, hits) in enumerate(runs)}
+
+
+def test_the_claims_are_read_from_hand_computed_differences():
+    from bench.accuracy import claims_reading
+    # INT3: per question A = 1 1 1 1 .5 0 0 0, B = 0 0 0 0 .5 0 0 0 -> differences 1 1 1 1 0 0 0 0:
+    # mean .5, SE sqrt(2/7)/sqrt(8) = .18898, z = 2.65. Loss: A 2.1 ± .1414, B 2.6 ± .1414 over 2 seeds
+    # -> Δ -0.5, SE sqrt(.02/2 + .02/2) = .14142, z = -3.54 (A better).
+    results = {**_seeds("qablora", "int3_g32", [(2.0, "11110000"), (2.2, "11111000")]),
+               **_seeds("qalora", "int3_g32", [(2.5, "00000000"), (2.7, "00001000")]),
+               # INT2: every difference 1 -> the change per question 0 0 0 0 1 1 1 1: +.5, SE .189
+               **_seeds("qablora", "int2_g32", [(3.0, "11111111"), (3.2, "11111111")]),
+               **_seeds("qalora", "int2_g32", [(1.5, "00000000"), (1.7, "00000000")])}  # loss: A worse
+    text = claims_reading(results)
+    assert ("| QA-BLoRA's exact low-bit model beats QA-LoRA | INT3 g32 | +0.500 (+2.65) | -0.5000 (-3.54) | 2 / 2 "
+            "| **reproduced** |") in text
+    assert "| INT2 g32 | +1.000 (—) " not in text  # SE 0 on identical differences: no ratio shown
+    assert ("| QA-BLoRA's exact low-bit model beats QA-LoRA | INT2 g32 | +1.000 | +1.5000 (+10.61) | 2 / 2 | mixed: "
+            in text)
+    assert ("QA-BLoRA's exact low-bit model beats QA-LoRA: INT3 g32 → INT2 g32: arc_acc Δ +0.500 → +1.000, "
+            "change +0.500 (paired SE 0.189): the gap widens.") in text
+    one_seed = {**_seeds("qablora", "int3_g32", [(2.0, "11110000")]),
+                **_seeds("qalora", "int3_g32", [(2.5, "11110000"), (2.7, "11110000")])}
+    assert "| +0.000 | -0.6000 (one seed: no spread) | 1 / 2 | within noise |" in claims_reading(one_seed)
+    assert claims_reading({}) == "(no claim can be read yet)"

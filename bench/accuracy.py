@@ -26,7 +26,9 @@ The low-bit model each method deploys:
 Every finished run is appended to ``--out`` immediately (JSON, written atomically), and runs
 already there are skipped, so an interrupted sweep resumes where it stopped; the run that was
 interrupted resumes from its last finished part (trained adapter, each scored model:
-:class:`RunProgress`, ``<out stem>.partial/``). The same command
+:class:`RunProgress`, ``<out stem>.partial/``). A finished QLoRA / Q-BLoRA run keeps its trained
+adapter (``<out stem>.adapters/``, not committed), so a later call that asks for more
+re-quantizations of it (``--bits`` / ``--group-sizes``) loads it instead of training again. The same command
 started in two shells (``OMP_NUM_THREADS=1`` each, one per core) splits the runs between the two
 workers: each claims a run before making it and merges its rows into the file as it is on disk
 (:class:`ResultsStore`). ``--report-only`` prints the
@@ -348,7 +350,7 @@ def train_one(args, method: str, seed: int, bits: int | None, group_size: int | 
     if progress is not None and progress.has_adapter():
         module.configure_model()
         seconds = progress.load_adapter(module)
-        print(f"{progress.key}: trained adapter of an interrupted attempt loaded from {progress.directory}", flush=True)
+        print(f"{progress.key}: trained adapter loaded from {progress.adapter_path()}", flush=True)
         return module, data, seconds
     if progress is not None and progress.scores():  # parts scored on another machine, whose adapter is not here
         progress.retrained = True
@@ -382,6 +384,11 @@ class RunProgress:
     atomically, tagged with the results file's settings (a directory made under other settings
     is discarded, not used), and removed once the run's rows are stored.
 
+    ``keep``: where the trained adapter of a finished run goes when its rows are stored (QLoRA /
+    Q-BLoRA: one training serves every re-quantization a later call asks for), tagged with the
+    settings; ``has_adapter`` / ``load_adapter`` use it when no partial adapter is there. A kept
+    adapter made under other settings is ignored (and replaced when the run is made again).
+
     ``scores.json`` is small and committed with the results (``adapter.pt``, 10 MB for SmolLM2, is
     not): a session that ends mid-run hands the next one - a fresh checkout, without the adapter -
     the parts it scored. That session retrains the run (same seed; training is deterministic on
@@ -389,10 +396,13 @@ class RunProgress:
     equals the stored one (:meth:`check_retrained`); otherwise it scores everything again.
     """
 
-    def __init__(self, out: Path, key: str, settings: dict) -> None:
+    def __init__(self, out: Path, key: str, settings: dict, keep: bool = False) -> None:
         self.key, self.settings = key, settings
         self.retrained = False  # trained here while scores.json holds parts of another attempt
-        self.directory = out.with_name(out.stem + ".partial") / key.replace("|", "_").replace(" ", "_")
+        self.loaded = False  # the adapter was loaded (partial or kept), not trained by this call
+        name = key.replace("|", "_").replace(" ", "_")
+        self.directory = out.with_name(out.stem + ".partial") / name
+        self.kept = out.with_name(out.stem + ".adapters") / f"{name}.pt" if keep else None
         meta = self.directory / "settings.json"
         if self.directory.exists() and (not meta.is_file() or json.loads(meta.read_text()) != settings):
             print(f"{key}: discarding {self.directory}, made under other settings", flush=True)
@@ -406,8 +416,19 @@ class RunProgress:
             with atomic_file(self.directory / "settings.json") as tmp:
                 tmp.write_text(json.dumps(self.settings, indent=1))
 
+    def adapter_path(self) -> Path | None:
+        """The partial adapter of an interrupted attempt, else a kept one made under these settings."""
+        if (self.directory / "adapter.pt").is_file():
+            return self.directory / "adapter.pt"
+        if self.kept is not None and self.kept.is_file():
+            saved = torch.load(self.kept, map_location="cpu", weights_only=True)
+            if saved.get("settings") == self.settings:
+                return self.kept
+            print(f"{self.key}: ignoring {self.kept}, made under other settings", flush=True)
+        return None
+
     def has_adapter(self) -> bool:
-        return (self.directory / "adapter.pt").is_file()
+        return self.adapter_path() is not None
 
     def save_adapter(self, module, seconds: float) -> None:
         from qblora_pl.export.atomic import atomic_file
@@ -415,16 +436,18 @@ class RunProgress:
         self._start()
         state = {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad}
         with atomic_file(self.directory / "adapter.pt") as tmp:
-            torch.save({"state": state, "train_seconds": seconds}, tmp)
+            torch.save({"state": state, "train_seconds": seconds, "settings": self.settings}, tmp)
 
     def load_adapter(self, module) -> float:
-        saved = torch.load(self.directory / "adapter.pt", map_location="cpu", weights_only=True)
+        path = self.adapter_path()
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         trainable = {name: p for name, p in module.named_parameters() if p.requires_grad}
         if set(saved["state"]) != set(trainable):
-            raise RuntimeError(f"{self.directory / 'adapter.pt'} holds other parameters than {self.key} trains; delete it")
+            raise RuntimeError(f"{path} holds other parameters than {self.key} trains; delete it")
         with torch.no_grad():
             for name, value in saved["state"].items():
                 trainable[name].copy_(value)
+        self.loaded = True
         return saved["train_seconds"]
 
     def scores(self) -> dict[str, dict]:
@@ -466,8 +489,13 @@ class RunProgress:
         return result
 
     def clear(self) -> None:
+        """Remove the partial parts of a stored run; its adapter moves to ``kept`` when one is asked for."""
         import shutil
 
+        adapter = self.directory / "adapter.pt"
+        if self.kept is not None and adapter.is_file():
+            self.kept.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(adapter, self.kept)  # same folder tree, so one atomic rename
         shutil.rmtree(self.directory, ignore_errors=True)
         with contextlib.suppress(OSError):
             self.directory.parent.rmdir()  # the .partial folder, once no run is in progress
@@ -557,6 +585,8 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
                 rows[key] = {**common, "base": "nf4", "trained": trained, "merged": merged, "low_bit": None}
             elif math.isclose(trained["loss"], previous["trained"]["loss"], rel_tol=1e-6, abs_tol=0.0):
                 trained = previous["trained"]
+                if progress is not None and progress.loaded:  # the stored run's own adapter: no training here
+                    common["adapter_reused"] = True
             else:
                 print(f"warning: {key} retrained for {formats} is not the stored model (held-out loss "
                       f"{trained['loss']:.6f} vs {previous['trained']['loss']:.6f}); its rows say retrained: true")
@@ -893,7 +923,7 @@ def compute_time(results: dict[str, dict]) -> str:
     runs: dict[str, dict] = {}
     for key, row in results.items():
         runs.setdefault(run_of(key, row), row)
-    train = sum(row.get("train_seconds", 0.0) for row in runs.values())
+    train = sum(row.get("train_seconds", 0.0) for row in runs.values() if not row.get("adapter_reused"))
     timed = [row["eval_seconds"] for row in runs.values() if "eval_seconds" in row]
     evaluation = sum(timed) + sum(row.get("load_seconds", 0.0) for row in runs.values())
     trained = [row for row in runs.values() if row["method"] != REFERENCE]
@@ -1302,7 +1332,7 @@ def main(argv: list[str] | None = None) -> None:
         if method == REFERENCE:
             rows = run_reference(args, bits, g)
         else:
-            progress = RunProgress(out, key, settings)
+            progress = RunProgress(out, key, settings, keep=method in DENSE_MERGE and not qat)
             rows = run_method(args, method, seed, bits, g, qat, stored=claimed, progress=progress)
         for row in rows.values():  # all threads of this process, less moved by other jobs' load than the wall clock
             row["cpu_seconds"] = time.process_time() - cpu_started

@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -29,14 +30,17 @@ def tiny_run(tmp_path_factory):
     base = TINY + ["--tag", "tiny", "--out", str(out), "--bench-trained", "nf4"]
     accuracy.main(base + ["--methods", "qlora", "qablora", "--bits", "2", "--reference"])
     first = json.loads(out.read_text())
-    accuracy.main(base + ["--methods", "qlora", "--bits", "3", "2"])  # the stored QLoRA run gains INT3
-    return out, first, json.loads(out.read_text())
+    kept = sorted(p.name for p in out.with_name("tiny.adapters").iterdir())
+    with pytest.MonkeyPatch.context() as patch:  # the stored QLoRA run gains INT3 from its kept adapter
+        patch.setattr(pl.Trainer, "fit", lambda *a, **k: pytest.fail("the kept adapter must not be retrained"))
+        accuracy.main(base + ["--methods", "qlora", "--bits", "3", "2"])
+    return out, first, json.loads(out.read_text()), kept
 
 
 def test_reference_rows_score_the_unmodified_model(tiny_run):
     from qblora_pl.quantization import GroupwiseInt, NoQuantization
 
-    _, stored, _ = tiny_run
+    _, stored, _, _ = tiny_run
     runs = stored["runs"]
     dense, int2 = runs["reference|dense"], runs["reference|int2_g32"]
     assert set(runs) == {"reference|dense", "reference|int2_g32", "qlora|nf4|seed0", "qlora+ptq|int2_g32|seed0",
@@ -56,7 +60,7 @@ def test_reference_rows_score_the_unmodified_model(tiny_run):
 
 
 def test_benchmarks_are_scored_next_to_the_loss(tiny_run):
-    _, stored, _ = tiny_run
+    _, stored, _, _ = tiny_run
     runs = stored["runs"]
     qlora, ptq, qablora = runs["qlora|nf4|seed0"], runs["qlora+ptq|int2_g32|seed0"], runs["qablora|int2_g32|seed0"]
     for scores in (qlora["trained"], ptq["low_bit"], qablora["low_bit"]):
@@ -72,19 +76,26 @@ def test_benchmarks_are_scored_next_to_the_loss(tiny_run):
 
 
 def test_a_later_call_adds_requantizations_to_the_stored_run(tiny_run):
-    _, first, final = tiny_run
+    _, first, final, kept = tiny_run
     runs = final["runs"]
     assert "qlora+ptq|int3_g32|seed0" in runs
     added = runs["qlora+ptq|int3_g32|seed0"]
     # Retrained with the same seed: the same model, so the stored trained scores (with benchmarks) are reused.
-    assert "retrained" not in added and added["trained"] == first["runs"]["qlora|nf4|seed0"]["trained"]
+    # The stored run's kept adapter (QLoRA / Q-BLoRA only: QA-* are trained per format) is loaded, not
+    # retrained: the same model, so the stored trained scores (with benchmarks) are reused.
+    assert kept == ["qlora_nf4_seed0.pt"]
+    stored = first["runs"]["qlora|nf4|seed0"]
+    assert "retrained" not in added and added["trained"] == stored["trained"]
+    assert added["adapter_reused"] is True and added["train_seconds"] == stored["train_seconds"]
     assert added["run"] == "qlora|nf4|seed0 again for int3_g32"
+    hour_each = {key: {**row, "train_seconds": 0.0 if row["method"] == "reference" else 3600.0} for key, row in runs.items()}
+    assert "training 2.00 h" in accuracy.compute_time(hour_each)  # QLoRA and QA-BLoRA; the reused training not twice
     for key, row in first["runs"].items():
         assert runs[key] == row  # nothing already stored was redone
 
 
 def test_tables_show_reference_and_benchmark_metrics(tiny_run, capsys):
-    out, _, final = tiny_run
+    out, _, final, _ = tiny_run
     results = final["runs"]
     assert accuracy.present_metrics(results) == ["loss", "exact_match", "arc_acc", "arc_acc_norm", "mmlu_acc"]
     table = accuracy.summarize(results, "mmlu_acc")
@@ -228,3 +239,19 @@ def test_a_killed_run_resumes_from_its_last_finished_part(tmp_path, monkeypatch)
                         if metric in straight[key][part]:
                             assert runs[key][part][metric] == pytest.approx(straight[key][part][metric], rel=1e-6), (key, part)
             assert runs[key]["train_seconds"] > 0
+
+
+def test_a_kept_adapter_is_used_only_under_its_own_settings(tmp_path):
+    """A kept adapter made under other settings (another model, LR, steps...) is not loaded."""
+    out = tmp_path / "grid.json"
+    kept = tmp_path / "grid.adapters" / "qlora_nf4_seed0.pt"
+    kept.parent.mkdir()
+    torch.save({"state": {}, "train_seconds": 1.0, "settings": {"steps": 200}}, kept)
+    assert accuracy.RunProgress(out, "qlora|nf4|seed0", {"steps": 200}, keep=True).adapter_path() == kept
+    assert accuracy.RunProgress(out, "qlora|nf4|seed0", {"steps": 100}, keep=True).adapter_path() is None
+    assert accuracy.RunProgress(out, "qlora|nf4|seed0", {"steps": 200}).adapter_path() is None  # keep=False
+    progress = accuracy.RunProgress(out, "qlora|nf4|seed1", {"steps": 200}, keep=True)
+    progress._start()
+    torch.save({"state": {}, "train_seconds": 2.0, "settings": {"steps": 200}}, progress.directory / "adapter.pt")
+    progress.clear()  # the stored run's adapter moves to the kept folder; its partial folder goes
+    assert (tmp_path / "grid.adapters" / "qlora_nf4_seed1.pt").is_file() and not (tmp_path / "grid.partial").exists()

@@ -939,7 +939,9 @@ def compute_time(results: dict[str, dict]) -> str:
         text += f" (evaluation time not recorded for {len(runs) - len(timed)} older runs)"
     cpu = [row["cpu_seconds"] for row in runs.values() if "cpu_seconds" in row]
     if cpu:
-        text += f"\nprocess CPU time (all threads; load and evaluation included): {sum(cpu) / 3600:.2f} h over {len(cpu)} runs"
+        text += (f"\nprocess CPU time (all threads; load and evaluation included): {sum(cpu) / 3600:.2f} h over {len(cpu)} "
+                 "runs (of the process that stored each run: a run resumed from an earlier attempt's parts counts only "
+                 "its last process)")
     return text
 
 

@@ -3,7 +3,8 @@
     python bench/smollm2_grid_table.py            # prints the tables, rewrites README's grid block and its plots
 
 One table of every stored configuration (trainable parameters, test loss, ARC-Easy acc / acc_norm, MMLU acc; mean ±
-std over the seeds stored so far, with their count), how much of step 1 is stored, plots of the
+std over the seeds stored so far, with their count), how much of step 1 is stored and the CPU time
+it took, plots of the
 deployed models' ARC-Easy accuracy and test loss (``bench/results/accuracy_smollm2_<metric>.png``,
 the same figures ``--report-only`` writes), the paper's comparisons as paired differences on the
 benchmark questions (``bench/accuracy.py``'s ``claims_markdown``) and each claim's verdict by rule
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.accuracy import (  # noqa: E402
-    NOISE_Z, REFERENCE, _order, claims_markdown, claims_reading, config_of, format_name, is_done, mean_pm_std, method_name, parse_args,
+    NOISE_Z, REFERENCE, _order, claims_markdown, claims_reading, compute_time, config_of, format_name, is_done, mean_pm_std, method_name, parse_args,
     planned_runs, plot, reference_runs, run_key, scored_part, summarize,
 )
 
@@ -107,6 +108,7 @@ def block(results: dict[str, dict]) -> str:
         "test questions of each subject = 570; `bash bench/smollm2_grid.sh step1`, run by two workers, fills\n"
         "`bench/results/accuracy_smollm2.json`; `python bench/smollm2_grid_table.py` rewrites this block). "
         f"{progress(results)}.\n\n"
+        + compute_time(results).replace("\n", "; ") + ".\n\n"
         + results_table(results) + "\n\n"
         + " ".join(f"![{label} of the deployed models]({plot_path(metric).relative_to(ROOT).as_posix()})"
                    for metric, label in PLOTS) + "\n\n"

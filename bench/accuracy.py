@@ -1070,7 +1070,7 @@ def plot(results: dict[str, dict], metric: str, path: Path, title: str) -> None:
             for b in bits:
                 cell = table.get(f"{method}|int{b}_g{g}", {}).get("low_bit")
                 means.append(cell[0] if cell else math.nan)
-                stds.append(cell[1] if cell else 0.0)
+                stds.append(cell[1] if cell and cell[2] > 1 else math.nan)  # one seed or one evaluation: no bar
             xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(bits))]
             ax.bar(xs, means, width, yerr=stds, capsize=3, label=label)
         for method, style in (("qlora", "--"), ("qblora", ":")):

@@ -44,7 +44,7 @@ def write_plots(results: dict[str, dict], results_path: Path = RESULTS) -> list[
     for metric, label in PLOTS:
         path = plot_path(metric, results_path)
         plot(results, metric, path, f"SmolLM2-135M-Instruct, test split: {label} of each deployed model "
-                                    "(mean ± std over seeds)")
+                                    "(mean ± std over seeds; no error bar where one seed is stored)")
         paths.append(path)
     return paths
 

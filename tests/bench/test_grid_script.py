@@ -1,0 +1,66 @@
+"""bench/smollm2_grid.sh: each stage hands bench/accuracy.py options it parses, with the stated runs.
+
+A ``python`` shim on PATH records the commands instead of running them (no model, no training).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench import accuracy
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def stage_commands(tmp_path: Path, stage: str, **env: str) -> list[list[str]]:
+    shim = tmp_path / "bin"
+    shim.mkdir(exist_ok=True)
+    log = tmp_path / f"{stage}.log"
+    (shim / "python").write_text('#!/bin/sh\nprintf "%s\\n" "$*" >> "$SHIM_LOG"\n'
+                                 'case "$1" in scripts/fetch_smollm2.py) echo /models/SmolLM2.gguf ;; esac\n')
+    (shim / "python").chmod(0o755)
+    environment = {k: v for k, v in os.environ.items() if k != "SEEDS"}  # the stage's default unless env sets it
+    environment.update(env, SHIM_LOG=str(log), PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
+    subprocess.run(["bash", str(ROOT / "bench" / "smollm2_grid.sh"), stage], check=True, env=environment, cwd=tmp_path)
+    return [shlex.split(line) for line in log.read_text().splitlines()]
+
+
+def parsed(command: list[str]):
+    """bench/accuracy.py's options of one recorded command, the model left out (not on this machine)."""
+    assert command[0] == "bench/accuracy.py"
+    argv = command[1:]
+    i = argv.index("--model")
+    assert argv[i + 1] == "/models/SmolLM2.gguf"
+    return accuracy.parse_args(argv[:i] + argv[i + 2:])
+
+
+@pytest.mark.parametrize("stage, seeds, bits, groups, tag", [
+    ("step1", [0, 1, 2], [3, 2], [32], "smollm2"),
+    ("step2", [0, 1, 2], [4], [32, 64], "smollm2"),
+    ("step3", [0, 1, 2], [4, 3, 2], [32], "smollm2"),  # --bits at its default: QAT rows take --qat-bits
+    ("step4", [0, 1, 2], [3, 2], [32], "smollm2_r32"),
+])
+def test_every_stage_runs_the_stated_grid(tmp_path, stage, seeds, bits, groups, tag):
+    fetch, command = stage_commands(tmp_path, stage)
+    assert fetch == ["scripts/fetch_smollm2.py", "--quiet"]
+    args = parsed(command)
+    assert (args.seeds, args.bits, args.group_sizes, args.tag) == (seeds, bits, groups, tag)
+    assert args.method_lr == {"qlora": 0.001, "qblora": 0.001, "qalora": 0.003, "qablora": 0.003}  # smollm2_lrs.txt
+    assert (args.steps, args.batch_size, args.arc_limit, args.mmlu_k_shot, args.mmlu_limit_per_subject) == (200, 4, 1000, 5, 10)
+    assert args.rank == (32 if stage == "step4" else 8)
+    assert args.reference == (stage in ("step1", "step2"))
+    if stage == "step3":
+        assert args.qat_only and args.qat_bits == [3, 2] and args.methods == ["qlora", "qblora"]
+
+
+def test_seeds_narrows_steps_2_to_4_but_not_the_headline(tmp_path):
+    for stage in ("step2", "step3", "step4"):
+        assert parsed(stage_commands(tmp_path, stage, SEEDS="0")[1]).seeds == [0]
+    assert parsed(stage_commands(tmp_path, "step1", SEEDS="0")[1]).seeds == [0, 1, 2]

@@ -862,10 +862,12 @@ def widening(results: dict[str, dict], a: str, b: str, metric: str = "arc_acc") 
     """Whether A's lead over B grows as the width falls (same group size), per question:
     ``(Δ at the narrower width) - (Δ at the wider)`` with its paired standard error."""
     formats = sorted({config_of(k).split("|")[1] for k in results} - {"nf4", "dense"}, key=format_order)
+    by_group: dict[str, list[str]] = {}  # each group size's widths, widest first: INT4 g32 -> INT3 g32 -> INT2 g32
+    for fmt in formats:
+        by_group.setdefault(fmt.split("_g")[1], []).append(fmt)
+    steps = [(wide, narrow) for group in sorted(by_group, key=int) for wide, narrow in zip(by_group[group], by_group[group][1:])]
     lines = []
-    for wide, narrow in zip(formats, formats[1:]):
-        if wide.split("_g")[1] != narrow.split("_g")[1]:
-            continue
+    for wide, narrow in steps:
         per_width = []
         for fmt in (wide, narrow):
             qa, qb = question_means(results, f"{a}|{fmt}", metric), question_means(results, f"{b}|{fmt}", metric)

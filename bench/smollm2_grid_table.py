@@ -3,7 +3,7 @@
     python bench/smollm2_grid_table.py            # prints the tables, rewrites README's grid block and its plots
 
 One table of every stored configuration (trainable parameters, test loss, ARC-Easy acc / acc_norm, MMLU acc; mean ±
-std over the seeds stored so far, with their count), how much of step 1 is stored and the CPU time
+std over the seeds stored so far, with their count), how much of steps 1-3 is stored and the CPU time
 it took, plots of the
 deployed models' ARC-Easy accuracy and test loss (``bench/results/accuracy_smollm2_<metric>.png``,
 the same figures ``--report-only`` writes), the paper's comparisons as paired differences on the
@@ -29,6 +29,11 @@ from bench.accuracy import (  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "accuracy_smollm2.json"
 STEP1 = ["--seeds", "0", "1", "2", "--bits", "3", "2", "--group-sizes", "32", "--reference"]
+LATER_STEPS = (  # bench/smollm2_grid.sh step2 / step3 at all three seeds
+    (2, "INT4 g32 / g64", ["--seeds", "0", "1", "2", "--bits", "4", "--group-sizes", "32", "64", "--reference"]),
+    (3, "QAT QLoRA / Q-BLoRA, INT3 / INT2 g32", ["--seeds", "0", "1", "2", "--methods", "qlora", "qblora", "--qat-only",
+                                                 "--qat-bits", "3", "2", "--group-sizes", "32"]),
+)
 COLUMNS = (("loss", "test loss"), ("arc_acc", "ARC-Easy acc"), ("arc_acc_norm", "ARC-Easy acc_norm"),
            ("mmlu_acc", "MMLU 5-shot acc"))
 PLOTS = (("arc_acc", "ARC-Easy acc"), ("loss", "test loss"))  # what carries the comparison (chance_note)
@@ -87,6 +92,24 @@ def progress(results: dict[str, dict]) -> str:
         f"; to go: {', '.join(missing)}" if missing else " (step 1 complete)")
 
 
+def later_steps(results: dict[str, dict]) -> str:
+    """What steps 2 and 3 (same results file as step 1) have stored, per seed: they may be filled one seed at a time."""
+    lines = []
+    for step, what, argv in LATER_STEPS:
+        args = parse_args(argv)
+        refs, runs = reference_runs(args), planned_runs(args)
+        done = [run for run in refs + runs if is_done(args, run, results)]
+        if not done:
+            lines.append(f"step {step} ({what}): not started")
+            continue
+        counts = [f"references {sum(r in done for r in refs)} of {len(refs)}"] if refs else []
+        for seed in args.seeds:
+            seed_runs = [r for r in runs if r[1] == seed]
+            counts.append(f"seed {seed} {sum(r in done for r in seed_runs)} of {len(seed_runs)}")
+        lines.append(f"step {step} ({what}): " + ", ".join(counts))
+    return "; ".join(lines)
+
+
 def chance_note(results: dict[str, dict]) -> str:
     """How far the unmodified model's MMLU and ARC accuracies sit from chance (4 choices), in binomial errors."""
     dense = (results.get(f"{REFERENCE}|dense") or {}).get("trained") or {}
@@ -103,11 +126,12 @@ def chance_note(results: dict[str, dict]) -> str:
 
 def block(results: dict[str, dict]) -> str:
     return (
-        "**The grid on the test split** (step 1: INT3 / INT2 g32, seeds 0 1 2, the LRs above; 200 steps, batch 4;\n"
+        "**The grid on the test split** (step 1: INT3 / INT2 g32, seeds 0 1 2; step 2: INT4 g32 / g64; step 3: QLoRA /\n"
+        "Q-BLoRA trained with QAT for INT3 / INT2 g32; the LRs above; 200 steps, batch 4;\n"
         "test loss on 250 chat Alpaca records; ARC-Easy test, first 1,000 questions, 0-shot; MMLU 5-shot, first 10\n"
-        "test questions of each subject = 570; `bash bench/smollm2_grid.sh step1`, run by two workers, fills\n"
-        "`bench/results/accuracy_smollm2.json`; `python bench/smollm2_grid_table.py` rewrites this block). "
-        f"{progress(results)}.\n\n"
+        "test questions of each subject = 570; `bash bench/smollm2_grid.sh step1` (`step2`, `step3`; `SEEDS=2` for one\n"
+        "seed first), run by two workers, fills `bench/results/accuracy_smollm2.json`; `python bench/smollm2_grid_table.py`\n"
+        f"rewrites this block). {progress(results)}; {later_steps(results)}.\n\n"
         + compute_time(results).replace("\n", "; ") + ".\n\n"
         + results_table(results) + "\n\n"
         + " ".join(f"![{label} of the deployed models]({plot_path(metric).relative_to(ROOT).as_posix()})"

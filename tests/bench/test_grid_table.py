@@ -115,3 +115,16 @@ def test_the_gap_is_followed_down_each_group_size_even_with_other_groups_stored(
                      "the gap does not change beyond noise",
                      "INT3 g32 → INT2 g32: arc_acc Δ +0.500 → +1.000, change +0.500 (paired SE 0.289): "
                      "the gap does not change beyond noise"]
+
+
+def test_later_steps_count_what_each_seed_has_stored():
+    assert grid.later_steps({}) == ("step 2 (INT4 g32 / g64): not started; "
+                                    "step 3 (QAT QLoRA / Q-BLoRA, INT3 / INT2 g32): not started")
+    results = {**RESULTS, "qablora|int4_g64|seed2": _row("qablora", 2, "int4_g64", 2.0, 0.5, "1100"),
+               "reference|int4_g32": _row("reference", None, "int4_g32", 2.1, 0.5, "1100"),
+               "qlora+qat|int3_g32|seed0": _row("qlora+qat", 0, "int3_g32", 2.4, 0.5, "1100")}
+    text = grid.later_steps(results)
+    # step 2 per seed: qlora, qblora (one run each for both widths) + qalora / qablora at INT4 g32 and g64
+    assert text.startswith("step 2 (INT4 g32 / g64): references 2 of 3, seed 0 0 of 6, seed 1 0 of 6, seed 2 1 of 6; ")
+    assert text.endswith("step 3 (QAT QLoRA / Q-BLoRA, INT3 / INT2 g32): seed 0 1 of 4, seed 1 0 of 4, seed 2 0 of 4")
+    assert "step 2 (INT4 g32 / g64): references 2 of 3" in grid.block(results)

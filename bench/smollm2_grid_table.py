@@ -147,7 +147,7 @@ def block(results: dict[str, dict]) -> str:
         f"**The paper's claims, read by rule** (`bench/accuracy.py`'s `claims_reading`, recomputed from the stored\n"
         f"rows: ARC-Easy acc's paired Δ / SE and the test loss's Δ over seeds / its SE; |Δ / SE| >= {NOISE_Z:g} counts,\n"
         "ARC-Easy decides and a loss that disagrees beyond noise makes it \"mixed\"; a side with one seed has no\n"
-        "spread, so its loss is shown but not judged. Provisional until every method has its 3 seeds):\n\n"
+        "spread, so its loss is shown but not judged; a reading with fewer than 3 seeds a side is provisional):\n\n"
         + claims_reading(results)
     )
 

@@ -127,7 +127,7 @@ def chance_note(results: dict[str, dict]) -> str:
 def block(results: dict[str, dict]) -> str:
     return (
         "**The grid on the test split** (step 1: INT3 / INT2 g32, seeds 0 1 2; step 2: INT4 g32 / g64; step 3: QLoRA /\n"
-        "Q-BLoRA trained with QAT for INT3 / INT2 g32; the LRs above; 200 steps, batch 4;\n"
+        "Q-BLoRA trained with QAT for INT3 / INT2 g32; the LRs chosen on the validation split below; 200 steps, batch 4;\n"
         "test loss on 250 chat Alpaca records; ARC-Easy test, first 1,000 questions, 0-shot; MMLU 5-shot, first 10\n"
         "test questions of each subject = 570; `bash bench/smollm2_grid.sh step1` (`step2`, `step3`; `SEEDS=2` for one\n"
         "seed first), run by two workers, fills `bench/results/accuracy_smollm2.json`; `python bench/smollm2_grid_table.py`\n"

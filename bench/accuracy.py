@@ -486,6 +486,8 @@ class RunProgress:
         done = {**self.scores(), part: {"scores": result, "seconds": evaluate.seconds - before}}
         with atomic_file(self.directory / "scores.json") as tmp:
             tmp.write_text(json.dumps(done, indent=1))
+        shown = ", ".join(f"{m} {result[m]:.4f}" for m in ("loss", *BENCH_METRICS) if m in result)
+        print(f"{self.key}: {part} scored ({shown}; {evaluate.seconds - before:.0f}s)", flush=True)
         return result
 
     def clear(self) -> None:
@@ -1333,6 +1335,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{i}/{len(todo)}] {key}: done or running in another process; skipped", flush=True)
             continue
         started, cpu_started = time.perf_counter(), time.process_time()
+        print(f"[{i}/{len(todo)}] {key}: started {time.strftime('%H:%M:%S')}", flush=True)
         if method == REFERENCE:
             rows = run_reference(args, bits, g)
         else:

@@ -255,3 +255,16 @@ def test_a_kept_adapter_is_used_only_under_its_own_settings(tmp_path):
     torch.save({"state": {}, "train_seconds": 2.0, "settings": {"steps": 200}}, progress.directory / "adapter.pt")
     progress.clear()  # the stored run's adapter moves to the kept folder; its partial folder goes
     assert (tmp_path / "grid.adapters" / "qlora_nf4_seed1.pt").is_file() and not (tmp_path / "grid.partial").exists()
+
+
+def test_each_scored_part_is_logged_as_it_finishes(tmp_path, capsys):
+    """A grid run scores for half an hour: the log says when each part is done, and what it scored."""
+    def evaluate(model, **kwargs):
+        evaluate.seconds += 12.0
+        return {"loss": 2.5, "records": 8, "arc_acc": 0.5, "mmlu_acc": 0.25}
+    evaluate.seconds = 0.0
+    progress = accuracy.RunProgress(tmp_path / "grid.json", "qablora|int2_g32|seed0", {"steps": 200})
+    assert progress.scored("low_bit", evaluate, model=None)["loss"] == 2.5
+    assert capsys.readouterr().out == "qablora|int2_g32|seed0: low_bit scored (loss 2.5000, arc_acc 0.5000, mmlu_acc 0.2500; 12s)\n"
+    progress.scored("low_bit", evaluate, model=None)  # stored now: reused, not scored again
+    assert capsys.readouterr().out == "qablora|int2_g32|seed0: low_bit scored by an interrupted attempt; reused\n"

@@ -870,12 +870,13 @@ def widening(results: dict[str, dict], a: str, b: str, metric: str = "arc_acc") 
     steps = [(wide, narrow) for group in sorted(by_group, key=int) for wide, narrow in zip(by_group[group], by_group[group][1:])]
     lines = []
     for wide, narrow in steps:
-        per_width = []
+        per_width, seeds = [], []
         for fmt in (wide, narrow):
             qa, qb = question_means(results, f"{a}|{fmt}", metric), question_means(results, f"{b}|{fmt}", metric)
             if qa is None or qb is None or len(qa[0]) != len(qb[0]):
                 break
             per_width.append([x - y for x, y in zip(qa[0], qb[0])])
+            seeds.append(f"{qa[1]} / {qb[1]}")
         if len(per_width) != 2 or len(per_width[0]) != len(per_width[1]):
             continue
         change = [n - w for w, n in zip(*per_width)]
@@ -883,7 +884,8 @@ def widening(results: dict[str, dict], a: str, b: str, metric: str = "arc_acc") 
         direction = _direction(mean, se, True)
         word = {1: "widens", -1: "narrows", 0: "does not change beyond noise"}[direction]
         lines.append(f"{format_name(wide)} → {format_name(narrow)}: {metric} Δ {statistics.fmean(per_width[0]):+.3f} → "
-                     f"{statistics.fmean(per_width[1]):+.3f}, change {mean:+.3f} (paired SE {se:.3f}): the gap {word}")
+                     f"{statistics.fmean(per_width[1]):+.3f}, change {mean:+.3f} (paired SE {se:.3f}; seeds A / B "
+                     f"{seeds[0]} → {seeds[1]}): the gap {word}")
     return lines
 
 

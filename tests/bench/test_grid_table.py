@@ -94,7 +94,7 @@ def test_the_claims_are_read_from_hand_computed_differences():
     assert ("| QA-BLoRA's exact low-bit model beats QA-LoRA | INT2 g32 | +1.000 | +1.5000 (+10.61) | 2 / 2 | mixed: "
             in text)
     assert ("QA-BLoRA's exact low-bit model beats QA-LoRA: INT3 g32 → INT2 g32: arc_acc Δ +0.500 → +1.000, "
-            "change +0.500 (paired SE 0.189): the gap widens.") in text
+            "change +0.500 (paired SE 0.189; seeds A / B 2 / 2 → 2 / 2): the gap widens.") in text
     one_seed = {**_seeds("qablora", "int3_g32", [(2.0, "11110000")]),
                 **_seeds("qalora", "int3_g32", [(2.5, "11110000"), (2.7, "11110000")])}
     assert "| +0.000 | -0.6000 (one seed: no spread) | 1 / 2 | within noise |" in claims_reading(one_seed)
@@ -111,9 +111,10 @@ def test_the_gap_is_followed_down_each_group_size_even_with_other_groups_stored(
                **_seeds("qablora", "int2_g32", [(2.0, "1111")]), **_seeds("qalora", "int2_g32", [(2.0, "0000")])}
     lines = widening(results, "qablora", "qalora")
     # INT4 -> INT3 changes 1 1 0 0: +.5, SE sqrt(1/3)/2 = .289; INT3 -> INT2 changes 0 0 1 1: the same
-    assert lines == ["INT4 g32 → INT3 g32: arc_acc Δ +0.000 → +0.500, change +0.500 (paired SE 0.289): "
-                     "the gap does not change beyond noise",
-                     "INT3 g32 → INT2 g32: arc_acc Δ +0.500 → +1.000, change +0.500 (paired SE 0.289): "
+    assert lines == ["INT4 g32 → INT3 g32: arc_acc Δ +0.000 → +0.500, change +0.500 (paired SE 0.289; seeds A / B "
+                     "1 / 1 → 1 / 1): the gap does not change beyond noise",
+                     "INT3 g32 → INT2 g32: arc_acc Δ +0.500 → +1.000, change +0.500 (paired SE 0.289; seeds A / B "
+                     "1 / 1 → 1 / 1): "
                      "the gap does not change beyond noise"]
 
 

@@ -55,8 +55,13 @@ Real models and benchmarks (issue 13)
 * Time: every row records its run's ``train_seconds``, ``eval_seconds`` (all scoring of the
   run) and process ``cpu_seconds``; the report prints the totals (rows of one run counted once).
 * A later invocation with other ``--bits`` / ``--group-sizes`` adds the missing RTN rows to a
-  stored QLoRA / Q-BLoRA run by retraining it with the same seed (bit-identical on CPU: the stored
-  trained scores are reused; otherwise the new rows say ``retrained: true``).
+  stored QLoRA / Q-BLoRA run by loading its kept adapter or retraining it with the same seed
+  (bit-identical on the same machine: the stored trained scores are reused; on another CPU the
+  kernels round differently - seen: held-out loss 1.934469 vs 1.934451 - and the new rows say
+  ``retrained: true``; the report names them).
+* Every row records the ``machine`` it ran on (CPU model, cores, the matrix ISA extensions its
+  kernels may take, torch / bitsandbytes versions): times compare only within one machine, and
+  the report counts the runs per machine.
 
 The issue-13 grid: SmolLM2-135M-Instruct, chat-formatted Alpaca, ARC-Easy, MMLU 5-shot. Run
 from the repository root; ``../shared/data`` is this project's data (alpaca_5000.json,
@@ -158,6 +163,42 @@ BENCH_METRICS = ("arc_acc", "arc_acc_norm", "mmlu_acc")
 # so the files made before them (bench/results/) still match and resume.
 NEW_OPTION_DEFAULTS = {"prompt_template": "alpaca", "arc": None, "arc_limit": None, "mmlu_dir": None,
                        "mmlu_limit_per_subject": None, "mmlu_k_shot": 5, "method_lr": None}
+
+
+MATRIX_ISA = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")  # what CPU kernels dispatch on
+
+
+@functools.lru_cache(maxsize=1)
+def machine() -> dict:
+    """The machine a run's times and last-digit rounding belong to: CPU model, cores, the matrix
+    ISA extensions its kernels may use (AMX / AVX512-BF16 change both speed and rounding), and
+    the torch / bitsandbytes versions."""
+    import importlib.metadata as metadata
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            field, _, value = line.partition(":")
+            if field.strip() == "model name":
+                name = value.strip()
+            elif field.strip() == "flags":
+                flags = set(value.split())
+                break
+    versions = {}
+    for package in ("torch", "bitsandbytes"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return {"cpu": name, "cores": os.cpu_count(), "isa": [f for f in MATRIX_ISA if f in flags], **versions}
+
+
+def machine_label(row: dict) -> str:
+    """One line naming a row's machine; older rows did not record it."""
+    m = row.get("machine")
+    if not m:
+        return "not recorded"
+    isa = "/".join(m["isa"]) or "no AVX2"
+    return f"{m['cpu']}, {m['cores']} cores, {isa}, torch {m.get('torch', '?')}, bitsandbytes {m.get('bitsandbytes', '?')}"
 
 
 def run_key(method: str, seed: int | None, bits: int | None, group_size: int | None, qat: bool = False) -> str:
@@ -933,7 +974,7 @@ def compute_time(results: dict[str, dict]) -> str:
     timed = [row["eval_seconds"] for row in runs.values() if "eval_seconds" in row]
     evaluation = sum(timed) + sum(row.get("load_seconds", 0.0) for row in runs.values())
     trained = [row for row in runs.values() if row["method"] != REFERENCE]
-    text = f"CPU time (wall-clock of the runs on this machine): {len(runs)} runs, training {train / 3600:.2f} h, "
+    text = f"CPU time (wall-clock of the runs where each ran): {len(runs)} runs, training {train / 3600:.2f} h, "
     text += (f"evaluation {evaluation / 3600:.2f} h, total {(train + evaluation) / 3600:.2f} h" if timed
              else "evaluation not recorded")
     if trained:
@@ -948,7 +989,33 @@ def compute_time(results: dict[str, dict]) -> str:
         text += (f"\nprocess CPU time (all threads; load and evaluation included): {sum(cpu) / 3600:.2f} h over {len(cpu)} "
                  "runs (of the process that stored each run: a run resumed from an earlier attempt's parts counts only "
                  "its last process)")
+    machines: dict[str, int] = {}
+    for row in runs.values():
+        machines[machine_label(row)] = machines.get(machine_label(row), 0) + 1
+    if len(machines) > 1:
+        text += ("\nruns per machine (times compare only within one): "
+                 + "; ".join(f"{label}: {n}" for label, n in machines.items()))
     return text
+
+
+def retrained_note(results: dict[str, dict]) -> str:
+    """The rows whose model is a retrain of a stored QLoRA / Q-BLoRA run that did not reproduce it
+    bit for bit (another machine's kernels): which, and by how much its test loss moved."""
+    formats: dict[str, list[str]] = {}
+    moved: dict[str, str] = {}
+    for key, row in results.items():
+        stored = results.get(run_key(row["method"], row["seed"], None, None)) if row.get("retrained") else None
+        if stored is None:
+            continue
+        run = f"{LABEL[row['method']]} seed {row['seed']}"
+        formats.setdefault(run, []).append(format_name(key.split("|")[1]))
+        new, old = row["trained"]["loss"], stored["trained"]["loss"]
+        moved[run] = f"{new:.6f} vs the stored run's {old:.6f}, {new - old:+.1e}"
+    if not formats:
+        return ""
+    return "; ".join(f"{run}'s {' / '.join(formats[run])} rows come from a retrain that is not bit-identical to the "
+                     f"stored run (trained test loss {moved[run]})" for run in formats) + (
+        ": training is deterministic on one machine, and the retrain ran on another one (`machine` in the rows).")
 
 
 LR_CRITERIA = ("trained", "deployed")
@@ -1345,6 +1412,7 @@ def main(argv: list[str] | None = None) -> None:
             rows = run_method(args, method, seed, bits, g, qat, stored=claimed, progress=progress)
         for row in rows.values():  # all threads of this process, less moved by other jobs' load than the wall clock
             row["cpu_seconds"] = time.process_time() - cpu_started
+            row["machine"] = machine()
         results = store.store((method, seed, bits, g, qat), rows)  # nothing lost on a crash
         if method != REFERENCE:
             progress.clear()
@@ -1382,6 +1450,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nPaired differences on the benchmarks' questions:\n\n{claims_markdown(results)}")
         print(f"\nThe paper's claims, read by rule (|Δ / SE| >= {NOISE_Z:g}):\n\n{claims_reading(results)}")
     print(f"\n{compute_time(results)}")
+    if retrained_note(results):
+        print(retrained_note(results))
     for metric in metrics:
         png = out.with_name(f"{out.stem}_{metric}.png")
         where = "" if metric in BENCH_METRICS else "test "

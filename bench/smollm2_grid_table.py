@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.accuracy import (  # noqa: E402
     NOISE_Z, REFERENCE, _order, claims_markdown, claims_reading, compute_time, config_of, format_name, is_done, mean_pm_std, method_name, parse_args,
-    planned_runs, plot, reference_runs, run_key, scored_part, summarize,
+    planned_runs, plot, reference_runs, retrained_note, run_key, scored_part, summarize,
 )
 
 RESULTS = ROOT / "bench" / "results" / "accuracy_smollm2.json"
@@ -132,7 +132,8 @@ def block(results: dict[str, dict]) -> str:
         "test questions of each subject = 570; `bash bench/smollm2_grid.sh step1` (`step2`, `step3`; `SEEDS=2` for one\n"
         "seed first), run by two workers, fills `bench/results/accuracy_smollm2.json`; `python bench/smollm2_grid_table.py`\n"
         f"rewrites this block). {progress(results)}; {later_steps(results)}.\n\n"
-        + compute_time(results).replace("\n", "; ") + ".\n\n"
+        + compute_time(results).replace("\n", "; ") + "." + (f" {retrained_note(results)}" if retrained_note(results) else "")
+        + "\n\n"
         + results_table(results) + "\n\n"
         + " ".join(f"![{label} of the deployed models]({plot_path(metric).relative_to(ROOT).as_posix()})"
                    for metric, label in PLOTS) + "\n\n"

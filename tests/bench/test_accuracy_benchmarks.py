@@ -69,6 +69,7 @@ def test_benchmarks_are_scored_next_to_the_loss(tiny_run):
     assert "arc_acc" not in qablora["trained"]  # --bench-trained nf4: QA-*'s trained model is its deployed model
     for row in runs.values():
         assert row["eval_seconds"] > 0 and row["cpu_seconds"] >= row["eval_seconds"] * 0.5 and row["run"]
+        assert row["machine"] == accuracy.machine() and row["machine"]["cores"] >= 1 and row["machine"]["torch"]
     assert ptq["run"] == "qlora|nf4|seed0" and ptq["eval_seconds"] == qlora["eval_seconds"]
     settings = stored["settings"]
     assert settings["arc_limit"] == 4 and settings["mmlu_k_shot"] == 1 and settings["mmlu_limit_per_subject"] == 1
@@ -94,6 +95,25 @@ def test_a_later_call_adds_requantizations_to_the_stored_run(tiny_run):
         assert runs[key] == row  # nothing already stored was redone
 
 
+def test_the_report_names_retrained_rows_and_counts_runs_per_machine(tiny_run):
+    _, _, final, _ = tiny_run
+    runs = json.loads(json.dumps(final["runs"]))
+    assert accuracy.retrained_note(runs) == ""  # the kept adapter was loaded: the same model
+    added = runs["qlora+ptq|int3_g32|seed0"]
+    stored_loss = runs["qlora|nf4|seed0"]["trained"]["loss"]
+    # As a retrain on another CPU stores it: its own trained scores, a moved loss, its own run and machine.
+    other = {"cpu": "Other CPU", "cores": 2, "isa": ["avx2"], "torch": "2.13.0+cpu", "bitsandbytes": "0.50.2"}
+    runs["qlora+ptq|int3_g32|seed0"] = {**added, "retrained": True, "trained": {**added["trained"], "loss": stored_loss + 2e-5},
+                                        "run": "qlora|nf4|seed0 again for int3_g32 (retrained)", "machine": other}
+    note = accuracy.retrained_note(runs)
+    assert note.startswith("QLoRA seed 0's INT3 g32 rows come from a retrain that is not bit-identical")
+    assert f"trained test loss {stored_loss + 2e-5:.6f} vs the stored run's {stored_loss:.6f}, +2.0e-05" in note
+    text = accuracy.compute_time(runs)
+    assert f"runs per machine (times compare only within one): {accuracy.machine_label(runs['reference|dense'])}: 4; " \
+           "Other CPU, 2 cores, avx2, torch 2.13.0+cpu, bitsandbytes 0.50.2: 1" in text
+    assert "runs per machine" not in accuracy.compute_time(final["runs"])  # one machine: nothing to say
+
+
 def test_tables_show_reference_and_benchmark_metrics(tiny_run, capsys):
     out, _, final, _ = tiny_run
     results = final["runs"]
@@ -108,7 +128,7 @@ def test_tables_show_reference_and_benchmark_metrics(tiny_run, capsys):
     accuracy.main(TINY + ["--tag", "tiny", "--out", str(out), "--report-only", "--markdown"])
     printed = capsys.readouterr().out
     assert "mmlu_acc on MMLU 1-shot" in printed and "arc_acc_norm on ARC 0-shot" in printed
-    assert "CPU time (wall-clock of the runs on this machine): 5 runs" in printed  # 2 references + 3 trainings
+    assert "CPU time (wall-clock of the runs where each ran): 5 runs" in printed  # 2 references + 3 trainings
     assert "process CPU time (all threads; load and evaluation included)" in printed
     assert out.with_name("tiny_mmlu_acc.png").is_file()
 
@@ -123,7 +143,7 @@ def test_stored_results_keep_their_settings_and_runs():
     assert "arc_limit" not in settings  # at its default (all questions)
     assert "mmlu_k_shot" not in settings  # no MMLU asked for
     text = accuracy.compute_time(stored["runs"])
-    assert text.startswith("CPU time (wall-clock of the runs on this machine): 42 runs")  # 3 seeds x (2 NF4 + 12 QA)
+    assert text.startswith("CPU time (wall-clock of the runs where each ran): 42 runs")  # 3 seeds x (2 NF4 + 12 QA)
 
 
 def test_prompt_template_reaches_the_data_module():

@@ -33,7 +33,7 @@ def test_the_block_counts_what_is_left_and_pairs_the_comparisons():
     assert "4 of 21 step-1 runs stored; to go: reference|int3_g32, reference|int2_g32, qlora|nf4|seed0" in text
     # QA-BLoRA per question 1, 1, .5, 0; QA-LoRA 1, 0, 0, 0: differences 0, 1, .5, 0
     assert "| QA-BLoRA vs QA-LoRA | INT3 g32 | arc_acc | +0.3750 |" in text
-    assert "CPU time (wall-clock of the runs on this machine): 4 runs" in text
+    assert "CPU time (wall-clock of the runs where each ran): 4 runs" in text
 
 
 def test_one_seed_shows_no_spread_and_several_show_their_std():

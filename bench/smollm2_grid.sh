@@ -10,6 +10,8 @@
 # THREADS (default 1) sets OMP_NUM_THREADS: two stages may share the 2 cores of this machine.
 # SEEDS (default "0 1 2") sets the seeds of steps 2-4, e.g. `SEEDS=0 bash bench/smollm2_grid.sh step2`
 # to cover every step at seed 0 before adding seeds 1 and 2 (a later call with more seeds adds them).
+# METHODS (default: all four) narrows steps 2 and 4, e.g. `METHODS="qalora qablora" SEEDS=0 bash
+# bench/smollm2_grid.sh step4` runs the comparison step 4 exists for first; a later call adds the rest.
 # The same stage started twice (e.g. `bash bench/smollm2_grid.sh step1 &` twice) splits its runs
 # between the two processes, one per core (bench/accuracy.py's ResultsStore).
 set -euo pipefail
@@ -19,6 +21,7 @@ MODEL=$(python scripts/fetch_smollm2.py --quiet)
 D=${DATA_DIR:-../shared/data}
 STEPS=${STEPS:-200}
 SEEDS=${SEEDS:-0 1 2}
+METHOD_ARGS=(--methods ${METHODS:-qlora qblora qalora qablora})
 COMMON=(--model "$MODEL" --data "$D/alpaca_5000.json" --prompt-template chat --max-source-length 128
         --max-target-length 128 --batch-size 4 --eval-batch-size 8 --steps "$STEPS" --warmup 10 --no-exact-match)
 BENCH=(--arc "$D/arc/ARC-Easy-Test.jsonl" --arc-limit 1000 --mmlu-dir "$D/mmlu" --mmlu-k-shot 5
@@ -43,13 +46,13 @@ case "${1:?stage: sweep | lrs | step1 | step2 | step3 | step4 | report}" in
         --bits 3 2 --group-sizes 32 --reference --bench-trained nf4 ;;
   step2)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2 --seeds $SEEDS \
-        --bits 4 --group-sizes 32 64 --reference --bench-trained none ;;
+        "${METHOD_ARGS[@]}" --bits 4 --group-sizes 32 64 --reference --bench-trained none ;;
   step3)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2 --seeds $SEEDS \
         --methods qlora qblora --qat-only --qat-bits 3 2 --group-sizes 32 --bench-trained none ;;
   step4)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2_r32 --rank 32 \
-        --seeds $SEEDS --bits 3 2 --group-sizes 32 --bench-trained none ;;
+        --seeds $SEEDS "${METHOD_ARGS[@]}" --bits 3 2 --group-sizes 32 --bench-trained none ;;
   report)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2 --bits 3 2 \
         --group-sizes 32 --report-only --markdown

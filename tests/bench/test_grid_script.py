@@ -26,7 +26,7 @@ def stage_commands(tmp_path: Path, stage: str, **env: str) -> list[list[str]]:
     (shim / "python").write_text('#!/bin/sh\nprintf "%s\\n" "$*" >> "$SHIM_LOG"\n'
                                  'case "$1" in scripts/fetch_smollm2.py) echo /models/SmolLM2.gguf ;; esac\n')
     (shim / "python").chmod(0o755)
-    environment = {k: v for k, v in os.environ.items() if k != "SEEDS"}  # the stage's default unless env sets it
+    environment = {k: v for k, v in os.environ.items() if k not in ("SEEDS", "METHODS")}  # defaults unless env sets them
     environment.update(env, SHIM_LOG=str(log), PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
     subprocess.run(["bash", str(ROOT / "bench" / "smollm2_grid.sh"), stage], check=True, env=environment, cwd=tmp_path)
     return [shlex.split(line) for line in log.read_text().splitlines()]
@@ -64,3 +64,10 @@ def test_seeds_narrows_steps_2_to_4_but_not_the_headline(tmp_path):
     for stage in ("step2", "step3", "step4"):
         assert parsed(stage_commands(tmp_path, stage, SEEDS="0")[1]).seeds == [0]
     assert parsed(stage_commands(tmp_path, "step1", SEEDS="0")[1]).seeds == [0, 1, 2]
+
+
+def test_methods_narrows_steps_2_and_4(tmp_path):
+    for stage in ("step2", "step4"):
+        assert parsed(stage_commands(tmp_path, stage)[1]).methods == ["qlora", "qblora", "qalora", "qablora"]
+        assert parsed(stage_commands(tmp_path, stage, METHODS="qalora qablora")[-1]).methods == ["qalora", "qablora"]
+    assert parsed(stage_commands(tmp_path, "step3", METHODS="qalora")[-1]).methods == ["qlora", "qblora"]  # QAT: its own

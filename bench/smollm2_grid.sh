@@ -5,12 +5,16 @@
 #   bash bench/smollm2_grid.sh sweep      # 0. learning rates on the validation split
 #   bash bench/smollm2_grid.sh lrs        #    print the chosen LRs (--lr-report)
 #   bash bench/smollm2_grid.sh step1      # 1. INT3 / INT2 g32, 4 methods, 3 seeds, references
+#   bash bench/smollm2_grid.sh step2      # 2. INT4 g32 / g64 (same file)
+#   bash bench/smollm2_grid.sh step3      # 3. QLoRA / Q-BLoRA trained with QAT, INT3 / INT2 g32 (same file)
+#   bash bench/smollm2_grid.sh step4      # 4. budget rank 32 (accuracy_smollm2_r32.json)
+#   bash bench/smollm2_grid.sh step5      # 5. budget rank 9, the paper's geometry (accuracy_smollm2_r9.json)
 #   bash bench/smollm2_grid.sh report     #    tables + plots, and README's grid block
 #
 # THREADS (default 1) sets OMP_NUM_THREADS: two stages may share the 2 cores of this machine.
-# SEEDS (default "0 1 2") sets the seeds of steps 2-4, e.g. `SEEDS=0 bash bench/smollm2_grid.sh step2`
+# SEEDS (default "0 1 2") sets the seeds of steps 2-5, e.g. `SEEDS=0 bash bench/smollm2_grid.sh step2`
 # to cover every step at seed 0 before adding seeds 1 and 2 (a later call with more seeds adds them).
-# METHODS (default: all four) narrows steps 2 and 4, e.g. `METHODS="qalora qablora" SEEDS=0 bash
+# METHODS (default: all four) narrows steps 2, 4 and 5, e.g. `METHODS="qalora qablora" SEEDS=0 bash
 # bench/smollm2_grid.sh step4` runs the comparison step 4 exists for first; a later call adds the rest.
 # The same stage started twice (e.g. `bash bench/smollm2_grid.sh step1 &` twice) splits its runs
 # between the two processes, one per core (bench/accuracy.py's ResultsStore).
@@ -30,7 +34,7 @@ LR_FILE=bench/results/smollm2_lrs.txt   # one line: --method-lr qlora=... qblora
 
 lrs() { python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_lr*.json; }
 
-case "${1:?stage: sweep | lrs | step1 | step2 | step3 | step4 | report}" in
+case "${1:?stage: sweep | lrs | step1 | step2 | step3 | step4 | step5 | report}" in
   sweep)
     for pair in "1e-3 1e-2" "3e-4 3e-3" "3e-3 3e-2"; do set -- $pair
       python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --bits 3 --group-sizes 32 \
@@ -52,6 +56,9 @@ case "${1:?stage: sweep | lrs | step1 | step2 | step3 | step4 | report}" in
         --methods qlora qblora --qat-only --qat-bits 3 2 --group-sizes 32 --bench-trained none ;;
   step4)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2_r32 --rank 32 \
+        --seeds $SEEDS "${METHOD_ARGS[@]}" --bits 3 2 --group-sizes 32 --bench-trained none ;;
+  step5)   # budget rank 9: at g32 SmolLM2 then has the paper's LLaMA-7B r64 geometry (docs/benchmarks.md (a) step 5)
+    python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2_r9 --rank 9 \
         --seeds $SEEDS "${METHOD_ARGS[@]}" --bits 3 2 --group-sizes 32 --bench-trained none ;;
   report)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2 --bits 3 2 \

@@ -8,7 +8,9 @@ it took, plots of the
 deployed models' ARC-Easy accuracy and test loss (``bench/results/accuracy_smollm2_<metric>.png``,
 the same figures ``--report-only`` writes), the paper's comparisons as paired differences on the
 benchmark questions (``bench/accuracy.py``'s ``claims_markdown``) and each claim's verdict by rule
-(``claims_reading``). Works on a partly filled grid: what is missing says so. Idempotent: the
+(``claims_reading``). Steps 4 and 5 (budget rank 32 / 9, each in its own file
+``accuracy_smollm2_r<rank>.json``) follow: their table, QA-BLoRA vs QA-LoRA beside rank 8 on the
+same seeds, and their claims. Works on a partly filled grid: what is missing says so. Idempotent: the
 block between ``<!-- grid:start -->`` and ``<!-- grid:end -->`` is replaced.
 """
 
@@ -24,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.accuracy import (  # noqa: E402
     NOISE_Z, REFERENCE, _order, claims_markdown, claims_reading, compute_time, config_of, format_name, is_done, mean_pm_std, method_name, parse_args,
-    planned_runs, plot, reference_runs, retrained_note, run_key, scored_part, summarize,
+    paired_difference, planned_runs, plot, reference_runs, retrained_note, run_key, scored_part, summarize,
 )
 
 RESULTS = ROOT / "bench" / "results" / "accuracy_smollm2.json"
@@ -33,6 +35,15 @@ LATER_STEPS = (  # bench/smollm2_grid.sh step2 / step3 at all three seeds
     (2, "INT4 g32 / g64", ["--seeds", "0", "1", "2", "--bits", "4", "--group-sizes", "32", "64", "--reference"]),
     (3, "QAT QLoRA / Q-BLoRA, INT3 / INT2 g32", ["--seeds", "0", "1", "2", "--methods", "qlora", "qblora", "--qat-only",
                                                  "--qat-bits", "3", "2", "--group-sizes", "32"]),
+)
+RANK_STEPS = (  # (step, budget rank, why): bench/smollm2_grid.sh step4 / step5, each in its own results file
+    (4, 32, "At rank 32 QA-BLoRA fits `k_out = 1` on every layer, where rank 8 forced `k_out = 2` on q, o, gate,\n"
+            "up and down; but QA-LoRA's rank 32 then exceeds d_in / g (18 on every 576-input layer), so its update\n"
+            "spans the whole group space there too, and only the parameterization differs (not down_proj: 48)."),
+    (5, 9, "At rank 9 and g32 SmolLM2 has the paper's LLaMA-7B geometry (rank 64, g32): QA-BLoRA takes\n"
+           "`k_out = 1` on the attention layers (exactly LoRA-9's count on q and o) and `k_out = 2` on the MLP,\n"
+           "as LLaMA-7B's 4096 x 11008 layers do at rank 64, and QA-LoRA's rank is half the group space\n"
+           "(9 of 18; LLaMA-7B: 64 of 128)."),
 )
 COLUMNS = (("loss", "test loss"), ("arc_acc", "ARC-Easy acc"), ("arc_acc_norm", "ARC-Easy acc_norm"),
            ("mmlu_acc", "MMLU 5-shot acc"))
@@ -153,9 +164,67 @@ def block(results: dict[str, dict]) -> str:
     )
 
 
+def seed_runs(results: dict[str, dict], seeds: set[int]) -> dict[str, dict]:
+    """The rows of ``seeds`` (references, which have none, kept)."""
+    return {k: row for k, row in results.items() if row.get("seed") is None or row["seed"] in seeds}
+
+
+def rank_comparison(rank8: dict[str, dict], ranked: dict[str, dict], rank: int) -> str:
+    """QA-BLoRA minus QA-LoRA (ARC-Easy acc, paired over questions; test loss) at budget rank 8 and
+    ``rank``, per INT format, on the seeds ``ranked`` has stored: the test of steps 4 and 5."""
+    lines = [f"| deployed as | seeds | rank 8: QA-BLoRA − QA-LoRA, ARC Δ (Δ/SE) | rank {rank}: same | rank 8: test loss Δ "
+             f"| rank {rank}: same |", "|---|---|---|---|---|---|"]
+    formats = sorted({config_of(k).split("|")[1] for k in ranked if k.startswith(("qablora|", "qalora|"))},
+                     key=lambda f: -int(f[3:f.index("_")]))
+    for fmt in formats:
+        seeds = {row["seed"] for k, row in ranked.items() if config_of(k) in (f"qablora|{fmt}", f"qalora|{fmt}")}
+        cells = []
+        for results in (seed_runs(rank8, seeds), ranked):
+            arc = paired_difference(results, f"qablora|{fmt}", f"qalora|{fmt}", "arc_acc")
+            cells.append("—" if arc is None else f"{arc[0]:+.3f} ({arc[0] / arc[1]:+.2f})" if arc[1] else f"{arc[0]:+.3f}")
+        for results in (seed_runs(rank8, seeds), ranked):
+            loss = summarize(results, "loss")
+            a, b = loss.get(f"qablora|{fmt}", {}).get("low_bit"), loss.get(f"qalora|{fmt}", {}).get("low_bit")
+            cells.append("—" if a is None or b is None else f"{a[0] - b[0]:+.4f}")
+        shown = " ".join(str(s) for s in sorted(seeds))
+        lines.append(f"| {format_name(fmt)} | {shown} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if formats else ""
+
+
+def rank_file(rank: int, results_path: Path = RESULTS) -> Path:
+    return results_path.with_name(f"{results_path.stem}_r{rank}.json")
+
+
+def rank_progress(rank: int, results: dict[str, dict]) -> str:
+    args = parse_args(["--seeds", "0", "1", "2", "--rank", str(rank), "--bits", "3", "2", "--group-sizes", "32"])
+    runs = planned_runs(args)
+    return ", ".join(f"seed {seed} {sum(is_done(args, r, results) for r in runs if r[1] == seed)} of "
+                     f"{sum(r[1] == seed for r in runs)}" for seed in args.seeds)
+
+
+def rank_block(step: int, rank: int, why: str, ranked: dict[str, dict], rank8: dict[str, dict]) -> str:
+    """Steps 4 and 5 (another budget rank, its own results file): what is stored, QA-BLoRA vs
+    QA-LoRA at rank 8 beside this rank, and the claims read by the same rule."""
+    head = (f"**Step {step}: budget rank {rank}** (`METHODS=\"qalora qablora\" SEEDS=0 bash bench/smollm2_grid.sh "
+            f"step{step}` first, then\nthe other methods; own file `bench/results/{rank_file(rank).name}`; the rank-8 "
+            f"data, steps and LRs).\n{why} ")
+    if not ranked:
+        return head + "Not started."
+    comparison = rank_comparison(rank8, ranked, rank)
+    return (head + f"Stored: {rank_progress(rank, ranked)}.\n\n" + results_table(ranked) + "\n\n"
+            + (f"QA-BLoRA vs QA-LoRA at both ranks, on the same seeds (rank 8 restricted to the seeds rank {rank} has):"
+               f"\n\n{comparison}\n\n" if comparison else "")
+            + f"Step {step}'s claims, read by the same rule (fewer than 3 seeds a side: provisional):\n\n"
+            + claims_reading(ranked))
+
+
 def main() -> None:
     results = json.loads(RESULTS.read_text())["runs"]
     text = block(results)
+    for step, rank, why in RANK_STEPS:
+        path = rank_file(rank)
+        ranked = json.loads(path.read_text())["runs"] if path.is_file() else {}
+        text += "\n\n" + rank_block(step, rank, why, ranked, results)
     print(text)
     readme = ROOT / "README.md"
     s = readme.read_text()

@@ -46,6 +46,7 @@ def parsed(command: list[str]):
     ("step2", [0, 1, 2], [4], [32, 64], "smollm2"),
     ("step3", [0, 1, 2], [4, 3, 2], [32], "smollm2"),  # --bits at its default: QAT rows take --qat-bits
     ("step4", [0, 1, 2], [3, 2], [32], "smollm2_r32"),
+    ("step5", [0, 1, 2], [3, 2], [32], "smollm2_r9"),
 ])
 def test_every_stage_runs_the_stated_grid(tmp_path, stage, seeds, bits, groups, tag):
     fetch, command = stage_commands(tmp_path, stage)
@@ -54,20 +55,20 @@ def test_every_stage_runs_the_stated_grid(tmp_path, stage, seeds, bits, groups, 
     assert (args.seeds, args.bits, args.group_sizes, args.tag) == (seeds, bits, groups, tag)
     assert args.method_lr == {"qlora": 0.001, "qblora": 0.001, "qalora": 0.003, "qablora": 0.003}  # smollm2_lrs.txt
     assert (args.steps, args.batch_size, args.arc_limit, args.mmlu_k_shot, args.mmlu_limit_per_subject) == (200, 4, 1000, 5, 10)
-    assert args.rank == (32 if stage == "step4" else 8)
+    assert args.rank == {"step4": 32, "step5": 9}.get(stage, 8)
     assert args.reference == (stage in ("step1", "step2"))
     if stage == "step3":
         assert args.qat_only and args.qat_bits == [3, 2] and args.methods == ["qlora", "qblora"]
 
 
 def test_seeds_narrows_steps_2_to_4_but_not_the_headline(tmp_path):
-    for stage in ("step2", "step3", "step4"):
+    for stage in ("step2", "step3", "step4", "step5"):
         assert parsed(stage_commands(tmp_path, stage, SEEDS="0")[1]).seeds == [0]
     assert parsed(stage_commands(tmp_path, "step1", SEEDS="0")[1]).seeds == [0, 1, 2]
 
 
-def test_methods_narrows_steps_2_and_4(tmp_path):
-    for stage in ("step2", "step4"):
+def test_methods_narrows_steps_2_4_and_5(tmp_path):
+    for stage in ("step2", "step4", "step5"):
         assert parsed(stage_commands(tmp_path, stage)[1]).methods == ["qlora", "qblora", "qalora", "qablora"]
         assert parsed(stage_commands(tmp_path, stage, METHODS="qalora qablora")[-1]).methods == ["qalora", "qablora"]
     assert parsed(stage_commands(tmp_path, "step3", METHODS="qalora")[-1]).methods == ["qlora", "qblora"]  # QAT: its own

@@ -129,3 +129,19 @@ def test_later_steps_count_what_each_seed_has_stored():
     assert text.startswith("step 2 (INT4 g32 / g64): references 2 of 3, seed 0 0 of 6, seed 1 0 of 6, seed 2 1 of 6; ")
     assert text.endswith("step 3 (QAT QLoRA / Q-BLoRA, INT3 / INT2 g32): seed 0 1 of 4, seed 1 0 of 4, seed 2 0 of 4")
     assert "step 2 (INT4 g32 / g64): references 2 of 3" in grid.block(results)
+
+
+def test_a_rank_step_sets_qablora_vs_qalora_beside_rank_8_on_its_seeds():
+    ranked = {  # rank 9, seed 0 only: QA-BLoRA per question 1, 1, 1, 0; QA-LoRA 1, 0, 0, 0
+        "qablora|int3_g32|seed0": _row("qablora", 0, "int3_g32", 2.0, 0.75, "1110"),
+        "qalora|int3_g32|seed0": _row("qalora", 0, "int3_g32", 2.5, 0.25, "1000"),
+    }
+    step, rank, why = next(s for s in grid.RANK_STEPS if s[1] == 9)
+    text = grid.rank_block(step, rank, why, ranked, RESULTS)
+    assert "**Step 5: budget rank 9**" in text and "bench/results/accuracy_smollm2_r9.json" in text
+    assert "Stored: seed 0 2 of 6, seed 1 0 of 6, seed 2 0 of 6." in text
+    # rank 8 on seed 0 alone: QA-BLoRA 1100 vs QA-LoRA 1000 -> +0.25; rank 9: +0.5; losses 2.0 - 2.3, 2.0 - 2.5
+    assert "| INT3 g32 | 0 | +0.250 (+1.00) | +0.500 (+1.73) | -0.3000 | -0.5000 |" in text
+    assert "| QA-BLoRA's exact low-bit model beats QA-LoRA | INT3 g32 |" in text
+    assert grid.rank_block(step, rank, why, {}, RESULTS).endswith("Not started.")
+    assert grid.rank_file(32).name == "accuracy_smollm2_r32.json"

@@ -68,7 +68,7 @@ def test_benchmarks_are_scored_next_to_the_loss(tiny_run):
     assert "arc_acc" not in qlora["merged"]  # the dense merge is the trained model up to rounding: loss only
     assert "arc_acc" not in qablora["trained"]  # --bench-trained nf4: QA-*'s trained model is its deployed model
     for row in runs.values():
-        assert row["eval_seconds"] > 0 and row["cpu_seconds"] >= row["eval_seconds"] * 0.5 and row["run"]
+        assert row["eval_seconds"] > 0 and row["cpu_seconds"] > 0 and row["run"]  # CPU / wall depends on the load
         assert row["machine"] == accuracy.machine() and row["machine"]["cores"] >= 1 and row["machine"]["torch"]
     assert ptq["run"] == "qlora|nf4|seed0" and ptq["eval_seconds"] == qlora["eval_seconds"]
     settings = stored["settings"]

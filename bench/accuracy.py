@@ -162,7 +162,7 @@ BENCH_METRICS = ("arc_acc", "arc_acc_norm", "mmlu_acc")
 # Options added after results were stored: left out of a file's settings while at these values,
 # so the files made before them (bench/results/) still match and resume.
 NEW_OPTION_DEFAULTS = {"prompt_template": "alpaca", "arc": None, "arc_limit": None, "mmlu_dir": None,
-                       "mmlu_limit_per_subject": None, "mmlu_k_shot": 5, "method_lr": None}
+                       "mmlu_limit_per_subject": None, "mmlu_k_shot": 5, "method_lr": None, "alpha": None}
 
 
 MATRIX_ISA = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")  # what CPU kernels dispatch on
@@ -248,20 +248,22 @@ def scored_part(config: str) -> str:
     return "trained" if config.endswith(("|nf4", "|dense")) else "low_bit"
 
 
-def build(method: str, rank: int, bits: int | None, group_size: int | None):
-    """(quantization backend, adapter strategy) of a method at one budget rank, dropout 0."""
+def build(method: str, rank: int, bits: int | None, group_size: int | None, alpha: float | None = None):
+    """(quantization backend, adapter strategy) of a method at one budget rank, dropout 0; ``alpha``
+    None keeps each strategy's default (16: scaling ``s = 16 / rank``)."""
     from qblora_pl.adapters import LoRA, QABLoRA, QALoRA, QBLoRA
     from qblora_pl.quantization import NF4, GroupwiseInt
 
+    scale = {} if alpha is None else {"alpha": alpha}
     if method == "qlora":
-        return NF4(), LoRA(r=rank, dropout=0.0)
+        return NF4(), LoRA(r=rank, dropout=0.0, **scale)
     if method == "qblora":
-        return NF4(), QBLoRA(r=rank, dropout=0.0)
+        return NF4(), QBLoRA(r=rank, dropout=0.0, **scale)
     base = GroupwiseInt(bits=bits, group_size=group_size)
     if method == "qalora":
-        return base, QALoRA(r=rank, dropout=0.0)
+        return base, QALoRA(r=rank, dropout=0.0, **scale)
     if method == "qablora":
-        return base, QABLoRA(budget_rank=rank, dropout=0.0)
+        return base, QABLoRA(budget_rank=rank, dropout=0.0, **scale)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
@@ -384,7 +386,7 @@ def train_one(args, method: str, seed: int, bits: int | None, group_size: int | 
     from qblora_pl.module import QuantizedCausalLM
 
     pl.seed_everything(seed, verbose=False)
-    quantization, adapter = build(method, args.rank, bits, group_size)
+    quantization, adapter = build(method, args.rank, bits, group_size, args.alpha)
     lr = learning_rate(vars(args), method)
     module = QuantizedCausalLM(args.model_dir, quantization=quantization, adapter=adapter, learning_rate=lr, warmup_steps=args.warmup)
     data = make_data(args, seed)
@@ -1209,6 +1211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--rank", type=int, default=8, help="budget rank: every method trains LoRA r=RANK's parameter count")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="scaling numerator, s = ALPHA / RANK (default: each strategy's 16); keep ALPHA / RANK "
+                             "fixed when comparing ranks - with Adam a single-matrix adapter's step in dW scales with s")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3, help="QLoRA / Q-BLoRA (configs/qlora.yaml, qblora.yaml)")

@@ -288,3 +288,12 @@ def test_each_scored_part_is_logged_as_it_finishes(tmp_path, capsys):
     assert capsys.readouterr().out == "qablora|int2_g32|seed0: low_bit scored (loss 2.5000, arc_acc 0.5000, mmlu_acc 0.2500; 12s)\n"
     progress.scored("low_bit", evaluate, model=None)  # stored now: reused, not scored again
     assert capsys.readouterr().out == "qablora|int2_g32|seed0: low_bit scored by an interrupted attempt; reused\n"
+
+
+def test_alpha_sets_every_methods_scaling_and_stays_out_of_older_files_settings():
+    assert "alpha" not in accuracy.run_settings(accuracy.parse_args([]))  # files made before --alpha still match
+    assert accuracy.run_settings(accuracy.parse_args(["--alpha", "64"]))["alpha"] == 64.0
+    for method in accuracy.METHODS:
+        _, default = accuracy.build(method, 32, 3, 32)
+        _, scaled = accuracy.build(method, 32, 3, 32, alpha=64.0)
+        assert default.alpha == 16.0 and scaled.alpha == 64.0

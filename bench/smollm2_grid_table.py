@@ -39,11 +39,14 @@ LATER_STEPS = (  # bench/smollm2_grid.sh step2 / step3 at all three seeds
 RANK_STEPS = (  # (step, budget rank, why): bench/smollm2_grid.sh step4 / step5, each in its own results file
     (4, 32, "At rank 32 QA-BLoRA fits `k_out = 1` on every layer, where rank 8 forced `k_out = 2` on q, o, gate,\n"
             "up and down; but QA-LoRA's rank 32 then exceeds d_in / g (18 on every 576-input layer), so its update\n"
-            "spans the whole group space there too, and only the parameterization differs (not down_proj: 48)."),
+            "spans the whole group space there too, and only the parameterization differs (not down_proj: 48).\n"
+            "And at alpha 16 the scaling s = alpha / r falls to 0.5 (rank 8: 2), so with Adam QA-BLoRA's step in\n"
+            "dW is 4x smaller at the rank-8 LR: these rows measure that under-training, not the tying\n"
+            "(`docs/benchmarks.md` (a) step 5; a fair re-run keeps s = 2 with `--alpha 64`)."),
     (5, 9, "At rank 9 and g32 SmolLM2 has the paper's LLaMA-7B geometry (rank 64, g32): QA-BLoRA takes\n"
            "`k_out = 1` on the attention layers (exactly LoRA-9's count on q and o) and `k_out = 2` on the MLP,\n"
            "as LLaMA-7B's 4096 x 11008 layers do at rank 64, and QA-LoRA's rank is half the group space\n"
-           "(9 of 18; LLaMA-7B: 64 of 128)."),
+           "(9 of 18; LLaMA-7B: 64 of 128). At alpha 16, s = 16 / 9 is 11% below rank 8's 2 (`--alpha 18` keeps it)."),
 )
 COLUMNS = (("loss", "test loss"), ("arc_acc", "ARC-Easy acc"), ("arc_acc_norm", "ARC-Easy acc_norm"),
            ("mmlu_acc", "MMLU 5-shot acc"))

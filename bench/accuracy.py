@@ -62,6 +62,9 @@ Real models and benchmarks (issue 13)
 * Every row records the ``machine`` it ran on (CPU model, cores, the matrix ISA extensions its
   kernels may take, torch / bitsandbytes versions): times compare only within one machine, and
   the report counts the runs per machine.
+* ``--rank R`` sets the budget rank; ``--alpha A`` the scaling numerator (default: the
+  strategies' 16, so ``s = 16 / R``). Comparing ranks, keep ``A / R`` fixed: with Adam a
+  single-matrix adapter's step in dW scales with ``s`` (rank 32 at alpha 16 under-trains QA-BLoRA).
 
 The issue-13 grid: SmolLM2-135M-Instruct, chat-formatted Alpaca, ARC-Easy, MMLU 5-shot. Run
 from the repository root; ``../shared/data`` is this project's data (alpaca_5000.json,

@@ -139,6 +139,7 @@ Why these numbers (timed here, 1 thread, 2 cores shared by other jobs at load 4-
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import fcntl
 import functools
@@ -935,6 +936,13 @@ def widening(results: dict[str, dict], a: str, b: str, metric: str = "arc_acc") 
     return lines
 
 
+def arc_delta_cell(arc: tuple | None) -> str:
+    """A paired accuracy difference (``paired_difference``'s tuple) as ``+0.012 (+1.50)``: Δ and Δ / SE."""
+    if arc is None:
+        return "—"
+    return f"{arc[0]:+.3f} ({arc[0] / arc[1]:+.2f})" if arc[1] > 0 else f"{arc[0]:+.3f}"
+
+
 def claims_reading(results: dict[str, dict]) -> str:
     """The paper's claims read from the stored grid: per claim and deployed format, ARC-Easy acc's
     paired difference (the benchmark) and the test-loss difference over seeds, each judged at
@@ -952,10 +960,9 @@ def claims_reading(results: dict[str, dict]) -> str:
             loss = loss_difference(results, config_a, config_b)
             if arc is None and loss is None:
                 continue
-            arc_cell, arc_dir = "—", None
+            arc_cell, arc_dir = arc_delta_cell(arc), None
             if arc is not None:
                 arc_dir = _direction(arc[0], arc[1], True)
-                arc_cell = f"{arc[0]:+.3f} ({arc[0] / arc[1]:+.2f})" if arc[1] > 0 else f"{arc[0]:+.3f}"
             loss_cell, loss_dir, seeds = "—", None, "—"
             if loss is not None:
                 loss_dir = _direction(loss[0], loss[1], False)
@@ -994,9 +1001,7 @@ def compute_time(results: dict[str, dict]) -> str:
         text += (f"\nprocess CPU time (all threads; load and evaluation included): {sum(cpu) / 3600:.2f} h over {len(cpu)} "
                  "runs (of the process that stored each run: a run resumed from an earlier attempt's parts counts only "
                  "its last process)")
-    machines: dict[str, int] = {}
-    for row in runs.values():
-        machines[machine_label(row)] = machines.get(machine_label(row), 0) + 1
+    machines = collections.Counter(machine_label(row) for row in runs.values())
     if len(machines) > 1:
         text += ("\nruns per machine (times compare only within one): "
                  + "; ".join(f"{label}: {n}" for label, n in machines.items()))
@@ -1458,8 +1463,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nPaired differences on the benchmarks' questions:\n\n{claims_markdown(results)}")
         print(f"\nThe paper's claims, read by rule (|Δ / SE| >= {NOISE_Z:g}):\n\n{claims_reading(results)}")
     print(f"\n{compute_time(results)}")
-    if retrained_note(results):
-        print(retrained_note(results))
+    note = retrained_note(results)
+    if note:
+        print(note)
     for metric in metrics:
         png = out.with_name(f"{out.stem}_{metric}.png")
         where = "" if metric in BENCH_METRICS else "test "

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.accuracy import (  # noqa: E402
-    NOISE_Z, REFERENCE, _order, claims_markdown, claims_reading, compute_time, config_of, format_name, is_done, mean_pm_std, method_name, parse_args,
-    paired_difference, planned_runs, plot, reference_runs, retrained_note, run_key, scored_part, summarize,
+    NOISE_Z, REFERENCE, _order, arc_delta_cell, claims_markdown, claims_reading, compute_time, config_of, format_name,
+    format_order, is_done, loss_difference, mean_pm_std, method_name, paired_difference, parse_args, planned_runs, plot,
+    reference_runs, retrained_note, run_key, scored_part, summarize,
 )
 
 RESULTS = ROOT / "bench" / "results" / "accuracy_smollm2.json"
@@ -106,6 +107,12 @@ def progress(results: dict[str, dict]) -> str:
         f"; to go: {', '.join(missing)}" if missing else " (step 1 complete)")
 
 
+def per_seed(args, runs: list[tuple], done: list[tuple]) -> list[str]:
+    """``seed 0 4 of 6``: how many of each seed's planned ``runs`` are ``done``."""
+    return [f"seed {seed} {sum(r in done for r in runs if r[1] == seed)} of {sum(r[1] == seed for r in runs)}"
+            for seed in args.seeds]
+
+
 def later_steps(results: dict[str, dict]) -> str:
     """What steps 2 and 3 (same results file as step 1) have stored, per seed: they may be filled one seed at a time."""
     lines = []
@@ -117,10 +124,7 @@ def later_steps(results: dict[str, dict]) -> str:
             lines.append(f"step {step} ({what}): not started")
             continue
         counts = [f"references {sum(r in done for r in refs)} of {len(refs)}"] if refs else []
-        for seed in args.seeds:
-            seed_runs = [r for r in runs if r[1] == seed]
-            counts.append(f"seed {seed} {sum(r in done for r in seed_runs)} of {len(seed_runs)}")
-        lines.append(f"step {step} ({what}): " + ", ".join(counts))
+        lines.append(f"step {step} ({what}): " + ", ".join(counts + per_seed(args, runs, done)))
     return "; ".join(lines)
 
 
@@ -139,6 +143,7 @@ def chance_note(results: dict[str, dict]) -> str:
 
 
 def block(results: dict[str, dict]) -> str:
+    note = retrained_note(results)
     return (
         "**The grid on the test split** (step 1: INT3 / INT2 g32, seeds 0 1 2; step 2: INT4 g32 / g64; step 3: QLoRA /\n"
         "Q-BLoRA trained with QAT for INT3 / INT2 g32; the LRs chosen on the validation split below; 200 steps, batch 4;\n"
@@ -146,8 +151,7 @@ def block(results: dict[str, dict]) -> str:
         "test questions of each subject = 570; `bash bench/smollm2_grid.sh step1` (`step2`, `step3`; `SEEDS=2` for one\n"
         "seed first), run by two workers, fills `bench/results/accuracy_smollm2.json`; `python bench/smollm2_grid_table.py`\n"
         f"rewrites this block). {progress(results)}; {later_steps(results)}.\n\n"
-        + compute_time(results).replace("\n", "; ") + "." + (f" {retrained_note(results)}" if retrained_note(results) else "")
-        + "\n\n"
+        + compute_time(results).replace("\n", "; ") + "." + (f" {note}" if note else "") + "\n\n"
         + results_table(results) + "\n\n"
         + " ".join(f"![{label} of the deployed models]({plot_path(metric).relative_to(ROOT).as_posix()})"
                    for metric, label in PLOTS) + "\n\n"
@@ -178,17 +182,13 @@ def rank_comparison(rank8: dict[str, dict], ranked: dict[str, dict], rank: int) 
     lines = [f"| deployed as | seeds | rank 8: QA-BLoRA − QA-LoRA, ARC Δ (Δ/SE) | rank {rank}: same | rank 8: test loss Δ "
              f"| rank {rank}: same |", "|---|---|---|---|---|---|"]
     formats = sorted({config_of(k).split("|")[1] for k in ranked if k.startswith(("qablora|", "qalora|"))},
-                     key=lambda f: -int(f[3:f.index("_")]))
+                     key=format_order)
     for fmt in formats:
         seeds = {row["seed"] for k, row in ranked.items() if config_of(k) in (f"qablora|{fmt}", f"qalora|{fmt}")}
-        cells = []
-        for results in (seed_runs(rank8, seeds), ranked):
-            arc = paired_difference(results, f"qablora|{fmt}", f"qalora|{fmt}", "arc_acc")
-            cells.append("—" if arc is None else f"{arc[0]:+.3f} ({arc[0] / arc[1]:+.2f})" if arc[1] else f"{arc[0]:+.3f}")
-        for results in (seed_runs(rank8, seeds), ranked):
-            loss = summarize(results, "loss")
-            a, b = loss.get(f"qablora|{fmt}", {}).get("low_bit"), loss.get(f"qalora|{fmt}", {}).get("low_bit")
-            cells.append("—" if a is None or b is None else f"{a[0] - b[0]:+.4f}")
+        both = (seed_runs(rank8, seeds), ranked)
+        cells = [arc_delta_cell(paired_difference(r, f"qablora|{fmt}", f"qalora|{fmt}", "arc_acc")) for r in both]
+        losses = [loss_difference(r, f"qablora|{fmt}", f"qalora|{fmt}") for r in both]
+        cells += ["—" if loss is None else f"{loss[0]:+.4f}" for loss in losses]
         shown = " ".join(str(s) for s in sorted(seeds))
         lines.append(f"| {format_name(fmt)} | {shown} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if formats else ""
@@ -201,8 +201,7 @@ def rank_file(rank: int, results_path: Path = RESULTS) -> Path:
 def rank_progress(rank: int, results: dict[str, dict]) -> str:
     args = parse_args(["--seeds", "0", "1", "2", "--rank", str(rank), "--bits", "3", "2", "--group-sizes", "32"])
     runs = planned_runs(args)
-    return ", ".join(f"seed {seed} {sum(is_done(args, r, results) for r in runs if r[1] == seed)} of "
-                     f"{sum(r[1] == seed for r in runs)}" for seed in args.seeds)
+    return ", ".join(per_seed(args, runs, [r for r in runs if is_done(args, r, results)]))
 
 
 def rank_block(step: int, rank: int, why: str, ranked: dict[str, dict], rank8: dict[str, dict]) -> str:

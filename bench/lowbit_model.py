@@ -21,7 +21,8 @@
    round reported (wall clock; and tokens per process CPU-second, less sensitive to other
    processes on a shared machine): the 16-bit HF model in torch (fp16 and bf16 weights and compute) and upcast to
    fp32, our native INT4 model in torch (exact dequantize path, and ``load_native(fast_int4=True)``: torch's
-   INT4 kernel, bf16 compute, row ``torch_native_int4_kernel``), llama.cpp on F16 and on Q4_1. Each generated sequence
+   INT4 kernel, bf16 compute, row ``torch_native_int4_kernel``), llama.cpp on F16 and on Q4_1 (its plain CPU
+   kernels; ``--llama-cpp-extra-buffers`` lets it repack weights for AMX / AVX, which segfaults on some AMX CPUs). Each generated sequence
    is compared with the fp32 torch one (greedy agreement).
 
 Use one thread per process (``--threads``, default 1) for comparable figures on a shared CPU.
@@ -44,6 +45,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from qblora_pl.export.verify import open_llama_cpp  # noqa: E402
 
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -86,13 +89,12 @@ def torch_perplexity(model, batches) -> dict:
     return _ppl(totals)
 
 
-def llama_cpp_perplexity(gguf_path: Path, batches, threads: int) -> dict:
-    import llama_cpp
+def llama_cpp_perplexity(gguf_path: Path, batches, threads: int, extra_buffer_types: bool = False) -> dict:
     import numpy as np
 
     longest = max(int(b["attention_mask"].sum(1).max()) for b in batches)
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_path), n_ctx=max(64, longest), n_batch=max(64, longest), logits_all=True,
+    llm = open_llama_cpp(
+        gguf_path, extra_buffer_types=extra_buffer_types, n_ctx=max(64, longest), n_batch=max(64, longest), logits_all=True,
         n_threads=threads, n_threads_batch=threads, verbose=False,
     )
     totals = [0.0, 0, 0.0, 0]
@@ -134,11 +136,11 @@ class TorchDecoder:
 
 
 class LlamaCppDecoder:
-    def __init__(self, gguf_path: Path, prompt_ids: list[int], new_tokens: int, threads: int) -> None:
-        import llama_cpp
-
-        self.llm = llama_cpp.Llama(
-            model_path=str(gguf_path), n_ctx=len(prompt_ids) + new_tokens + 8, n_threads=threads,
+    def __init__(
+        self, gguf_path: Path, prompt_ids: list[int], new_tokens: int, threads: int, extra_buffer_types: bool = False
+    ) -> None:
+        self.llm = open_llama_cpp(
+            gguf_path, extra_buffer_types=extra_buffer_types, n_ctx=len(prompt_ids) + new_tokens + 8, n_threads=threads,
             n_threads_batch=threads, verbose=False,
         )
         self.prompt_ids, self.new_tokens = prompt_ids, new_tokens
@@ -280,6 +282,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch and llama.cpp threads")
     parser.add_argument("--synthetic", default=None, metavar="HIDDEN,INTERMEDIATE,LAYERS,HEADS",
                         help="speed only: a random Llama of this shape instead of training (no perplexity)")
+    parser.add_argument(
+        "--llama-cpp-extra-buffers", action="store_true",
+        help="let llama.cpp repack weights into its AMX / CPU_REPACK buffers (faster; segfaults on some AMX CPUs)",
+    )
     parser.add_argument("--skip-torch-16bit", action="store_true", help="do not time torch fp16 / bf16 decode")
     parser.add_argument("--export-dir", default="build/bench_lowbit")
     parser.add_argument("--out", default="bench/results/lowbit_model.json")
@@ -341,8 +347,8 @@ def main() -> None:
         ppl["native_int4_kernel"] = torch_perplexity(native_kernel, val_batches)
         ppl["hf_16bit_export_fp32_compute"] = torch_perplexity(dense32, val_batches)
     if have_llama_cpp and not args.synthetic:
-        ppl["llama_cpp_gguf_q4_1"] = llama_cpp_perplexity(q4_path, val_batches, args.threads)
-        ppl["llama_cpp_gguf_f16"] = llama_cpp_perplexity(f16_path, val_batches, args.threads)
+        ppl["llama_cpp_gguf_q4_1"] = llama_cpp_perplexity(q4_path, val_batches, args.threads, args.llama_cpp_extra_buffers)
+        ppl["llama_cpp_gguf_f16"] = llama_cpp_perplexity(f16_path, val_batches, args.threads, args.llama_cpp_extra_buffers)
 
     # ---- decode
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -357,9 +363,9 @@ def main() -> None:
     decoders["torch_native_int4"] = TorchDecoder(native, prompt_ids, args.new_tokens)
     decoders["torch_native_int4_kernel"] = TorchDecoder(native_kernel, prompt_ids, args.new_tokens)
     if have_llama_cpp:
-        decoders["llama_cpp_f16"] = LlamaCppDecoder(f16_path, prompt_ids, args.new_tokens, args.threads)
-        decoders["llama_cpp_q4_1"] = LlamaCppDecoder(q4_path, prompt_ids, args.new_tokens, args.threads)
-        decoders["llama_cpp_q4_1_default"] = LlamaCppDecoder(q4_default_path, prompt_ids, args.new_tokens, args.threads)
+        decoders["llama_cpp_f16"] = LlamaCppDecoder(f16_path, prompt_ids, args.new_tokens, args.threads, args.llama_cpp_extra_buffers)
+        decoders["llama_cpp_q4_1"] = LlamaCppDecoder(q4_path, prompt_ids, args.new_tokens, args.threads, args.llama_cpp_extra_buffers)
+        decoders["llama_cpp_q4_1_default"] = LlamaCppDecoder(q4_default_path, prompt_ids, args.new_tokens, args.threads, args.llama_cpp_extra_buffers)
     outputs = {name: decode() for name, decode in decoders.items()}  # warm-up round, untimed
     rounds: dict[str, list[float]] = {name: [] for name in decoders}
     cpu_rounds: dict[str, list[float]] = {name: [] for name in decoders}

@@ -15,6 +15,7 @@ both perplexities (response tokens only when the batch has ``labels``). The clie
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -173,12 +174,46 @@ def load_gguf_with_reader(path: str | Path) -> nn.Module:
     return model
 
 
+@contextmanager
+def _default_model_params(**fields):
+    """llama-cpp-python's ``Llama`` takes no argument for some model fields; set them on the defaults it reads."""
+    import llama_cpp
+
+    module = llama_cpp.llama_cpp
+    original = module.llama_model_default_params
+
+    def defaults():
+        params = original()
+        for name, value in fields.items():
+            setattr(params, name, value)
+        return params
+
+    module.llama_model_default_params = defaults
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = original
+
+
+def open_llama_cpp(path: str | Path, *, extra_buffer_types: bool = False, **kwargs: Any):
+    """A ``llama_cpp.Llama`` for a GGUF file, by default on llama.cpp's plain CPU kernels.
+
+    ``extra_buffer_types=False`` keeps the weights out of llama.cpp's "extra" buffer types (the AMX
+    and CPU_REPACK layouts, ``use_extra_bufts``): on CPUs with AMX-INT8 the AMX matmul segfaults on
+    small models (seen in CI on our Q4_1 exports; llama.cpp issue #20824), and the plain kernels are
+    the reference a check should compare with. Pass ``True`` to measure llama.cpp's fastest path.
+    """
+    import llama_cpp
+
+    with _default_model_params(use_extra_bufts=extra_buffer_types):
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+
+
 def llama_cpp_logits(path: str | Path, prompts_ids: list[list[int]], threads: int = 1, n_ctx: int = 512) -> list:
     """llama.cpp's float32 ``(len(ids), vocab)`` logits for each prompt of a GGUF file (llama-cpp-python)."""
-    import llama_cpp
     import numpy as np
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=threads, verbose=False)
+    llm = open_llama_cpp(path, n_ctx=n_ctx, logits_all=True, n_threads=threads, verbose=False)
     try:
         out = []
         for ids in prompts_ids:

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from qblora_pl.export import export_module
-from qblora_pl.export.verify import llama_cpp_logits
+from qblora_pl.export.verify import llama_cpp_logits, open_llama_cpp
 from qblora_pl.paths import EMBEDDED_MODEL_DIR
 from tests.export.conftest import adapted_module
 
@@ -163,6 +163,19 @@ def _check_against_llama_cpp(module, gguf_path: Path, report, spm_model_dir) -> 
           f"greedy agreement {agree}/{checked} positions")
 
 
+def test_llama_cpp_runs_on_its_plain_cpu_kernels_unless_asked(qablora_export):
+    """``open_llama_cpp`` keeps weights out of llama.cpp's AMX / CPU_REPACK buffers by default (its
+    AMX matmul segfaulted on our exports in CI on an AMX-INT8 CPU) and leaves the defaults as they were."""
+    llama_cpp = import_llama_cpp()
+
+    llm = open_llama_cpp(qablora_export[1], n_ctx=64, verbose=False)
+    try:
+        assert llm.model_params.use_extra_bufts is False
+    finally:
+        llm.close()
+    assert llama_cpp.llama_model_default_params().use_extra_bufts is True  # restored afterwards
+
+
 @pytest.mark.parametrize("mistake", ["nibbles_swapped", "qk_not_permuted"])
 def test_the_tolerance_catches_a_wrong_file(mistake, qablora_export, spm_model_dir, tmp_path, monkeypatch):
     """Negative controls: the same export with a deliberate layout mistake fails the tolerance."""
@@ -237,8 +250,15 @@ def test_smollm2_export_at_init_is_the_source_file_tensor_for_tensor(smollm2_qab
 @pytest.mark.realmodel
 def test_llama_cpp_runs_the_smollm2_qablora_export(smollm2_qablora, smollm2_gguf, tmp_path):  # noqa: F811
     """A QA-BLoRA update on SmolLM2 through llama.cpp: HF's tokens for a chat-templated prompt,
-    logits as close to ours as llama.cpp's own run of the source file is to an exact evaluation
-    of the source's weights (its 8-bit activations over 30 layers), decisive greedy tokens equal."""
+    logits about as close to ours as llama.cpp's own run of the source file is to an exact
+    evaluation of the source's weights (its 8-bit activations over 30 layers), decisive greedy
+    tokens equal.
+
+    llama.cpp's error grows as the weights move away from the source's: measured on its plain CPU
+    kernels (max |dlogit| / std, this prompt), adapters at init 0.178 (= the source's), random
+    adapters std 0.02 0.198, std 0.05 0.300; a wrong file is off by far more (std 0.05 with the
+    nibbles swapped 5.65, q/k rows not permuted 4.01). The bound, 3x the runtime's own error,
+    sits between the two."""
     llama_cpp = import_llama_cpp()
     from tests.export.conftest import randomize_adapters
 
@@ -273,7 +293,7 @@ def test_llama_cpp_runs_the_smollm2_qablora_export(smollm2_qablora, smollm2_gguf
     export_error = float(np.abs(theirs - ours).max() / ours.std())
     print(f"\nSmolLM2 QA-BLoRA: llama.cpp vs ours max |dlogit| / std = {export_error:.4g}; llama.cpp on the source "
           f"vs its exact weights {runtime_error:.4g}; greedy agreement {(ours.argmax(-1) == theirs.argmax(-1)).mean():.3f}")
-    assert export_error < 1.5 * runtime_error
+    assert export_error < 3 * runtime_error, f"{export_error:.4g} vs llama.cpp's own {runtime_error:.4g}"
     top2 = np.sort(ours, axis=-1)[:, -2:]
     decisive = (top2[:, 1] - top2[:, 0]) > 2 * runtime_error * ours.std()
     same = ours.argmax(-1) == theirs.argmax(-1)

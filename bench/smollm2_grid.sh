@@ -7,8 +7,8 @@
 #   bash bench/smollm2_grid.sh step1      # 1. INT3 / INT2 g32, 4 methods, 3 seeds, references
 #   bash bench/smollm2_grid.sh step2      # 2. INT4 g32 / g64 (same file)
 #   bash bench/smollm2_grid.sh step3      # 3. QLoRA / Q-BLoRA trained with QAT, INT3 / INT2 g32 (same file)
-#   bash bench/smollm2_grid.sh step4      # 4. budget rank 32 (accuracy_smollm2_r32.json)
-#   bash bench/smollm2_grid.sh step5      # 5. budget rank 9, the paper's geometry (accuracy_smollm2_r9.json)
+#   bash bench/smollm2_grid.sh step4      # 4. budget rank 32 (accuracy_smollm2_r32.json; ALPHA=64: _r32_a64)
+#   bash bench/smollm2_grid.sh step5      # 5. budget rank 9, the paper's geometry (accuracy_smollm2_r9.json; ALPHA=18: _r9_a18)
 #   bash bench/smollm2_grid.sh report     #    tables + plots, and README's grid block
 #
 # THREADS (default 1) sets OMP_NUM_THREADS: two stages may share the 2 cores of this machine.
@@ -16,6 +16,9 @@
 # to cover every step at seed 0 before adding seeds 1 and 2 (a later call with more seeds adds them).
 # METHODS (default: all four) narrows steps 2, 4 and 5, e.g. `METHODS="qalora qablora" SEEDS=0 bash
 # bench/smollm2_grid.sh step4` runs the comparison step 4 exists for first; a later call adds the rest.
+# ALPHA (default: the strategies' 16) sets the LoRA scaling numerator of steps 4 and 5 (s = ALPHA / rank),
+# in its own file: `ALPHA=64 bash bench/smollm2_grid.sh step4` -> accuracy_smollm2_r32_a64.json keeps rank 8's
+# s = 2 at rank 32, `ALPHA=18` the same at rank 9 (docs/benchmarks.md (a), the scaling confound).
 # The same stage started twice (e.g. `bash bench/smollm2_grid.sh step1 &` twice) splits its runs
 # between the two processes, one per core (bench/accuracy.py's ResultsStore).
 set -euo pipefail
@@ -26,6 +29,8 @@ D=${DATA_DIR:-../shared/data}
 STEPS=${STEPS:-200}
 SEEDS=${SEEDS:-0 1 2}
 METHOD_ARGS=(--methods ${METHODS:-qlora qblora qalora qablora})
+ALPHA_ARGS=(${ALPHA:+--alpha "$ALPHA"})
+SUFFIX=${ALPHA:+_a$ALPHA}
 COMMON=(--model "$MODEL" --data "$D/alpaca_5000.json" --prompt-template chat --max-source-length 128
         --max-target-length 128 --batch-size 4 --eval-batch-size 8 --steps "$STEPS" --warmup 10 --no-exact-match)
 BENCH=(--arc "$D/arc/ARC-Easy-Test.jsonl" --arc-limit 1000 --mmlu-dir "$D/mmlu" --mmlu-k-shot 5
@@ -55,11 +60,11 @@ case "${1:?stage: sweep | lrs | step1 | step2 | step3 | step4 | step5 | report}"
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2 --seeds $SEEDS \
         --methods qlora qblora --qat-only --qat-bits 3 2 --group-sizes 32 --bench-trained none ;;
   step4)
-    python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2_r32 --rank 32 \
-        --seeds $SEEDS "${METHOD_ARGS[@]}" --bits 3 2 --group-sizes 32 --bench-trained none ;;
+    python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag "smollm2_r32$SUFFIX" --rank 32 \
+        "${ALPHA_ARGS[@]}" --seeds $SEEDS "${METHOD_ARGS[@]}" --bits 3 2 --group-sizes 32 --bench-trained none ;;
   step5)   # budget rank 9: at g32 SmolLM2 then has the paper's LLaMA-7B r64 geometry (docs/benchmarks.md (a) step 5)
-    python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2_r9 --rank 9 \
-        --seeds $SEEDS "${METHOD_ARGS[@]}" --bits 3 2 --group-sizes 32 --bench-trained none ;;
+    python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag "smollm2_r9$SUFFIX" --rank 9 \
+        "${ALPHA_ARGS[@]}" --seeds $SEEDS "${METHOD_ARGS[@]}" --bits 3 2 --group-sizes 32 --bench-trained none ;;
   report)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2 --bits 3 2 \
         --group-sizes 32 --report-only --markdown

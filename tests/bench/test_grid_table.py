@@ -153,3 +153,16 @@ def test_a_fair_scaling_rank_step_has_its_own_file_title_and_command():
     text = grid.rank_block(step, rank, alpha, why, {}, RESULTS)
     assert text.startswith("**Step 5: budget rank 9, alpha 18 (s = 2)** (`ALPHA=18 METHODS=")
     assert "bench/results/accuracy_smollm2_r9_a18.json" in text and text.endswith("Not started.")
+
+
+def test_step_3s_qat_rows_are_compared_with_qablora_and_with_each_other():
+    from bench.accuracy import claims_markdown, claims_reading
+    # INT2, one seed each: QA-BLoRA 1100, QLoRA + QAT 1000, Q-BLoRA + QAT 0000
+    results = {**_seeds("qablora", "int2_g32", [(4.3, "1100")]), **_seeds("qlora+qat", "int2_g32", [(3.9, "1000")]),
+               **_seeds("qblora+qat", "int2_g32", [(4.0, "0000")])}
+    table = claims_markdown(results)
+    assert "| QA-BLoRA vs QLoRA + QAT + RTN | INT2 g32 | arc_acc | +0.2500 |" in table
+    assert "| Q-BLoRA + QAT + RTN vs QLoRA + QAT + RTN | INT2 g32 | arc_acc | -0.2500 |" in table
+    reading = claims_reading(results)
+    assert ("| QA-BLoRA's exact low-bit model beats QLoRA + QAT + RTN | INT2 g32 | +0.250 (+1.00) | "
+            "+0.4000 (one seed: no spread) | 1 / 1 | within noise |") in reading

@@ -4,7 +4,9 @@
 #
 #   bash bench/smollm2_grid.sh sweep      # 0. learning rates on the validation split
 #   bash bench/smollm2_grid.sh lrs        #    print the chosen LRs (--lr-report)
-#   bash bench/smollm2_grid.sh sweep_int2 #    QA-LoRA / QA-BLoRA LRs at INT2 g32 (val; the grid keeps INT3's choice)
+#   bash bench/smollm2_grid.sh sweep_int2 #    QA-LoRA / QA-BLoRA LRs at INT2 g32 (val; step 1 keeps INT3's choice)
+#   bash bench/smollm2_grid.sh int2_lrs   #    -> bench/results/smollm2_int2_lrs.txt
+#   bash bench/smollm2_grid.sh int2       #    QA pair at INT2 g32 with INT2's own LRs (accuracy_smollm2_int2_lr.json)
 #   bash bench/smollm2_grid.sh step1      # 1. INT3 / INT2 g32, 4 methods, 3 seeds, references
 #   bash bench/smollm2_grid.sh step2      # 2. INT4 g32 / g64 (same file)
 #   bash bench/smollm2_grid.sh step3      # 3. QLoRA / Q-BLoRA trained with QAT, INT3 / INT2 g32 (same file)
@@ -37,10 +39,11 @@ COMMON=(--model "$MODEL" --data "$D/alpaca_5000.json" --prompt-template chat --m
 BENCH=(--arc "$D/arc/ARC-Easy-Test.jsonl" --arc-limit 1000 --mmlu-dir "$D/mmlu" --mmlu-k-shot 5
        --mmlu-limit-per-subject 10)
 LR_FILE=bench/results/smollm2_lrs.txt   # one line: --method-lr qlora=... qblora=... qalora=... qablora=...
+INT2_LR_FILE=bench/results/smollm2_int2_lrs.txt   # one line: --method-lr qalora=... qablora=... (INT2 g32's sweep)
 
 lrs() { python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_lr*.json; }
 
-case "${1:?stage: sweep | lrs | sweep_int2 | step1 | step2 | step3 | step4 | step5 | report}" in
+case "${1:?stage: sweep | lrs | sweep_int2 | int2_lrs | int2 | step1 | step2 | step3 | step4 | step5 | report}" in
   sweep)
     for pair in "1e-3 1e-2" "3e-4 3e-3" "3e-3 3e-2"; do set -- $pair
       python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --bits 3 --group-sizes 32 \
@@ -50,11 +53,17 @@ case "${1:?stage: sweep | lrs | sweep_int2 | step1 | step2 | step3 | step4 | ste
     python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --bits 3 --group-sizes 32 \
         --methods qalora qablora --lr 3e-4 --qa-lr 1e-3 --bench-trained none --tag smollm2_val_lr_qa1e-3 ;;
   sweep_int2)   # QA-BLoRA trails QA-LoRA at INT2 only: does INT2 want another LR than INT3's choice? (val split)
-    for lr in 1e-3 3e-3 1e-2; do
+    for lr in 1e-3 3e-3 1e-2 3e-2; do
       python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --bits 2 --group-sizes 32 \
           --methods qalora qablora --qa-lr "$lr" --bench-trained none --tag "smollm2_val_int2_qa$lr"
     done
     python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_int2_qa*.json ;;
+  int2_lrs)
+    python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_int2_qa*.json | tee /dev/stderr \
+        | grep -- "--method-lr" | sed 's/^for the test runs: //' > "$INT2_LR_FILE"; cat "$INT2_LR_FILE" ;;
+  int2)   # step 1's INT2 g32 QA pair again, each at the LR INT2's own validation sweep chose
+    python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$INT2_LR_FILE") --tag smollm2_int2_lr \
+        --seeds $SEEDS --methods qalora qablora --bits 2 --group-sizes 32 --bench-trained none ;;
   lrs)
     lrs | tee /dev/stderr | grep -- "--method-lr" | sed 's/^for the test runs: //' > "$LR_FILE"; cat "$LR_FILE" ;;
   step1)

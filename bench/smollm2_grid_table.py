@@ -10,7 +10,9 @@ the same figures ``--report-only`` writes), the paper's comparisons as paired di
 benchmark questions (``bench/accuracy.py``'s ``claims_markdown``) and each claim's verdict by rule
 (``claims_reading``). Steps 4 and 5 (budget rank 32 / 9, each in its own file
 ``accuracy_smollm2_r<rank>.json``) follow: their table, QA-BLoRA vs QA-LoRA beside rank 8 on the
-same seeds, and their claims. Works on a partly filled grid: what is missing says so. Idempotent: the
+same seeds, and their claims. Then INT2 g32 at its own LR (``accuracy_smollm2_int2_lr.json``): the
+validation sweep that chose it, the QA-* test rows, QA-BLoRA vs QA-LoRA at INT3's and INT2's LR, and
+the INT2 claims against step 1's baselines. Works on a partly filled grid: what is missing says so. Idempotent: the
 block between ``<!-- grid:start -->`` and ``<!-- grid:end -->`` is replaced.
 """
 
@@ -26,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.accuracy import (  # noqa: E402
     NOISE_Z, REFERENCE, _order, arc_delta_cell, claims_markdown, claims_reading, compute_time, config_of, format_name,
-    format_order, is_done, loss_difference, mean_pm_std, method_name, paired_difference, parse_args, planned_runs, plot,
-    reference_runs, retrained_note, run_key, scored_part, summarize,
+    format_order, is_done, loss_difference, lr_report, mean_pm_std, method_name, paired_difference, parse_args,
+    planned_runs, plot, reference_runs, retrained_note, run_key, scored_part, summarize,
 )
 
 RESULTS = ROOT / "bench" / "results" / "accuracy_smollm2.json"
@@ -182,11 +184,14 @@ def seed_runs(results: dict[str, dict], seeds: set[int]) -> dict[str, dict]:
     return {k: row for k, row in results.items() if row.get("seed") is None or row["seed"] in seeds}
 
 
-def rank_comparison(rank8: dict[str, dict], ranked: dict[str, dict], rank: int) -> str:
-    """QA-BLoRA minus QA-LoRA (ARC-Easy acc, paired over questions; test loss) at budget rank 8 and
-    ``rank``, per INT format, on the seeds ``ranked`` has stored: the test of steps 4 and 5."""
-    lines = [f"| deployed as | seeds | rank 8: QA-BLoRA − QA-LoRA, ARC Δ (Δ/SE) | rank {rank}: same | rank 8: test loss Δ "
-             f"| rank {rank}: same |", "|---|---|---|---|---|---|"]
+def rank_comparison(rank8: dict[str, dict], ranked: dict[str, dict], rank: int | str,
+                    base: str = "rank 8") -> str:
+    """QA-BLoRA minus QA-LoRA (ARC-Easy acc, paired over questions; test loss) in ``rank8`` (labelled
+    ``base``) and ``ranked`` (labelled ``rank <rank>``, or ``rank`` itself when it is text), per INT
+    format, on the seeds ``ranked`` has stored: the test of steps 4 and 5 and of INT2's own LR."""
+    label = rank if isinstance(rank, str) else f"rank {rank}"
+    lines = [f"| deployed as | seeds | {base}: QA-BLoRA − QA-LoRA, ARC Δ (Δ/SE) | {label}: same | {base}: test loss Δ "
+             f"| {label}: same |", "|---|---|---|---|---|---|"]
     formats = sorted({config_of(k).split("|")[1] for k in ranked if k.startswith(("qablora|", "qalora|"))},
                      key=format_order)
     for fmt in formats:
@@ -231,6 +236,57 @@ def rank_block(step: int, rank: int, alpha: float | None, why: str, ranked: dict
             + claims_reading(ranked))
 
 
+def int2_lr_file(results_path: Path = RESULTS) -> Path:
+    return results_path.with_name(f"{results_path.stem}_int2_lr.json")
+
+
+def int2_sweep_files(results_path: Path = RESULTS) -> list[Path]:
+    return sorted(results_path.parent.glob(f"{results_path.stem}_val_int2_qa*.json"))
+
+
+def reference_losses(results: dict[str, dict]) -> str:
+    """`` (the unmodified model's test loss: INT3 g32 3.40, INT2 g32 12.51)`` from the reference rows."""
+    losses = {fmt: results[f"{REFERENCE}|{fmt}"]["low_bit"]["loss"] for fmt in ("int3_g32", "int2_g32")
+              if "loss" in results.get(f"{REFERENCE}|{fmt}", {}).get("low_bit", {})}
+    if not losses:
+        return ""
+    return " (the unmodified model's test loss: " + ", ".join(
+        f"{format_name(fmt)} {loss:.2f}" for fmt, loss in losses.items()) + ")"
+
+
+def int2_lr_block(tuned: dict[str, dict], results: dict[str, dict], sweep: list[Path],
+                  method_lr: dict[str, float] | None = None) -> str:
+    """QA-LoRA / QA-BLoRA at INT2 g32 trained at the LR INT2's own validation sweep chose (own file):
+    what the sweep measured, the test rows, QA-BLoRA vs QA-LoRA at INT3's LR (step 1) beside INT2's on
+    the same seeds, and the INT2 claims read against step 1's baselines (QLoRA + RTN, QLoRA + QAT)."""
+    head = ("**INT2 at its own learning rate** (`bash bench/smollm2_grid.sh sweep_int2`, then `int2_lrs` and\n"
+            f"`int2`; own file `bench/results/{int2_lr_file().name}`). Step 1 trains QA-LoRA and QA-BLoRA at the\n"
+            "LR the INT3 g32 validation sweep chose for both widths. At INT2 the low-bit base starts far worse"
+            + reference_losses(results) + ", so INT2 may want\n"
+            "another LR - and QA-BLoRA's one zero-initialised matrix may want it more than QA-LoRA's two factors.\n"
+            "INT2 g32's own sweep on the validation split (seed 0; the deployed INT2 model's val loss):\n\n")
+    if not sweep:
+        return head + "Not started."
+    report = lr_report([str(path) for path in sweep])
+    head += "```\n" + report.strip() + "\n```\n\n"
+    if not tuned:
+        return head + "Test runs not started."
+    argv = ["--seeds", "0", "1", "2", "--methods", "qalora", "qablora", "--bits", "2", "--group-sizes", "32"]
+    args = parse_args(argv)
+    runs = planned_runs(args)
+    stored = ", ".join(per_seed(args, runs, [r for r in runs if is_done(args, r, tuned)]))
+    lrs = [f"{method_name(method)} {lr:g}" for method, lr in (method_lr or {}).items()]
+    baselines = {k: row for k, row in results.items()
+                 if config_of(k).split("|")[1] == "int2_g32" and not k.startswith(("qalora|", "qablora|"))}
+    return (head + f"Test runs stored: {stored}" + (f" (LR: {', '.join(lrs)})" if lrs else "") + ".\n\n"
+            + results_table(tuned) + "\n\n"
+            "QA-BLoRA vs QA-LoRA at INT3's LR (step 1) and at INT2's own, on the same seeds:\n\n"
+            + rank_comparison(results, tuned, "INT2's LR", base="INT3's LR") + "\n\n"
+            "The INT2 claims with the QA-* rows at INT2's own LR and step 1's baselines (QLoRA / Q-BLoRA trained\n"
+            "once at their NF4 LR, then RTN; with QAT from step 3), read by the same rule (fewer than 3 seeds a\n"
+            "side: provisional):\n\n" + claims_reading({**baselines, **tuned}))
+
+
 def main() -> None:
     results = json.loads(RESULTS.read_text())["runs"]
     text = block(results)
@@ -238,6 +294,9 @@ def main() -> None:
         path = rank_file(rank, alpha)
         ranked = json.loads(path.read_text())["runs"] if path.is_file() else {}
         text += "\n\n" + rank_block(step, rank, alpha, why, ranked, results)
+    tuned_path = int2_lr_file()
+    stored = json.loads(tuned_path.read_text()) if tuned_path.is_file() else {"runs": {}, "settings": {}}
+    text += "\n\n" + int2_lr_block(stored["runs"], results, int2_sweep_files(), stored["settings"].get("method_lr"))
     print(text)
     readme = ROOT / "README.md"
     s = readme.read_text()

@@ -83,12 +83,27 @@ def test_alpha_sets_the_scaling_of_steps_4_and_5_in_their_own_files(tmp_path):
     assert parsed(stage_commands(tmp_path, "step2", ALPHA="64")[-1]).alpha is None  # rank 8 keeps its file's alpha
 
 
-def test_the_int2_sweep_runs_the_qa_pair_at_three_lrs_on_the_validation_split(tmp_path):
+def test_the_int2_sweep_runs_the_qa_pair_at_four_lrs_on_the_validation_split(tmp_path):
     commands = stage_commands(tmp_path, "sweep_int2")
     runs = [parsed(c) for c in commands[1:-1]]
     assert [(a.qa_lr, a.tag) for a in runs] == [(1e-3, "smollm2_val_int2_qa1e-3"), (3e-3, "smollm2_val_int2_qa3e-3"),
-                                              (1e-2, "smollm2_val_int2_qa1e-2")]
+                                              (1e-2, "smollm2_val_int2_qa1e-2"), (3e-2, "smollm2_val_int2_qa3e-2")]
     for a in runs:
         assert (a.eval_split, a.bits, a.group_sizes, a.methods, a.seeds) == ("val", [2], [32], ["qalora", "qablora"], [0])
         assert a.bench_trained == "none" and a.arc is None  # loss on the validation split only
     assert commands[-1][:2] == ["bench/accuracy.py", "--lr-report"]
+
+
+def test_the_int2_stage_reruns_step_1s_int2_qa_pair_at_int2s_own_lrs(tmp_path):
+    lrs = ROOT / "bench" / "results" / "smollm2_int2_lrs.txt"
+    if not lrs.is_file():
+        pytest.skip("bench/results/smollm2_int2_lrs.txt not written yet (`bash bench/smollm2_grid.sh int2_lrs`)")
+    _, command = stage_commands(tmp_path, "int2", SEEDS="0")
+    args = parsed(command)
+    assert (args.tag, args.seeds, args.bits, args.group_sizes, args.methods) == (
+        "smollm2_int2_lr", [0], [2], [32], ["qalora", "qablora"])
+    chosen = lrs.read_text().split()
+    assert chosen[0] == "--method-lr" and args.method_lr == {
+        item.split("=")[0]: float(item.split("=")[1]) for item in chosen[1:]}
+    assert (args.rank, args.steps, args.arc_limit, args.mmlu_limit_per_subject) == (8, 200, 1000, 10)  # step 1's
+    assert args.bench_trained == "none" and not args.reference

@@ -166,3 +166,32 @@ def test_step_3s_qat_rows_are_compared_with_qablora_and_with_each_other():
     reading = claims_reading(results)
     assert ("| QA-BLoRA's exact low-bit model beats QLoRA + QAT + RTN | INT2 g32 | +0.250 (+1.00) | "
             "+0.4000 (one seed: no spread) | 1 / 1 | within noise |") in reading
+
+
+def test_int2_at_its_own_lr_sets_the_pair_beside_step_1_and_reads_the_claims_with_its_baselines(tmp_path):
+    import json
+    sweep = tmp_path / "accuracy_smollm2_val_int2_qa1e-2.json"
+    runs = {f"{m}|int2_g32|seed0": _row(m, 0, "int2_g32", loss, 0.5, "10") for m, loss in (("qalora", 3.6), ("qablora", 3.5))}
+    for row in runs.values():
+        row["trained"] = row["low_bit"]
+    sweep.write_text(json.dumps({"settings": {"lr": 1e-3, "qa_lr": 1e-2, "eval_split": "val"}, "runs": runs}))
+    step1 = {**_seeds("qablora", "int2_g32", [(4.3, "1000"), (4.4, "1000")]),
+             **_seeds("qalora", "int2_g32", [(4.2, "1100"), (4.2, "1100")]),
+             **_seeds("qlora+ptq", "int2_g32", [(11.0, "0000")]),
+             **_seeds("qalora", "int3_g32", [(2.1, "1111")]),  # another width: not a baseline of INT2's
+             "reference|int2_g32": _row("reference", None, "int2_g32", 12.5, 0.25, "1000"),
+             "reference|int3_g32": _row("reference", None, "int3_g32", 3.4, 0.25, "1000")}
+    tuned = {**_seeds("qablora", "int2_g32", [(3.5, "1110")]), **_seeds("qalora", "int2_g32", [(3.6, "1100")])}
+    text = grid.int2_lr_block(tuned, step1, [sweep], {"qalora": 0.01, "qablora": 0.01})
+    assert "the unmodified model's test loss: INT3 g32 3.40, INT2 g32 12.51" not in text  # 12.50: computed
+    assert "the unmodified model's test loss: INT3 g32 3.40, INT2 g32 12.50" in text
+    assert "for the test runs: --method-lr qalora=0.01 qablora=0.01" in text  # the sweep's own report
+    assert "Test runs stored: seed 0 2 of 2, seed 1 0 of 2, seed 2 0 of 2 (LR: QA-LoRA 0.01, QA-BLoRA 0.01)." in text
+    # seed 0: step 1 QA-BLoRA 1000 vs QA-LoRA 1100 -> -0.25, loss 4.3 - 4.2; INT2's LR 1110 vs 1100 -> +0.25, -0.1
+    assert "| INT2 g32 | 0 | -0.250 (-1.00) | +0.250 (+1.00) | +0.1000 | -0.1000 |" in text
+    # the claims: tuned QA-BLoRA against step 1's QLoRA + RTN (0000) and tuned QA-LoRA; INT3 rows left out
+    assert "| QA-BLoRA's exact low-bit model beats QLoRA + RTN | INT2 g32 | +0.750 (+3.00) |" in text
+    assert "| QA-BLoRA's exact low-bit model beats QA-LoRA | INT2 g32 | +0.250 (+1.00) |" in text
+    assert "INT3 g32 |" not in text.split("read by the same rule")[-1]
+    assert grid.int2_lr_block({}, step1, [sweep]).endswith("Test runs not started.")
+    assert grid.int2_lr_block({}, step1, []).endswith("Not started.")

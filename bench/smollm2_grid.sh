@@ -7,6 +7,7 @@
 #   bash bench/smollm2_grid.sh sweep_int2 #    QA-LoRA / QA-BLoRA LRs at INT2 g32 (val; step 1 keeps INT3's choice)
 #   bash bench/smollm2_grid.sh int2_lrs   #    -> bench/results/smollm2_int2_lrs.txt
 #   bash bench/smollm2_grid.sh int2       #    QA pair at INT2 g32 with INT2's own LRs (accuracy_smollm2_int2_lr.json)
+#   bash bench/smollm2_grid.sh sweep_qat_int2  # QLoRA + QAT's LR at INT2 g32 (val): the baseline's own INT2 LR
 #   bash bench/smollm2_grid.sh step1      # 1. INT3 / INT2 g32, 4 methods, 3 seeds, references
 #   bash bench/smollm2_grid.sh step2      # 2. INT4 g32 / g64 (same file)
 #   bash bench/smollm2_grid.sh step3      # 3. QLoRA / Q-BLoRA trained with QAT, INT3 / INT2 g32 (same file)
@@ -43,7 +44,7 @@ INT2_LR_FILE=bench/results/smollm2_int2_lrs.txt   # one line: --method-lr qalora
 
 lrs() { python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_lr*.json; }
 
-case "${1:?stage: sweep | lrs | sweep_int2 | int2_lrs | int2 | step1 | step2 | step3 | step4 | step5 | report}" in
+case "${1:?stage: sweep | lrs | sweep_int2 | int2_lrs | int2 | sweep_qat_int2 | step1 | step2 | step3 | step4 | step5 | report}" in
   sweep)
     for pair in "1e-3 1e-2" "3e-4 3e-3" "3e-3 3e-2"; do set -- $pair
       python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --bits 3 --group-sizes 32 \
@@ -58,6 +59,12 @@ case "${1:?stage: sweep | lrs | sweep_int2 | int2_lrs | int2 | step1 | step2 | s
           --methods qalora qablora --qa-lr "$lr" --bench-trained none --tag "smollm2_val_int2_qa$lr"
     done
     python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_int2_qa*.json ;;
+  sweep_qat_int2)   # step 3's QLoRA + QAT trains at the NF4 LR; the QA pair's INT2 runs got INT2's own (above)
+    for lr in 1e-3 3e-3 1e-2; do
+      python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --methods qlora --qat-only --qat-bits 2 \
+          --group-sizes 32 --lr "$lr" --bench-trained none --tag "smollm2_val_int2_qat_lr$lr"
+    done
+    python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_int2_qat_lr*.json --lr-criterion deployed ;;
   int2_lrs)
     python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_int2_qa*.json | tee /dev/stderr \
         | grep -- "--method-lr" | sed 's/^for the test runs: //' > "$INT2_LR_FILE"; cat "$INT2_LR_FILE" ;;

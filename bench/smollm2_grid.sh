@@ -58,7 +58,7 @@ case "${1:?stage: sweep | lrs | sweep_int2 | int2_lrs | int2 | sweep_qat_int2 | 
       python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --bits 2 --group-sizes 32 \
           --methods qalora qablora --qa-lr "$lr" --bench-trained none --tag "smollm2_val_int2_qa$lr"
     done
-    python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_int2_qa*.json ;;
+    python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_int2_qa[0-9]*.json ;;
   sweep_qat_int2)   # step 3's QLoRA + QAT trains at the NF4 LR; the QA pair's INT2 runs got INT2's own (above)
     for lr in 1e-3 3e-3 1e-2; do
       python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --methods qlora --qat-only --qat-bits 2 \
@@ -66,7 +66,7 @@ case "${1:?stage: sweep | lrs | sweep_int2 | int2_lrs | int2 | sweep_qat_int2 | 
     done
     python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_int2_qat_lr*.json --lr-criterion deployed ;;
   int2_lrs)
-    python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_int2_qa*.json | tee /dev/stderr \
+    python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_int2_qa[0-9]*.json | tee /dev/stderr \
         | grep -- "--method-lr" | sed 's/^for the test runs: //' > "$INT2_LR_FILE"; cat "$INT2_LR_FILE" ;;
   int2)   # step 1's INT2 g32 QA pair again, each at the LR INT2's own validation sweep chose
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$INT2_LR_FILE") --tag smollm2_int2_lr \

@@ -241,7 +241,7 @@ def int2_lr_file(results_path: Path = RESULTS) -> Path:
 
 
 def int2_sweep_files(results_path: Path = RESULTS) -> list[Path]:
-    return sorted(results_path.parent.glob(f"{results_path.stem}_val_int2_qa*.json"))
+    return sorted(results_path.parent.glob(f"{results_path.stem}_val_int2_qa[0-9]*.json"))
 
 
 def reference_losses(results: dict[str, dict]) -> str:

@@ -92,6 +92,8 @@ def test_the_int2_sweep_runs_the_qa_pair_at_four_lrs_on_the_validation_split(tmp
         assert (a.eval_split, a.bits, a.group_sizes, a.methods, a.seeds) == ("val", [2], [32], ["qalora", "qablora"], [0])
         assert a.bench_trained == "none" and a.arc is None  # loss on the validation split only
     assert commands[-1][:2] == ["bench/accuracy.py", "--lr-report"]
+    # the script runs in the repository: the glob takes the QA pair's sweep files there, never the QAT sweep's
+    assert not any("_qat_" in path for path in commands[-1][2:])
 
 
 def test_the_int2_stage_reruns_step_1s_int2_qa_pair_at_int2s_own_lrs(tmp_path):

@@ -195,3 +195,11 @@ def test_int2_at_its_own_lr_sets_the_pair_beside_step_1_and_reads_the_claims_wit
     assert "INT3 g32 |" not in text.split("read by the same rule")[-1]
     assert grid.int2_lr_block({}, step1, [sweep]).endswith("Test runs not started.")
     assert grid.int2_lr_block({}, step1, []).endswith("Not started.")
+
+
+def test_the_int2_sweep_files_are_the_qa_pairs_not_the_qat_sweeps(tmp_path):
+    results = tmp_path / "accuracy_smollm2.json"
+    for name in ("val_int2_qa1e-2", "val_int2_qa3e-2", "val_int2_qat_lr1e-3", "val_lr1e-3"):
+        (tmp_path / f"accuracy_smollm2_{name}.json").write_text("{}")
+    assert [p.name for p in grid.int2_sweep_files(results)] == [
+        "accuracy_smollm2_val_int2_qa1e-2.json", "accuracy_smollm2_val_int2_qa3e-2.json"]

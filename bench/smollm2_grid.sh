@@ -42,7 +42,15 @@ BENCH=(--arc "$D/arc/ARC-Easy-Test.jsonl" --arc-limit 1000 --mmlu-dir "$D/mmlu" 
 LR_FILE=bench/results/smollm2_lrs.txt   # one line: --method-lr qlora=... qblora=... qalora=... qablora=...
 INT2_LR_FILE=bench/results/smollm2_int2_lrs.txt   # one line: --method-lr qalora=... qablora=... (INT2 g32's sweep)
 
-lrs() { python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_lr*.json; }
+INT2_SWEEP='bench/results/accuracy_smollm2_val_int2_qa[0-9]*.json'   # sweep_int2's files, not sweep_qat_int2's (expanded where used)
+
+# write_lrs FILE SWEEP_JSON...: print --lr-report over the sweep files and keep its --method-lr line in FILE
+write_lrs() {
+  local file=$1; shift
+  python bench/accuracy.py --lr-report "$@" | tee /dev/stderr | grep -- "--method-lr" \
+      | sed 's/^for the test runs: //' > "$file"
+  cat "$file"
+}
 
 case "${1:?stage: sweep | lrs | sweep_int2 | int2_lrs | int2 | sweep_qat_int2 | step1 | step2 | step3 | step4 | step5 | report}" in
   sweep)
@@ -58,7 +66,7 @@ case "${1:?stage: sweep | lrs | sweep_int2 | int2_lrs | int2 | sweep_qat_int2 | 
       python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --bits 2 --group-sizes 32 \
           --methods qalora qablora --qa-lr "$lr" --bench-trained none --tag "smollm2_val_int2_qa$lr"
     done
-    python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_int2_qa[0-9]*.json ;;
+    python bench/accuracy.py --lr-report $INT2_SWEEP ;;
   sweep_qat_int2)   # step 3's QLoRA + QAT trains at the NF4 LR; the QA pair's INT2 runs got INT2's own (above)
     for lr in 1e-3 3e-3 1e-2; do
       python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --methods qlora --qat-only --qat-bits 2 \
@@ -66,13 +74,12 @@ case "${1:?stage: sweep | lrs | sweep_int2 | int2_lrs | int2 | sweep_qat_int2 | 
     done
     python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_int2_qat_lr*.json --lr-criterion deployed ;;
   int2_lrs)
-    python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_int2_qa[0-9]*.json | tee /dev/stderr \
-        | grep -- "--method-lr" | sed 's/^for the test runs: //' > "$INT2_LR_FILE"; cat "$INT2_LR_FILE" ;;
+    write_lrs "$INT2_LR_FILE" $INT2_SWEEP ;;
   int2)   # step 1's INT2 g32 QA pair again, each at the LR INT2's own validation sweep chose
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$INT2_LR_FILE") --tag smollm2_int2_lr \
         --seeds $SEEDS --methods qalora qablora --bits 2 --group-sizes 32 --bench-trained none ;;
   lrs)
-    lrs | tee /dev/stderr | grep -- "--method-lr" | sed 's/^for the test runs: //' > "$LR_FILE"; cat "$LR_FILE" ;;
+    write_lrs "$LR_FILE" bench/results/accuracy_smollm2_val_lr*.json ;;
   step1)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2 --seeds 0 1 2 \
         --bits 3 2 --group-sizes 32 --reference --bench-trained nf4 ;;

@@ -184,12 +184,10 @@ def seed_runs(results: dict[str, dict], seeds: set[int]) -> dict[str, dict]:
     return {k: row for k, row in results.items() if row.get("seed") is None or row["seed"] in seeds}
 
 
-def rank_comparison(rank8: dict[str, dict], ranked: dict[str, dict], rank: int | str,
-                    base: str = "rank 8") -> str:
-    """QA-BLoRA minus QA-LoRA (ARC-Easy acc, paired over questions; test loss) in ``rank8`` (labelled
-    ``base``) and ``ranked`` (labelled ``rank <rank>``, or ``rank`` itself when it is text), per INT
-    format, on the seeds ``ranked`` has stored: the test of steps 4 and 5 and of INT2's own LR."""
-    label = rank if isinstance(rank, str) else f"rank {rank}"
+def qa_pair_comparison(rank8: dict[str, dict], ranked: dict[str, dict], base: str, label: str) -> str:
+    """QA-BLoRA minus QA-LoRA (ARC-Easy acc, paired over questions; test loss) in ``rank8`` (column
+    ``base``) and ``ranked`` (column ``label``), per INT format, on the seeds ``ranked`` has stored:
+    the test of steps 4 and 5 (rank 8 vs another rank) and of INT2's own LR (INT3's LR vs INT2's)."""
     lines = [f"| deployed as | seeds | {base}: QA-BLoRA − QA-LoRA, ARC Δ (Δ/SE) | {label}: same | {base}: test loss Δ "
              f"| {label}: same |", "|---|---|---|---|---|---|"]
     formats = sorted({config_of(k).split("|")[1] for k in ranked if k.startswith(("qablora|", "qalora|"))},
@@ -210,11 +208,16 @@ def rank_file(rank: int, alpha: float | None = None, results_path: Path = RESULT
     return results_path.with_name(f"{results_path.stem}_r{rank}{suffix}.json")
 
 
-def rank_progress(rank: int, alpha: float | None, results: dict[str, dict]) -> str:
-    argv = ["--seeds", "0", "1", "2", "--rank", str(rank), "--bits", "3", "2", "--group-sizes", "32"]
-    args = parse_args(argv + ([] if alpha is None else ["--alpha", f"{alpha:g}"]))
+def stored_per_seed(argv: list[str], results: dict[str, dict]) -> str:
+    """``seed 0 2 of 6, seed 1 0 of 6, ...``: how much of the runs ``argv`` plans ``results`` holds."""
+    args = parse_args(argv)
     runs = planned_runs(args)
     return ", ".join(per_seed(args, runs, [r for r in runs if is_done(args, r, results)]))
+
+
+def rank_progress(rank: int, alpha: float | None, results: dict[str, dict]) -> str:
+    argv = ["--seeds", "0", "1", "2", "--rank", str(rank), "--bits", "3", "2", "--group-sizes", "32"]
+    return stored_per_seed(argv + ([] if alpha is None else ["--alpha", f"{alpha:g}"]), results)
 
 
 def rank_block(step: int, rank: int, alpha: float | None, why: str, ranked: dict[str, dict],
@@ -228,7 +231,7 @@ def rank_block(step: int, rank: int, alpha: float | None, why: str, ranked: dict
             f"rank-8 data, steps and LRs).\n{why} ")
     if not ranked:
         return head + "Not started."
-    comparison = rank_comparison(rank8, ranked, rank)
+    comparison = qa_pair_comparison(rank8, ranked, "rank 8", f"rank {rank}")
     return (head + f"Stored: {rank_progress(rank, alpha, ranked)}.\n\n" + results_table(ranked) + "\n\n"
             + (f"QA-BLoRA vs QA-LoRA at both ranks, on the same seeds (rank 8 restricted to the seeds rank {rank} has):"
                f"\n\n{comparison}\n\n" if comparison else "")
@@ -271,17 +274,15 @@ def int2_lr_block(tuned: dict[str, dict], results: dict[str, dict], sweep: list[
     head += "```\n" + report.strip() + "\n```\n\n"
     if not tuned:
         return head + "Test runs not started."
-    argv = ["--seeds", "0", "1", "2", "--methods", "qalora", "qablora", "--bits", "2", "--group-sizes", "32"]
-    args = parse_args(argv)
-    runs = planned_runs(args)
-    stored = ", ".join(per_seed(args, runs, [r for r in runs if is_done(args, r, tuned)]))
+    stored = stored_per_seed(["--seeds", "0", "1", "2", "--methods", "qalora", "qablora", "--bits", "2",
+                              "--group-sizes", "32"], tuned)
     lrs = [f"{method_name(method)} {lr:g}" for method, lr in (method_lr or {}).items()]
     baselines = {k: row for k, row in results.items()
                  if config_of(k).split("|")[1] == "int2_g32" and not k.startswith(("qalora|", "qablora|"))}
     return (head + f"Test runs stored: {stored}" + (f" (LR: {', '.join(lrs)})" if lrs else "") + ".\n\n"
             + results_table(tuned) + "\n\n"
             "QA-BLoRA vs QA-LoRA at INT3's LR (step 1) and at INT2's own, on the same seeds:\n\n"
-            + rank_comparison(results, tuned, "INT2's LR", base="INT3's LR") + "\n\n"
+            + qa_pair_comparison(results, tuned, "INT3's LR", "INT2's LR") + "\n\n"
             "The INT2 claims with the QA-* rows at INT2's own LR and step 1's baselines (QLoRA / Q-BLoRA trained\n"
             "once at their NF4 LR, then RTN; with QAT from step 3), read by the same rule (fewer than 3 seeds a\n"
             "side: provisional):\n\n" + claims_reading({**baselines, **tuned}))

@@ -1117,6 +1117,8 @@ def lr_report(paths: list[str], metric: str = "loss", criterion: str = "trained"
         lines.append(f"{method:<14} {base:<10} " + " ".join(
             f"{cells[config][lr]:>10.4f}" if lr in cells[config] else f"{'-':>10}" for lr in lrs))
     for name in LR_CRITERIA:
+        if not means[name] and name != criterion:
+            continue  # e.g. a deployed-only sweep (--bench-trained none) has no trained-model scores
         marker = " - chooses" if name == criterion else ""
         lines.append(f"\n{name} model's {'lowest' if metric == 'loss' else 'highest'} val {metric}{marker}:")
         for method in sorted(means[name], key=lambda m: (METHODS.index(m.split("+")[0]), m)):

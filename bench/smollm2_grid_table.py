@@ -12,7 +12,7 @@ benchmark questions (``bench/accuracy.py``'s ``claims_markdown``) and each claim
 ``accuracy_smollm2_r<rank>.json``) follow: their table, QA-BLoRA vs QA-LoRA beside rank 8 on the
 same seeds, and their claims. Then INT2 g32 at its own LR (``accuracy_smollm2_int2_lr.json``): the
 validation sweep that chose it, the QA-* test rows, QA-BLoRA vs QA-LoRA at INT3's and INT2's LR, and
-the INT2 claims against step 1's baselines. Works on a partly filled grid: what is missing says so. Idempotent: the
+the INT2 claims against step 1's baselines, and QLoRA + QAT's own INT2 LR sweep. Works on a partly filled grid: what is missing says so. Idempotent: the
 block between ``<!-- grid:start -->`` and ``<!-- grid:end -->`` is replaced.
 """
 
@@ -247,6 +247,22 @@ def int2_sweep_files(results_path: Path = RESULTS) -> list[Path]:
     return sorted(results_path.parent.glob(f"{results_path.stem}_val_int2_qa[0-9]*.json"))
 
 
+def qat_int2_sweep_files(results_path: Path = RESULTS) -> list[Path]:
+    return sorted(results_path.parent.glob(f"{results_path.stem}_val_int2_qat_lr*.json"))
+
+
+def qat_int2_sweep_block(sweep: list[Path]) -> str:
+    """The baseline's side of INT2's LR question: QLoRA + QAT's own INT2 g32 validation sweep, chosen
+    by the deployed model's loss (step 3 trains QLoRA + QAT at the NF4 LR)."""
+    head = ("**QLoRA + QAT's own INT2 learning rate** (`bash bench/smollm2_grid.sh sweep_qat_int2`; seed 0, validation\n"
+            "split, chosen by the deployed INT2 g32 model's loss). Step 3 trains QLoRA + QAT at the NF4 LR; the QA pair\n"
+            "got INT2's own above, so this asks whether the baseline is under-tuned for INT2 in the same way:\n\n")
+    sweep = [path for path in sweep if json.loads(path.read_text()).get("runs")]  # an unfinished run's file: no rows
+    if not sweep:
+        return head + "Not started."
+    return head + "```\n" + lr_report([str(path) for path in sweep], criterion="deployed").strip() + "\n```"
+
+
 def reference_losses(results: dict[str, dict]) -> str:
     """`` (the unmodified model's test loss: INT3 g32 3.40, INT2 g32 12.51)`` from the reference rows."""
     losses = {fmt: results[f"{REFERENCE}|{fmt}"]["low_bit"]["loss"] for fmt in ("int3_g32", "int2_g32")
@@ -298,6 +314,7 @@ def main() -> None:
     tuned_path = int2_lr_file()
     stored = json.loads(tuned_path.read_text()) if tuned_path.is_file() else {"runs": {}, "settings": {}}
     text += "\n\n" + int2_lr_block(stored["runs"], results, int2_sweep_files(), stored["settings"].get("method_lr"))
+    text += "\n\n" + qat_int2_sweep_block(qat_int2_sweep_files())
     print(text)
     readme = ROOT / "README.md"
     s = readme.read_text()

@@ -203,3 +203,21 @@ def test_the_int2_sweep_files_are_the_qa_pairs_not_the_qat_sweeps(tmp_path):
         (tmp_path / f"accuracy_smollm2_{name}.json").write_text("{}")
     assert [p.name for p in grid.int2_sweep_files(results)] == [
         "accuracy_smollm2_val_int2_qa1e-2.json", "accuracy_smollm2_val_int2_qa3e-2.json"]
+
+
+def test_qlora_qat_s_own_int2_sweep_chooses_by_the_deployed_loss_and_skips_unfinished_files(tmp_path):
+    import json
+    results = tmp_path / "accuracy_smollm2.json"
+    for lr, loss in (("1e-3", 3.9), ("3e-3", 4.1), ("1e-2", None)):  # 1e-2: a run still going, no rows yet
+        runs = {} if loss is None else {"qlora+qat|int2_g32|seed0": _row("qlora+qat", 0, "int2_g32", loss, 0.5, "10")}
+        (tmp_path / f"accuracy_smollm2_val_int2_qat_lr{lr}.json").write_text(
+            json.dumps({"settings": {"lr": float(lr), "qa_lr": 3e-3, "eval_split": "val"}, "runs": runs}))
+    (tmp_path / "accuracy_smollm2_val_int2_qa1e-2.json").write_text("{}")  # the QA pair's sweep: not this one's
+    files = grid.qat_int2_sweep_files(results)
+    assert [p.name.split("_lr")[-1] for p in files] == ["1e-2.json", "1e-3.json", "3e-3.json"]
+    text = grid.qat_int2_sweep_block(files)
+    assert "qlora+qat      int2_g32       3.9000     4.1000" in text
+    assert "for the test runs: --method-lr qlora=0.001" in text
+    assert "trained model's" not in text  # --bench-trained none: no section without scores
+    assert grid.qat_int2_sweep_block(files[:1]).endswith("Not started.")
+    assert grid.qat_int2_sweep_block([]).endswith("Not started.")

@@ -68,7 +68,7 @@ case "${1:?stage: sweep | lrs | sweep_int2 | int2_lrs | int2 | sweep_qat_int2 | 
     done
     python bench/accuracy.py --lr-report $INT2_SWEEP ;;
   sweep_qat_int2)   # step 3's QLoRA + QAT trains at the NF4 LR; the QA pair's INT2 runs got INT2's own (above)
-    for lr in 1e-3 3e-3 1e-2; do
+    for lr in 1e-3 3e-3 1e-2 3e-4; do   # 3e-4 last: 1e-3 chose at the low end of 1e-3..1e-2
       python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --methods qlora --qat-only --qat-bits 2 \
           --group-sizes 32 --lr "$lr" --bench-trained none --tag "smollm2_val_int2_qat_lr$lr"
     done

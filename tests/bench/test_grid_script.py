@@ -111,11 +111,11 @@ def test_the_int2_stage_reruns_step_1s_int2_qa_pair_at_int2s_own_lrs(tmp_path):
     assert args.bench_trained == "none" and not args.reference
 
 
-def test_the_qat_int2_sweep_runs_qlora_with_qat_for_int2_at_three_lrs_on_val(tmp_path):
+def test_the_qat_int2_sweep_runs_qlora_with_qat_for_int2_at_four_lrs_on_val(tmp_path):
     commands = stage_commands(tmp_path, "sweep_qat_int2")
     runs = [parsed(c) for c in commands[1:-1]]
     assert [(a.lr, a.tag) for a in runs] == [(1e-3, "smollm2_val_int2_qat_lr1e-3"), (3e-3, "smollm2_val_int2_qat_lr3e-3"),
-                                           (1e-2, "smollm2_val_int2_qat_lr1e-2")]
+                                           (1e-2, "smollm2_val_int2_qat_lr1e-2"), (3e-4, "smollm2_val_int2_qat_lr3e-4")]
     for a in runs:
         assert (a.eval_split, a.methods, a.qat_only, a.qat_bits, a.group_sizes, a.seeds) == (
             "val", ["qlora"], True, [2], [32], [0])

@@ -288,6 +288,26 @@ def _fields(path) -> dict:
                                                             "tokenizer.ggml.merges")}
 
 
+def _converted_from_gguf(model_dir, tmp_path, **settings):
+    """A copy of ``model_dir`` recorded as made by sources.convert_gguf from a (tensor-less) .gguf file
+    whose tokenizer settings are ``settings``: writer method name (add_tokenizer_model, ...) -> value."""
+    import json
+    import shutil
+
+    converted = tmp_path / "converted"
+    shutil.copytree(model_dir, converted)
+    source = tmp_path / "source.gguf"
+    writer = gguf.GGUFWriter(str(source), "llama")
+    for method, value in settings.items():
+        getattr(writer, method)(value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (converted / "qblora_gguf_source.json").write_text(json.dumps({"gguf_file": str(source)}))
+    return converted, source
+
+
 def test_tokenizer_settings_are_derived_from_the_hf_tokenizer(wide_chat_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -308,27 +328,13 @@ def test_tokenizer_settings_are_derived_from_the_hf_tokenizer(wide_chat_model_di
 
 
 def test_tokenizer_settings_of_a_gguf_source_are_carried_over(wide_chat_model_dir, tmp_path):
-    import json
-    import shutil
-
     from tests.export.conftest import adapted_module
 
     # A directory made by sources.convert_gguf records its .gguf file; the export takes the
     # tokenizer settings from that file, not from the HF files (which differ here on purpose).
-    converted = tmp_path / "converted"
-    shutil.copytree(wide_chat_model_dir, converted)
-    source = tmp_path / "source.gguf"
-    writer = gguf.GGUFWriter(str(source), "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_add_bos_token(False)
-    writer.add_add_eos_token(True)
-    writer.add_chat_template("{{ messages[0]['content'] }}")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    (converted / "qblora_gguf_source.json").write_text(json.dumps({"gguf_file": str(source)}))
+    converted, source = _converted_from_gguf(
+        wide_chat_model_dir, tmp_path, add_tokenizer_model="gpt2", add_tokenizer_pre="smollm", add_add_bos_token=False,
+        add_add_eos_token=True, add_chat_template="{{ messages[0]['content'] }}")
 
     module = adapted_module(converted, "qablora")
     vocab = export_module(module, tmp_path / "out", formats=["gguf"], verify=False, log=lambda _: None)["formats"]["gguf"]["vocab"]
@@ -353,22 +359,11 @@ def test_sentencepiece_settings_follow_the_model_and_its_config():
 
 
 def test_a_gguf_source_with_another_tokenizer_kind_is_not_copied(wide_chat_model_dir, tmp_path):
-    import json
-    import shutil
-
     from qblora_pl.export.gguf_writer import tokenizer_settings
 
-    converted = tmp_path / "converted"
-    shutil.copytree(wide_chat_model_dir, converted)
-    source = tmp_path / "source.gguf"
-    writer = gguf.GGUFWriter(str(source), "llama")
-    writer.add_tokenizer_model("llama")  # SentencePiece settings would not fit the BPE vocabulary we write
-    writer.add_add_bos_token(False)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    (converted / "qblora_gguf_source.json").write_text(json.dumps({"gguf_file": str(source)}))
+    # SentencePiece ("llama") settings would not fit the BPE vocabulary we write
+    converted, _ = _converted_from_gguf(wide_chat_model_dir, tmp_path, add_tokenizer_model="llama",
+                                        add_add_bos_token=False)
     settings = tokenizer_settings(converted, "gpt2")
     assert settings["origin"].startswith("derived from") and settings["add_bos"] is True
 

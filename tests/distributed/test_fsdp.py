@@ -58,6 +58,19 @@ def global_losses(ranks: list[dict]) -> list[float]:
     return [sum(step) / len(ranks) for step in zip(*(r["losses"] for r in ranks))]
 
 
+def assert_trains_like_one_process(ranks: list[dict], single: dict) -> None:
+    """The same global batch and order (7 steps; clipping at 0.3 is active) give one process's losses and
+    gradient norms, real ones (the NF4/uint8 trap trains with zero loss and NaN grads), and a falling loss."""
+    fsdp_losses = global_losses(ranks)
+    assert len(fsdp_losses) == len(single["losses"]) == 7
+    assert fsdp_losses == pytest.approx(single["losses"], rel=LOSS_RTOL)
+    for rank in ranks:
+        assert rank["sharded"] and rank["world_size"] == 2
+        assert all(0 < g < float("inf") for g in rank["grad_norms"]), rank["grad_norms"]
+        assert rank["grad_norms"] == pytest.approx(single["grad_norms"], rel=1e-4)
+    assert fsdp_losses[-1] < fsdp_losses[0] - 0.1, fsdp_losses
+
+
 def assert_same_native_export(a: Path, b: Path, offsets_atol: float) -> None:
     ta, tb = load_file(str(a / "native" / "model.safetensors")), load_file(str(b / "native" / "model.safetensors"))
     assert ta.keys() == tb.keys()
@@ -82,16 +95,7 @@ def test_two_process_fsdp_matches_one_process_resumes_and_exports(tiny_model_dir
     single = run_in_process({**common, "out_dir": str(tmp_path / "single"), "max_epochs": 1,
                              "save": str(single_ckpt), "export_dir": str(tmp_path / "single_export")})
 
-    # Loss parity with the same global batch and order (7 steps; clipping at 0.3 is active).
-    fsdp_losses = global_losses(ranks)
-    assert len(fsdp_losses) == len(single["losses"]) == 7
-    assert fsdp_losses == pytest.approx(single["losses"], rel=LOSS_RTOL)
-    # Real gradients (the NF4/uint8 trap trains with zero loss and NaN grads) and a falling loss.
-    for rank in ranks:
-        assert rank["sharded"] and rank["world_size"] == 2
-        assert all(0 < g < float("inf") for g in rank["grad_norms"]), rank["grad_norms"]
-        assert rank["grad_norms"] == pytest.approx(single["grad_norms"], rel=1e-4)
-    assert fsdp_losses[-1] < fsdp_losses[0] - 0.1, fsdp_losses
+    assert_trains_like_one_process(ranks, single)
     # The frozen base is sharded: each of 2 ranks holds half of what one process holds.
     one = single["base_weight_bytes"]
     assert [r["base_weight_bytes"] for r in ranks] == [one // 2, one // 2], (one, ranks)

@@ -17,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed.test_fsdp import LOSS_RTOL, global_losses, launch, rank_results, run_in_process
+from tests.distributed.test_fsdp import (
+    LOSS_RTOL, assert_trains_like_one_process, global_losses, launch, rank_results, run_in_process,
+)
 
 pytest.importorskip("torchao", reason="NF4(implementation='torchao') needs the fsdp-nf4 extra")
 
@@ -37,15 +39,7 @@ def test_torchao_nf4_qblora_on_two_processes_matches_one_resumes_and_exports(tin
     single = run_in_process({**common, "out_dir": str(tmp_path / "single"), "max_epochs": 1, "save": str(single_ckpt),
                              "export_dir": str(tmp_path / "single_export")})
 
-    # Loss parity for the same global batch and order (7 steps, clipping at 0.3 active), real gradients.
-    fsdp_losses = global_losses(ranks)
-    assert len(fsdp_losses) == len(single["losses"]) == 7
-    assert fsdp_losses == pytest.approx(single["losses"], rel=LOSS_RTOL)
-    for rank in ranks:
-        assert rank["sharded"] and rank["world_size"] == 2
-        assert all(0 < g < float("inf") for g in rank["grad_norms"]), rank["grad_norms"]
-        assert rank["grad_norms"] == pytest.approx(single["grad_norms"], rel=1e-4)
-    assert fsdp_losses[-1] < fsdp_losses[0] - 0.1, fsdp_losses
+    assert_trains_like_one_process(ranks, single)
 
     # Each rank holds half of the NF4 base (codes, int8 scales, factors) and of the rest; what
     # is not split is each NF4 weight's replicated mean scale and 16-level table (68 bytes).

@@ -13,7 +13,8 @@ benchmark questions (``bench/accuracy.py``'s ``claims_markdown``) and each claim
 same seeds, and their claims. Then INT2 g32 at its own LR (``accuracy_smollm2_int2_lr.json``): the
 validation sweep that chose it, the QA-* test rows, QA-BLoRA vs QA-LoRA at INT3's and INT2's LR, and
 the INT2 claims against step 1's baselines; last, QLoRA + QAT's own INT2 LR sweep. Works on a
-partly filled grid: what is missing says so. Idempotent: the block between ``<!-- grid:start -->`` and ``<!-- grid:end -->`` is replaced.
+partly filled grid: what is missing says so. Idempotent: the block between ``<!-- grid:start -->``
+and ``<!-- grid:end -->`` is replaced.
 """
 
 from __future__ import annotations

@@ -897,9 +897,13 @@ def _direction(mean: float, se: float | None, higher_is_better: bool) -> int | N
 
 
 def verdict(arc: int | None, loss: int | None) -> str:
-    """One claim at one format, from ARC-Easy acc's paired test (the benchmark) and the test loss."""
+    """One claim at one format, from ARC-Easy acc's paired test (the benchmark) and the test loss.
+    ``arc`` is None where ARC-Easy was not scored (a trained NF4 model under ``--bench-trained none``),
+    ``loss`` where one seed a side gives the loss no spread to judge by."""
     if arc is None:
-        return "not yet measured"
+        if loss is None:
+            return "not judged yet: ARC-Easy not scored, and one seed a side gives the loss no spread"
+        return "ARC-Easy not scored; the test loss " + {1: "favours A", -1: "favours B", 0: "is within noise"}[loss]
     if arc and loss is not None and loss == -arc:
         return "mixed: ARC-Easy and the test loss disagree beyond noise"
     if arc > 0:

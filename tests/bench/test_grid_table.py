@@ -69,7 +69,9 @@ def test_each_claim_reading_follows_the_stated_rule():
     assert verdict(1, -1).startswith("mixed") and verdict(-1, 1).startswith("mixed")
     assert verdict(0, None) == "within noise"
     assert verdict(0, 1) == "within noise on ARC-Easy; the test loss favours A"
-    assert verdict(None, 1) == "not yet measured"
+    assert verdict(None, None).startswith("not judged yet")  # no ARC score, one seed: nothing to read
+    assert verdict(None, 1) == "ARC-Easy not scored; the test loss favours A"
+    assert verdict(None, 0) == "ARC-Easy not scored; the test loss is within noise"
 
 
 def _seeds(method, fmt, runs):

@@ -565,12 +565,30 @@ def missing_formats(args, method: str, seed: int, results: dict[str, dict]) -> l
     return [(b, g) for b in args.bits for g in args.group_sizes if run_key(method + "+ptq", seed, b, g) not in results]
 
 
+def wants_trained_benchmarks(args, method: str) -> bool:
+    """Whether ``--bench-trained`` asks for the benchmarks of ``method``'s trained (not deployed) model."""
+    return args.bench_trained == "all" or (args.bench_trained == "nf4" and method in DENSE_MERGE)
+
+
+def missing_trained_benchmarks(args, method: str, seed: int, results: dict[str, dict]) -> list[str]:
+    """The benchmarks (``arc``, ``mmlu``) ``--bench-trained`` asks of a stored QLoRA / Q-BLoRA run's trained
+    model that its NF4 row lacks - it was made under ``--bench-trained none`` (steps 4-5 of the grid);
+    a later call scores them from the run's kept adapter, without training again."""
+    row = results.get(run_key(method, seed, None, None))
+    if row is None or method not in DENSE_MERGE or not wants_trained_benchmarks(args, method):
+        return []
+    trained = row.get("trained") or {}
+    return [task.name for task in benchmark_tasks(args) if f"{task.name}_acc" not in trained]
+
+
 def is_done(args, run: tuple, results: dict[str, dict]) -> bool:
-    """A run is done when its row is stored; a QLoRA / Q-BLoRA run also needs every requested re-quantization."""
+    """A run is done when its row is stored; a QLoRA / Q-BLoRA run also needs every requested
+    re-quantization and the trained model's requested benchmarks."""
     method, seed, bits, g, qat = run
     if run_key(*run) not in results:
         return False
-    return method not in DENSE_MERGE or qat or not missing_formats(args, method, seed, results)
+    return method not in DENSE_MERGE or qat or not (missing_formats(args, method, seed, results)
+                                                    or missing_trained_benchmarks(args, method, seed, results))
 
 
 def run_method(args, method: str, seed: int, bits: int | None, group_size: int | None, qat: bool = False,
@@ -592,14 +610,17 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
     it retrains with the same seed, returns only the missing ``+ptq`` rows, and does not score
     the trained model's benchmarks again. Where the retrained model's held-out loss equals the
     stored one (the same model: training is deterministic on CPU), the new rows reuse the
-    stored trained scores; otherwise they keep their own and say ``retrained: true``.
+    stored trained scores; otherwise they keep their own and say ``retrained: true``. A stored
+    run whose trained model lacks benchmarks ``--bench-trained`` now asks for (it ran under
+    ``none``) is scored on them the same way, and its stored rows come back with them added.
     """
     from qblora_pl.merging import merge_adapters, requantize_merged, unmerge_adapters
 
     stored = stored or {}
-    bench_trained = args.bench_trained == "all" or (args.bench_trained == "nf4" and method in DENSE_MERGE)
+    bench_trained = wants_trained_benchmarks(args, method)
     key = run_key(method, seed, bits, group_size, qat=qat)
     scored = progress.scored if progress is not None else lambda part, ev, m, **kw: ev(m, **kw)
+    fill_seconds, refreshed = 0.0, {}
     if qat:
         module, data, seconds = train_one(args, method, seed, None, None, qat_bits=bits, qat_group_size=group_size,
                                           progress=progress)
@@ -622,7 +643,10 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
             progress.check_retrained(model, evaluate)
         params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         previous = stored.get(key) if method in DENSE_MERGE else None
-        trained = scored("trained", evaluate, model, benchmarks=bench_trained and previous is None)
+        fill = bool(previous) and bool(missing_trained_benchmarks(args, method, seed, stored))
+        before = evaluate.seconds
+        trained = scored("trained", evaluate, model, benchmarks=bench_trained and (previous is None or fill))
+        fill_seconds = evaluate.seconds - before if fill else 0.0
         how = merge_adapters(model)
         common = {"method": method, "seed": seed, "trainable_params": params, "train_seconds": seconds}
         rows = {}
@@ -633,12 +657,18 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
                 merged = scored("merged", evaluate, model, benchmarks=False)  # dense + adapter: the trained model up to rounding
                 rows[key] = {**common, "base": "nf4", "trained": trained, "merged": merged, "low_bit": None}
             elif math.isclose(trained["loss"], previous["trained"]["loss"], rel_tol=1e-6, abs_tol=0.0):
-                trained = previous["trained"]
+                if fill:  # the stored model's benchmarks, added to its stored scores and to its +ptq rows' copies
+                    trained = fill_trained_benchmarks(previous["trained"], trained)
+                    refreshed = refreshed_rows(stored, method, seed, trained, fill_seconds)
+                else:
+                    trained = previous["trained"]
                 if progress is not None and progress.loaded:  # the stored run's own adapter: no training here
                     common["adapter_reused"] = True
             else:
                 print(f"warning: {key} retrained for {formats} is not the stored model (held-out loss "
-                      f"{trained['loss']:.6f} vs {previous['trained']['loss']:.6f}); its rows say retrained: true")
+                      f"{trained['loss']:.6f} vs {previous['trained']['loss']:.6f}); its rows say retrained: true"
+                      + ("; its trained-model benchmarks are not stored (the stored model's kept adapter is not "
+                         "here)" if fill else ""))
                 common["retrained"] = True
             for ptq_bits, g in formats:
                 unmerge_adapters(model)
@@ -648,7 +678,7 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
                     **common, "base": "nf4", "bits": ptq_bits, "group_size": g, "trained": trained,
                     "low_bit": scored(f"int{ptq_bits}_g{g}", evaluate, model),
                 }
-            if previous is not None:
+            if previous is not None and formats:
                 key += " again for " + ", ".join(f"int{b}_g{g}" for b, g in formats)  # its own time in the totals
         else:
             assert set(how.values()) == {"offsets"}, how
@@ -658,7 +688,25 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
             }
         unmerge_adapters(model)
     for row in rows.values():
-        row.update(eval_seconds=evaluate.seconds, run=key)
+        row.update(eval_seconds=evaluate.seconds - fill_seconds, run=key)
+    return {**rows, **refreshed}
+
+
+def fill_trained_benchmarks(stored: dict, scored: dict) -> dict:
+    """A stored trained model's scores plus the benchmarks ``scored`` (the same model, scored again) adds."""
+    hits = {**scored.get("hits", {}), **stored.get("hits", {})}  # what was stored stays as it was
+    return {**scored, **stored, **({"hits": hits} if hits else {})}
+
+
+def refreshed_rows(stored: dict[str, dict], method: str, seed: int, trained: dict, seconds: float) -> dict[str, dict]:
+    """The stored rows of ``method``'s NF4 run (its NF4 row and every ``+ptq`` row, which copy its trained
+    scores) with ``trained`` in place; the NF4 row adds the time it took (``trained_benchmark_seconds``)."""
+    rows, nf4 = {}, run_key(method, seed, None, None)
+    for key, row in stored.items():
+        if row.get("seed") == seed and key.split("|")[0] in (method, method + "+ptq"):  # not +qat: another run
+            rows[key] = {**row, "trained": trained}
+            if key == nf4:
+                rows[key]["trained_benchmark_seconds"] = row.get("trained_benchmark_seconds", 0.0) + seconds
     return rows
 
 
@@ -993,6 +1041,7 @@ def compute_time(results: dict[str, dict]) -> str:
     train = sum(row.get("train_seconds", 0.0) for row in runs.values() if not row.get("adapter_reused"))
     timed = [row["eval_seconds"] for row in runs.values() if "eval_seconds" in row]
     evaluation = sum(timed) + sum(row.get("load_seconds", 0.0) for row in runs.values())
+    evaluation += sum(row.get("trained_benchmark_seconds", 0.0) for row in results.values())  # scored later
     trained = [row for row in runs.values() if row["method"] != REFERENCE]
     text = f"CPU time (wall-clock of the runs where each ran): {len(runs)} runs, training {train / 3600:.2f} h, "
     text += (f"evaluation {evaluation / 3600:.2f} h, total {(train + evaluation) / 3600:.2f} h" if timed
@@ -1005,8 +1054,9 @@ def compute_time(results: dict[str, dict]) -> str:
     if timed and len(timed) < len(runs):
         text += f" (evaluation time not recorded for {len(runs) - len(timed)} older runs)"
     cpu = [row["cpu_seconds"] for row in runs.values() if "cpu_seconds" in row]
+    later = sum(row.get("trained_benchmark_cpu_seconds", 0.0) for row in results.values())  # trained models scored later
     if cpu:
-        text += (f"\nprocess CPU time (all threads; load and evaluation included): {sum(cpu) / 3600:.2f} h over {len(cpu)} "
+        text += (f"\nprocess CPU time (all threads; load and evaluation included): {(sum(cpu) + later) / 3600:.2f} h over {len(cpu)} "
                  "runs (of the process that stored each run: a run resumed from an earlier attempt's parts counts only "
                  "its last process)")
     machines = collections.Counter(machine_label(row) for row in runs.values())
@@ -1433,9 +1483,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             progress = RunProgress(out, key, settings, keep=method in DENSE_MERGE and not qat)
             rows = run_method(args, method, seed, bits, g, qat, stored=claimed, progress=progress)
-        for row in rows.values():  # all threads of this process, less moved by other jobs' load than the wall clock
-            row["cpu_seconds"] = time.process_time() - cpu_started
-            row["machine"] = machine()
+        cpu_seconds = time.process_time() - cpu_started  # all threads, less moved by other jobs' load than the wall clock
+        for name, row in rows.items():
+            if name in claimed:  # a stored row given its trained model's benchmarks: its run keeps its own time
+                if name == key:
+                    row["trained_benchmark_cpu_seconds"] = row.get("trained_benchmark_cpu_seconds", 0.0) + cpu_seconds
+                continue
+            row["cpu_seconds"], row["machine"] = cpu_seconds, machine()
         results = store.store((method, seed, bits, g, qat), rows)  # nothing lost on a crash
         if method != REFERENCE:
             progress.clear()

@@ -23,6 +23,8 @@
 # ALPHA (default: the strategies' 16) sets the LoRA scaling numerator of steps 4 and 5 (s = ALPHA / rank),
 # in its own file: `ALPHA=64 bash bench/smollm2_grid.sh step4` -> accuracy_smollm2_r32_a64.json keeps rank 8's
 # s = 2 at rank 32, `ALPHA=18` the same at rank 9 (docs/benchmarks.md (a), the scaling confound).
+# Steps 4 and 5 score QLoRA / Q-BLoRA's trained NF4 + adapter on ARC / MMLU too (the Q-BLoRA >= QLoRA claim
+# at that rank); a run stored before they did gets them from its kept adapter on the next call, without training.
 # The same stage started twice (e.g. `bash bench/smollm2_grid.sh step1 &` twice) splits its runs
 # between the two processes, one per core (bench/accuracy.py's ResultsStore).
 set -euo pipefail
@@ -91,10 +93,10 @@ case "${1:?stage: sweep | lrs | sweep_int2 | int2_lrs | int2 | sweep_qat_int2 | 
         --methods qlora qblora --qat-only --qat-bits 3 2 --group-sizes 32 --bench-trained none ;;
   step4)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag "smollm2_r32$SUFFIX" --rank 32 \
-        "${ALPHA_ARGS[@]}" --seeds $SEEDS "${METHOD_ARGS[@]}" --bits 3 2 --group-sizes 32 --bench-trained none ;;
+        "${ALPHA_ARGS[@]}" --seeds $SEEDS "${METHOD_ARGS[@]}" --bits 3 2 --group-sizes 32 --bench-trained nf4 ;;
   step5)   # budget rank 9: at g32 SmolLM2 then has the paper's LLaMA-7B r64 geometry (docs/benchmarks.md (a) step 5)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag "smollm2_r9$SUFFIX" --rank 9 \
-        "${ALPHA_ARGS[@]}" --seeds $SEEDS "${METHOD_ARGS[@]}" --bits 3 2 --group-sizes 32 --bench-trained none ;;
+        "${ALPHA_ARGS[@]}" --seeds $SEEDS "${METHOD_ARGS[@]}" --bits 3 2 --group-sizes 32 --bench-trained nf4 ;;
   report)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2 --bits 3 2 \
         --group-sizes 32 --report-only --markdown

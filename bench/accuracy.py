@@ -537,12 +537,13 @@ class RunProgress:
         print(f"{self.key}: {part} scored ({shown}; {evaluate.seconds - before:.0f}s)", flush=True)
         return result
 
-    def clear(self) -> None:
-        """Remove the partial parts of a stored run; its adapter moves to ``kept`` when one is asked for."""
+    def clear(self, keep_adapter: bool = True) -> None:
+        """Remove the partial parts of a run; its adapter moves to ``kept`` when one is asked for and
+        ``keep_adapter`` (False when nothing was stored: the adapter is not the stored run's model)."""
         import shutil
 
         adapter = self.directory / "adapter.pt"
-        if self.kept is not None and adapter.is_file():
+        if keep_adapter and self.kept is not None and adapter.is_file():
             self.kept.parent.mkdir(parents=True, exist_ok=True)
             os.replace(adapter, self.kept)  # same folder tree, so one atomic rename
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -1494,7 +1495,7 @@ def main(argv: list[str] | None = None) -> None:
             rows = run_method(args, method, seed, bits, g, qat, stored=claimed, progress=progress)
         if not rows:  # a stored run retrained elsewhere for its trained benchmarks: another model (the warning)
             store.release((method, seed, bits, g, qat))
-            progress.clear()
+            progress.clear(keep_adapter=False)  # the retrain is another model: not kept as the stored run's
             print(f"[{i}/{len(todo)}] {key}: nothing stored", flush=True)
             continue
         cpu_seconds = time.process_time() - cpu_started  # all threads, less moved by other jobs' load than the wall clock

@@ -118,6 +118,8 @@ def test_a_later_call_scores_a_stored_trained_model_on_the_benchmarks_it_lacks(t
                           "--bench-trained", "nf4"])
     assert json.loads(elsewhere.read_text()) == moved
     assert not elsewhere.with_name("elsewhere.json.claims").exists()  # the claim is released all the same
+    # ... and the retrain's adapter is not kept as the stored run's (it is another model)
+    assert not list(elsewhere.parent.glob("elsewhere.adapters/*")) and not elsewhere.with_name("elsewhere.partial").exists()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pl.Trainer, "fit", lambda *a, **k: pytest.fail("the kept adapter must not be retrained"))
         accuracy.main(base + ["--bench-trained", "nf4"])

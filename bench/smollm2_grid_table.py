@@ -187,21 +187,24 @@ def seed_runs(results: dict[str, dict], seeds: set[int]) -> dict[str, dict]:
 
 def qa_pair_comparison(rank8: dict[str, dict], ranked: dict[str, dict], base: str, label: str) -> str:
     """QA-BLoRA minus QA-LoRA (ARC-Easy acc, paired over questions; test loss) in ``rank8`` (column
-    ``base``) and ``ranked`` (column ``label``), per INT format, on the seeds ``ranked`` has stored:
+    ``base``) and ``ranked`` (column ``label``), per INT format, on the seeds ``ranked`` has stored for both:
     the test of steps 4 and 5 (rank 8 vs another rank) and of INT2's own LR (INT3's LR vs INT2's)."""
     lines = [f"| deployed as | seeds | {base}: QA-BLoRA − QA-LoRA, ARC Δ (Δ/SE) | {label}: same | {base}: test loss Δ "
              f"| {label}: same |", "|---|---|---|---|---|---|"]
     formats = sorted({config_of(k).split("|")[1] for k in ranked if k.startswith(("qablora|", "qalora|"))},
                      key=format_order)
     for fmt in formats:
-        seeds = {row["seed"] for k, row in ranked.items() if config_of(k) in (f"qablora|{fmt}", f"qalora|{fmt}")}
-        both = (seed_runs(rank8, seeds), ranked)
+        seeds = set.intersection(*({row["seed"] for k, row in ranked.items() if config_of(k) == f"{method}|{fmt}"}
+                                   for method in ("qablora", "qalora")))
+        if not seeds:  # one of the pair not stored yet at this format: nothing to set side by side
+            continue
+        both = (seed_runs(rank8, seeds), seed_runs(ranked, seeds))
         cells = [arc_delta_cell(paired_difference(r, f"qablora|{fmt}", f"qalora|{fmt}", "arc_acc")) for r in both]
         losses = [loss_difference(r, f"qablora|{fmt}", f"qalora|{fmt}") for r in both]
         cells += ["—" if loss is None else f"{loss[0]:+.4f}" for loss in losses]
         shown = " ".join(str(s) for s in sorted(seeds))
         lines.append(f"| {format_name(fmt)} | {shown} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) if formats else ""
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def rank_file(rank: int, alpha: float | None = None, results_path: Path = RESULTS) -> Path:
@@ -234,7 +237,7 @@ def rank_block(step: int, rank: int, alpha: float | None, why: str, ranked: dict
         return head + "Not started."
     comparison = qa_pair_comparison(rank8, ranked, "rank 8", f"rank {rank}")
     return (head + f"Stored: {rank_progress(rank, alpha, ranked)}.\n\n" + results_table(ranked) + "\n\n"
-            + (f"QA-BLoRA vs QA-LoRA at both ranks, on the same seeds (rank 8 restricted to the seeds rank {rank} has):"
+            + (f"QA-BLoRA vs QA-LoRA at both ranks, on the same seeds (those both have at rank {rank}; rank 8 restricted to them):"
                f"\n\n{comparison}\n\n" if comparison else "")
             + f"Step {step}'s claims, read by the same rule (fewer than 3 seeds a side: provisional):\n\n"
             + claims_reading(ranked))

@@ -144,6 +144,13 @@ def test_a_rank_step_sets_qablora_vs_qalora_beside_rank_8_on_its_seeds():
     assert "Stored: seed 0 2 of 6, seed 1 0 of 6, seed 2 0 of 6." in text
     # rank 8 on seed 0 alone: QA-BLoRA 1100 vs QA-LoRA 1000 -> +0.25; rank 9: +0.5; losses 2.0 - 2.3, 2.0 - 2.5
     assert "| INT3 g32 | 0 | +0.250 (+1.00) | +0.500 (+1.73) | -0.3000 | -0.5000 |" in text
+    # a seed only QA-LoRA has stored so far does not enter the side-by-side (it would pair seed 0 with 0-1)
+    later = {**ranked, "qalora|int3_g32|seed1": _row("qalora", 1, "int3_g32", 2.7, 0.0, "0000"),
+             "qalora|int2_g32|seed1": _row("qalora", 1, "int2_g32", 4.0, 0.0, "0000")}
+    shown = grid.rank_block(step, rank, alpha, why, later, RESULTS)
+    assert "| INT3 g32 | 0 | +0.250 (+1.00) | +0.500 (+1.73) | -0.3000 | -0.5000 |" in shown
+    side_by_side = shown.split("restricted to them):")[1].split("claims, read by")[0]
+    assert "| INT3 g32 |" in side_by_side and "| INT2 g32 |" not in side_by_side  # no QA-BLoRA at INT2: no row
     assert "| QA-BLoRA's exact low-bit model beats QA-LoRA | INT3 g32 |" in text
     assert grid.rank_block(step, rank, alpha, why, {}, RESULTS).endswith("Not started.")
     assert grid.rank_file(32).name == "accuracy_smollm2_r32.json"

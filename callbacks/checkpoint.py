@@ -19,6 +19,7 @@ not change. What it adds:
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -38,6 +39,15 @@ class GracefulInterrupt(KeyboardInterrupt):
 
 class AdapterCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that never writes diverged adapters and stops on Ctrl-C at a step boundary."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Set here, not in on_train_start: on_exception runs for errors raised before training starts too.
+        self._interrupt_requested = False
+        self._interrupt_saved = False
+        self._previous_handler = None
+        self._state_is_good = True  # False from a validation with a non-finite monitored value to the next finite one
+        self._last_good_path = ""  # the newest checkpoint of a good state: this run's last, or the one it resumed from
 
     @property
     def state_key(self) -> str:
@@ -61,16 +71,53 @@ class AdapterCheckpoint(ModelCheckpoint):
                            "are non-finite or diverged; it keeps the last good ones.")
             return
         super()._save_last_checkpoint(trainer, monitor_candidates)
+        if not getattr(self, "_skipped_bad", False):
+            self._last_good_path = self.last_model_path
+
+    @property
+    def last_good_checkpoint(self) -> str:
+        """The checkpoint to resume from after a failure: the newest one written of a good state.
+
+        ``last.ckpt`` once this run has written it, else the checkpoint this run resumed from, else
+        the best top-k file ("" before any).
+        """
+        return self._last_good_path or self.best_model_path or ""
 
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         if _diverged(trainer):
             rank_zero_warn(f"not writing a checkpoint at step {trainer.global_step}: the adapters are non-finite or diverged")
             return
+        bad = _non_finite_monitor(self.monitor, monitor_candidates)
+        if bad is not None:
+            rank_zero_warn(f"not writing a checkpoint at step {trainer.global_step}: {self.monitor} = {bad} (the "
+                           f"state is not good); the last good checkpoint ({self.last_good_checkpoint or 'none yet'}) is kept")
+            return
         super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning's saves, then ``last.ckpt`` at every good validation (not only where a top-k file was written).
+
+        Lightning 2.6 updates ``last.ckpt`` only when it also wrote a top-k checkpoint at that step,
+        so with ``save_top_k`` full of better losses ``--ckpt_path last`` resumed from an older step
+        than the run had reached. A validation with a non-finite monitored value is no good state:
+        neither file is written then.
+        """
+        super().on_validation_end(trainer, pl_module)
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._state_is_good = _non_finite_monitor(self.monitor, candidates) is None
+        if self._state_is_good and self._should_update_last(trainer):
+            self._save_last_checkpoint(trainer, candidates)
+
+    def _should_update_last(self, trainer: pl.Trainer) -> bool:
+        return (bool(self.save_last) and not trainer.sanity_checking and not trainer.fast_dev_run
+                and trainer.state.fn == "fit" and self._last_global_step_saved != trainer.global_step)
 
     # ------------------------------------------------------------------ Ctrl-C at a step boundary
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._last_good_path = self._last_good_path or str(trainer.ckpt_path or "")
         self._interrupt_requested = False
         self._interrupt_saved = False
         self._previous_handler = None
@@ -116,8 +163,11 @@ class AdapterCheckpoint(ModelCheckpoint):
         return requested
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``last.ckpt`` is the state the fit ended with (the one MergeExport exports), when it is good."""
         self._restore_handler()
         super().on_train_end(trainer, pl_module)
+        if self._state_is_good and self._should_update_last(trainer) and not _diverged(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     # ------------------------------------------------------------------ other exceptions
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -130,14 +180,23 @@ class AdapterCheckpoint(ModelCheckpoint):
             rank_zero_warn("stopped in the middle of a step (second Ctrl-C): no checkpoint written; "
                            f"the last one ({self.last_model_path or 'none yet'}) is kept")
             return
-        if _diverged(trainer):
-            rank_zero_warn(f"{type(exception).__name__}: not writing an exception checkpoint: the adapters are "
-                           f"non-finite or diverged; the last good checkpoint ({self.last_model_path or 'none yet'}) is kept")
+        if _diverged(trainer) or isinstance(exception, FloatingPointError):
+            rank_zero_warn(f"{type(exception).__name__}: not writing an exception checkpoint: the adapters are non-finite, diverged or "
+                           f"gave a non-finite loss; the last good checkpoint ({self.last_good_checkpoint or 'none yet'}) is kept")
             return
         filepath = os.path.join(self.dirpath or ".", f"step{trainer.global_step:06d}-exception{self.FILE_EXTENSION}")
         self._save_checkpoint(trainer, filepath)
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         rank_zero_info(f"{type(exception).__name__}: {exception}; saved checkpoint to {filepath}")
+
+
+def _non_finite_monitor(monitor: str | None, candidates: dict[str, torch.Tensor]) -> float | None:
+    """The monitored value when it is NaN / inf (a state that must not become a checkpoint), else None."""
+    value = candidates.get(monitor) if monitor else None
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isfinite(value) else value
 
 
 def _diverged(trainer: pl.Trainer) -> bool:

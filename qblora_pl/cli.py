@@ -22,24 +22,25 @@ On top of Lightning's CLI:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from qblora_pl.checkpoints import CHANGEABLE_ADAPTER_ARGS, UnreadableCheckpoint, read_checkpoint
+from qblora_pl.checkpoints import CHANGEABLE_ADAPTER_ARGS, read_checkpoint
 from qblora_pl.data.instruction import InstructionDataModule
+from qblora_pl.errors import configuration_error, exit_on_error
 from qblora_pl.module import QuantizedCausalLM
 from qblora_pl.paths import portable_model_reference, resolve_model_reference
-from qblora_pl.sources import SourceError
 
 #: Model arguments that define what a checkpoint's adapters are: they may not change on resume.
 IDENTITY_ARGS = ("model_name_or_path", "quantization", "adapter", "target_modules")
@@ -173,6 +174,15 @@ class QBLoRACLI(LightningCLI):
         return max(found, key=os.path.getmtime)
 
     # ------------------------------------------------------------------ configuration checks
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            reason = configuration_error(err, self.config.get(self.config.get("subcommand") or "", self.config))
+            if reason is err:
+                raise
+            raise reason from err
+
     def before_instantiate_classes(self) -> None:
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -185,6 +195,7 @@ class QBLoRACLI(LightningCLI):
                 f"trainer.accumulate_grad_batches={accumulate!r}: it must be an integer >= 1 "
                 "(1 = an optimizer step per batch)"
             )
+        _logs_under_default_root_dir(trainer)
         for callback in (trainer.get("callbacks") or []) if trainer is not None else []:
             if hasattr(callback, "get") and callback.get("class_path") == _LIGHTNING_CHECKPOINT:
                 callback["class_path"] = _SAFE_CHECKPOINT  # same arguments; see callbacks/checkpoint.py
@@ -202,14 +213,40 @@ class QBLoRACLI(LightningCLI):
     # ------------------------------------------------------------------ failed runs
     def _run_subcommand(self, subcommand: str) -> None:
         try:
+            self._claim_log_versions()
             super()._run_subcommand(subcommand)
         except BaseException:
-            if subcommand == "fit":
-                self._remove_empty_run_dir()
+            self._remove_empty_run_dir()
             raise
 
+    def _claim_log_versions(self) -> None:
+        """Create each logger's ``version_N`` directory now, exclusively, so two runs never share one.
+
+        Lightning's loggers pick ``version_N`` by listing the existing ones, lazily: two fits started
+        together in one folder both chose ``version_0`` and mixed their checkpoints and exports.
+        Here rank 0 makes the directory with ``mkdir`` (which fails if another run made it first) and
+        takes the next number until one is its own; other ranks receive rank 0's ``log_dir``.
+        """
+        if rank_zero_only.rank != 0:
+            return
+        for logger in self.trainer.loggers:
+            if not isinstance(logger, (TensorBoardLogger, CSVLogger)) or logger._version is not None:
+                continue
+            root = logger.root_dir
+            if "://" in root:  # remote storage: no exclusive create; Lightning's own choice stands
+                continue
+            os.makedirs(root, exist_ok=True)
+            version = logger._get_next_version()
+            while True:
+                try:
+                    os.mkdir(os.path.join(root, f"version_{version}"))
+                    break
+                except FileExistsError:
+                    version += 1
+            logger._version = version
+
     def _remove_empty_run_dir(self) -> None:
-        """Remove this fit's ``version_N`` when it trained no step and holds no checkpoint."""
+        """Remove this run's ``version_N`` when it trained no step and holds no checkpoint or result."""
         trainer = getattr(self, "trainer", None)
         if trainer is None or trainer.global_step > getattr(self, "_ckpt_step", 0) or not trainer.is_global_zero:
             return
@@ -224,7 +261,29 @@ class QBLoRACLI(LightningCLI):
             if path.is_file() and not path.name.startswith(allowed):
                 return  # a checkpoint or anything else: keep the directory
         shutil.rmtree(log_dir, ignore_errors=True)
+        for parent in (Path(log_dir).parent, Path(log_dir).parent.parent):  # runs/<name>, runs: when now empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         rank_zero_info(f"Removed {log_dir}: the run failed before its first step and wrote no checkpoint")
+
+
+def _logs_under_default_root_dir(trainer) -> None:
+    """``--trainer.default_root_dir DIR`` moves the configs' loggers (``save_dir: runs``) to ``DIR/runs``.
+
+    Lightning applies ``default_root_dir`` only to loggers it creates itself; a logger named in the
+    config keeps its ``save_dir`` relative to the working directory, so the option was silently
+    ignored. A relative ``save_dir`` is taken relative to ``default_root_dir`` instead (as
+    ``--ckpt_path last`` already looks for it); an absolute one is left as it is.
+    """
+    root = trainer.get("default_root_dir") if trainer is not None else None
+    loggers = trainer.get("logger") if trainer is not None else None
+    if not root:
+        return
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        args = logger.get("init_args") if hasattr(logger, "get") else None
+        save_dir = args.get("save_dir") if args is not None else None
+        if isinstance(save_dir, str) and not os.path.isabs(save_dir) and "://" not in save_dir:
+            args["save_dir"] = os.path.join(str(root), save_dir)
 
 
 def _plain(value: Any) -> Any:
@@ -272,6 +331,7 @@ def _show(value: Any) -> str:
 
 
 def main(args=None) -> QBLoRACLI:
+    """Run the CLI; a user error ends as one ``main.py: error: ...`` line and exit 2 (:mod:`qblora_pl.errors`)."""
     try:
         return QBLoRACLI(
             QuantizedCausalLM,
@@ -280,6 +340,6 @@ def main(args=None) -> QBLoRACLI:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except (ResumeConfigError, UnreadableCheckpoint, SourceError) as err:
-        print(f"main.py: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from err
+    except Exception as err:
+        exit_on_error("main.py", err)
+        raise

@@ -80,6 +80,11 @@ class QuantizedCausalLM(pl.LightningModule):
         super().__init__()
         if learning_rate <= 0 or not math.isfinite(learning_rate):
             raise ValueError(f"learning_rate={learning_rate} must be a positive finite number")
+        if learning_rate * 10 >= torch.finfo(torch.float32).max:
+            # AdamW's first step moves by learning_rate / (1 - beta1) = 10 x it, computed in float32.
+            raise ValueError(f"learning_rate={learning_rate} is too large: AdamW's first step uses 10 x it, which must "
+                             f"stay below float32's maximum {torch.finfo(torch.float32).max:.3g}; use a value below "
+                             f"{torch.finfo(torch.float32).max / 10:.3g} (QLoRA uses 2e-4)")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
         if divergence_patience < 0:
@@ -107,6 +112,7 @@ class QuantizedCausalLM(pl.LightningModule):
         self._farthest_from_uniform = 0.0  # largest |loss - ln V| / ln V seen so far (checkpointed)
         self._batch_seed_base: int | None = None  # see _run_seed (checkpointed)
         self._diverged: str | None = None  # why the adapters must not be checkpointed any more
+        self._uniform_batches: dict[str, bool] = {}  # stage -> every batch so far predicted uniformly
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -218,13 +224,23 @@ class QuantizedCausalLM(pl.LightningModule):
                 + (f", but the adapters are already non-finite ({', '.join(bad)}), so no checkpoint is written "
                    "with them" if bad else "")
                 + f". Lower model.learning_rate (now {self.hparams.learning_rate}) or check the data, and "
-                f"resume from the last good checkpoint: --ckpt_path <run>/checkpoints/last.ckpt "
-                f"--model.learning_rate <lower> (the new learning rate replaces the checkpoint's)."
+                + self._resume_advice()
             )
         self._check_uniform_loss(loss, distributed)
         batch_size = batch["input_ids"].size(0)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=distributed)
         return loss
+
+    def _resume_advice(self) -> str:
+        """Where to resume from after a failure: the run's last good checkpoint, by its path."""
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        path = getattr(callback, "last_good_checkpoint", None)  # AdapterCheckpoint; else Lightning's own paths
+        if path is None:
+            path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        if not path:
+            return "start a new run with a lower --model.learning_rate (no good checkpoint was written yet)."
+        return (f"resume from the last good checkpoint: --ckpt_path {path} --model.learning_rate <lower> (the new "
+                "learning rate replaces the checkpoint's; no checkpoint is written from this failed state).")
 
     def _check_uniform_loss(self, loss: torch.Tensor, distributed: bool) -> None:
         """Stop when the loss has sat at ln(vocab_size) for ``divergence_patience`` steps in a row.
@@ -290,17 +306,51 @@ class QuantizedCausalLM(pl.LightningModule):
         return self._log_eval_loss("test", batch)
 
     def _log_eval_loss(self, stage: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = self._loss(batch)
+        outputs = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+        loss = outputs.loss
         # Weight by response tokens so the epoch value is the per-token loss of the split.
         n_tokens = int((batch["labels"][:, 1:] != -100).sum())
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=max(n_tokens, 1), sync_dist=True)
+        self._uniform_batches[stage] = self._uniform_batches.get(stage, True) and _predicts_uniform(outputs.logits, batch["labels"])
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._uniform_batches.pop("val", None)
+
+    def on_test_epoch_start(self) -> None:
+        self._uniform_batches.pop("test", None)
 
     def on_validation_epoch_end(self) -> None:
         self._log_perplexity("val")
+        self._check_uniform_prediction("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_perplexity("test")
+        self._check_uniform_prediction("test")
+
+    def _check_uniform_prediction(self, stage: str) -> None:
+        """Stop when every evaluated position predicts the uniform distribution (all logits equal).
+
+        A collapsed model (a learning rate far too high) has loss ln(vocab_size) and scores like
+        chance; without this check a short run passed fit and test with exit 0, and its collapsed
+        checkpoint even ranked as best (an untrained run's loss is higher). Nothing is
+        checkpointed after it (``_diverged``), and ``test`` reports it instead of a perplexity.
+        """
+        uniform = torch.tensor(int(self._uniform_batches.pop(stage, False)), device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank must agree
+            uniform = self.trainer.strategy.reduce(uniform, reduce_op="min")
+        if not int(uniform) or (self._trainer is not None and self.trainer.sanity_checking):
+            return
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        what = "validation" if stage == "val" else "test"
+        self._diverged = f"the model predicts the uniform distribution at the {what} of step {self.global_step}"
+        raise TrainingDiverged(
+            f"{self._diverged}: every {what} position has equal logits over all {vocab} tokens (loss = ln(vocab_size) "
+            f"= {math.log(vocab) if vocab else float('nan'):.4f}); the adapters have collapsed. "
+            + (f"model.learning_rate={self.hparams.learning_rate} is far too high: lower it and resume from a "
+               f"checkpoint written before step {self.global_step} (none is written now)" if stage == "val" else
+               "The checkpoint or export was written by a diverged run; test an earlier checkpoint")
+        )
 
     def _log_perplexity(self, stage: str) -> None:
         loss = self.trainer.callback_metrics.get(f"{stage}/loss")
@@ -411,8 +461,24 @@ class QuantizedCausalLM(pl.LightningModule):
             torch.cuda.set_rng_state_all(rng["cuda"])
         if "python" in rng:
             _set_python_rng_state(rng["python"])
-        if "batch_seed_base" in checkpoint:  # the resumed run draws the dropout masks the original would have
-            self._batch_seed_base = int(checkpoint["batch_seed_base"])
+        if "batch_seed_base" in checkpoint:
+            self._batch_seed_base = self._resumed_seed(int(checkpoint["batch_seed_base"]), int(checkpoint.get("global_step", 0)))
+
+    def _resumed_seed(self, saved: int, step: int) -> int:
+        """The seed of the resumed run's dropout draws: the checkpoint's, unless ``seed_everything`` changed.
+
+        With the same seed the resumed run draws exactly the masks the uninterrupted run would have.
+        A different ``seed_everything`` (recorded in the run's config.yaml) takes effect from the
+        resume point on, and is said; the data order is set by ``data.split_seed`` /
+        ``data.shuffle_seed``, not by this seed.
+        """
+        current = os.environ.get("PL_GLOBAL_SEED")
+        if current is None or int(current) == saved:
+            return saved
+        rank_zero_info(f"Resume: seed_everything={current} replaces the checkpoint's {saved}: the dropout draws from "
+                       f"global step {step} on follow seed {current} (the data order follows data.split_seed / "
+                       "data.shuffle_seed, unchanged)")
+        return int(current)
 
     def _apply_changed_optimisation(self, checkpoint: dict[str, Any]) -> None:
         """Make a learning rate / weight decay changed on resume take effect, and say so.
@@ -485,6 +551,15 @@ def _set_python_rng_state(state: dict[str, Any]) -> None:
 
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _predicts_uniform(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether every scored position (label != -100) has all its logits equal (to 1e-4)."""
+    scored = labels[:, 1:] != -100
+    if not bool(scored.any()):
+        return True
+    spread = logits[:, :-1].float().amax(-1) - logits[:, :-1].float().amin(-1)
+    return bool((spread[scored] <= 1e-4).all())
 
 
 def _finite_everywhere(loss: torch.Tensor, distributed: bool) -> bool:

@@ -41,3 +41,45 @@ class PoisonAdapters(pl.Callback):
                 for param in pl_module.parameters():
                     if param.requires_grad:
                         param.fill_(float("nan"))
+
+
+class RaiseAtStep(pl.Callback):
+    """Raise a RuntimeError (a stand-in for a defect, not a user error) when global step ``step`` starts."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"injected defect at step {self.step}")
+
+
+class ScaleAdapters(pl.Callback):
+    """Multiply every adapter by ``factor`` after the optimizer step of global step ``step`` (finite, but huge)."""
+
+    def __init__(self, step: int, factor: float) -> None:
+        self.step = step
+        self.factor = factor
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            import torch
+
+            with torch.no_grad():
+                for param in pl_module.parameters():
+                    if param.requires_grad:
+                        param.mul_(self.factor)
+
+
+class CollapseToUniform(pl.Callback):
+    """Zero the final norm after global step ``step``: every logit becomes 0, a uniform prediction."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            import torch
+
+            with torch.no_grad():
+                pl_module.model.model.norm.weight.zero_()

@@ -316,7 +316,7 @@ def test_accumulate_grad_batches_zero_and_oversized_batch_are_refused(tiny_model
     done = main_py(tmp_path, "fit", "--trainer.accumulate_grad_batches", "0", config=config)
     assert done.returncode == 2 and "trainer.accumulate_grad_batches=0: it must be an integer >= 1" in done.stderr
     done = main_py(tmp_path, "fit", "--data.batch_size", "100000", config=config)
-    assert done.returncode == 1
+    assert done.returncode == 2  # a user error (issue #35): one message, exit 2
     assert "data.batch_size=100000 is larger than the training split (56 records)" in done.stderr
     assert not list((tmp_path / "runs").glob("t/version_*")), "a failed run left its version_N directory"
 

@@ -205,6 +205,20 @@ def add_repeated(result: torch.Tensor, low: torch.Tensor, k_out: int) -> torch.T
     return _AddRepeated.apply(result, low.to(result.dtype), k_out)
 
 
+def require_positive(method: str, **values: float | None) -> None:
+    """Raise AdapterConfigError naming the method and value for each given value that is not > 0.
+
+    ``None`` means "chosen automatically" and is skipped. ``alpha`` scales the update by
+    ``alpha / r``: 0 would train adapters that change nothing, a negative value flips the update.
+    """
+    for key, value in values.items():
+        if value is None:
+            continue
+        if not (math.isfinite(value) and value > 0):
+            why = " (the update is scaled by alpha / r: 0 trains nothing)" if key == "alpha" else ""
+            raise AdapterConfigError(f"{method} {key}={value} must be positive{why}")
+
+
 def require_divisible(layer_name: str, dim_name: str, dim: int, factor_name: str, factor: int) -> None:
     """Raise AdapterConfigError naming the layer and numbers when ``dim % factor != 0``."""
     if factor <= 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qblora_pl.adapters.base import AdapterConfigError, AdapterModule, AdapterStrategy, kaiming_uniform_, low_rank_singular_values
+from qblora_pl.adapters.base import AdapterModule, AdapterStrategy, kaiming_uniform_, low_rank_singular_values, require_positive
 
 
 class LoRAAdapter(AdapterModule):
@@ -41,8 +41,7 @@ class LoRA(AdapterStrategy):
 
     def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.05) -> None:
         super().__init__(dropout)
-        if r <= 0:
-            raise AdapterConfigError(f"LoRA rank r={r} must be positive")
+        require_positive("LoRA", r=r, alpha=alpha)
         self.r = r
         self.alpha = alpha
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qblora_pl.adapters.base import AdapterConfigError, AdapterStrategy, GroupConstantAdapter, add_repeated, require_divisible
+from qblora_pl.adapters.base import AdapterStrategy, GroupConstantAdapter, add_repeated, require_divisible, require_positive
 from qblora_pl.adapters.budget import choose_k_out
 from qblora_pl.adapters.qalora import resolve_pool_window
 
@@ -65,10 +65,7 @@ class QABLoRA(AdapterStrategy):
         dropout: float = 0.05,
     ) -> None:
         super().__init__(dropout)
-        if budget_rank <= 0:
-            raise AdapterConfigError(f"QA-BLoRA budget_rank={budget_rank} must be positive")
-        if k_out is not None and k_out <= 0:
-            raise AdapterConfigError(f"QA-BLoRA k_out={k_out} must be positive")
+        require_positive("QA-BLoRA", budget_rank=budget_rank, alpha=alpha, k_out=k_out, pool_window=pool_window)
         self.budget_rank, self.alpha, self.k_out, self.pool_window = budget_rank, alpha, k_out, pool_window
 
     def build_adapter(self, layer_name, base, d_in, d_out) -> QABLoRAAdapter:

@@ -18,6 +18,7 @@ from qblora_pl.adapters.base import (
     kaiming_uniform_,
     low_rank_singular_values,
     require_divisible,
+    require_positive,
 )
 from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
 
@@ -68,8 +69,7 @@ class QALoRA(AdapterStrategy):
 
     def __init__(self, r: int = 8, alpha: float = 16.0, pool_window: int | None = None, dropout: float = 0.05) -> None:
         super().__init__(dropout)
-        if r <= 0:
-            raise AdapterConfigError(f"QA-LoRA rank r={r} must be positive")
+        require_positive("QA-LoRA", r=r, alpha=alpha, pool_window=pool_window)
         self.r, self.alpha, self.pool_window = r, alpha, pool_window
 
     def build_adapter(self, layer_name, base, d_in, d_out) -> QALoRAAdapter:

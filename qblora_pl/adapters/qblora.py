@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from qblora_pl.adapters.base import (
-    AdapterConfigError,
     AdapterModule,
     AdapterStrategy,
     add_repeated,
@@ -24,6 +23,7 @@ from qblora_pl.adapters.base import (
     kaiming_uniform_,
     low_rank_singular_values,
     require_divisible,
+    require_positive,
 )
 
 
@@ -80,9 +80,7 @@ class QBLoRA(AdapterStrategy):
         dropout: float = 0.05,
     ) -> None:
         super().__init__(dropout)
-        for key, value in {"r": r, "k_in": k_in, "k_out": k_out, "rank_multiplier": rank_multiplier}.items():
-            if value <= 0:
-                raise AdapterConfigError(f"Q-BLoRA {key}={value} must be positive")
+        require_positive("Q-BLoRA", r=r, alpha=alpha, k_in=k_in, k_out=k_out, rank_multiplier=rank_multiplier)
         self.r, self.alpha = r, alpha
         self.k_in, self.k_out, self.rank_multiplier = k_in, k_out, rank_multiplier
 

@@ -41,6 +41,25 @@ def resolve_model_reference(reference: str | os.PathLike) -> str:
     return text
 
 
+def resolve_data_reference(data_path: str | os.PathLike) -> str:
+    """``data_path`` itself, or this installation's copy of embedded data a moved checkout recorded.
+
+    A checkpoint records the embedded data set by its absolute path (``.../qblora_pl/assets/data/
+    instructions``); after the checkout moves, that path no longer exists and maps to the same
+    folder under this installation's assets. Anything else is returned unchanged.
+    """
+    text = os.fspath(data_path)
+    path = Path(text)
+    if not path.is_absolute() or path.exists():
+        return text
+    parts = path.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == ("qblora_pl", "assets", "data"):
+            candidate = EMBEDDED_DATA_DIR.joinpath(*parts[i + 3 :])
+            return str(candidate) if candidate.exists() else text
+    return text
+
+
 def portable_model_reference(model_name_or_path: str | os.PathLike) -> str:
     """How a checkpoint records a model: ``embedded:<name>`` for a model shipped in the package."""
     text = os.fspath(model_name_or_path)

@@ -7,6 +7,7 @@ that a checkpoint can resume mid-epoch (:mod:`qblora_pl.data.sampler`).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,7 @@ class InstructionDataModule(L.LightningDataModule):
         self._datasets: dict[str, TokenizedInstructions] | None = None
         self._train_sampler: LengthGroupedSampler | None = None
         self._resume: dict[str, int] | None = None
+        self._train_digest: str | None = None
 
     # -- data ------------------------------------------------------------------------------
 
@@ -357,7 +359,23 @@ class InstructionDataModule(L.LightningDataModule):
         if samples_done >= len(self._train_sampler):  # epoch finished: resume at the next one
             epoch, samples_done = epoch + 1, 0
         return {"epoch": epoch, "samples_done": samples_done, "split_seed": self.split_seed,
-                "shuffle_seed": self.shuffle_seed}
+                "shuffle_seed": self.shuffle_seed, "train_records": len(self._dataset("train")),
+                "train_digest": self.train_digest(), "data_path": str(self.data_path)}
+
+    def train_digest(self) -> str:
+        """A fingerprint of the training examples as trained on (their token ids), in split order.
+
+        A checkpoint's position in the training order (epoch, samples done) means something only for
+        these examples: another file, split or tokenizer gives another digest. The content is
+        compared, not the path, so a moved data file still resumes.
+        """
+        if self._train_digest is None:
+            digest = hashlib.sha256()
+            for input_ids in self._dataset("train").input_ids:
+                digest.update(input_ids.to(torch.int64).numpy().tobytes())
+                digest.update(b"|")
+            self._train_digest = digest.hexdigest()[:16]
+        return self._train_digest
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         if not state_dict:
@@ -368,6 +386,17 @@ class InstructionDataModule(L.LightningDataModule):
         if state_dict.get("shuffle_seed", self.shuffle_seed) != self.shuffle_seed:
             raise ValueError(f"checkpoint data order used shuffle_seed={state_dict['shuffle_seed']}, this run uses "
                              f"shuffle_seed={self.shuffle_seed}; resume with the same seed")
+        saved_digest = state_dict.get("train_digest")
+        if saved_digest is not None and saved_digest != self.train_digest():
+            raise ValueError(
+                f"--ckpt_path: the checkpoint was trained on other data (data_path "
+                f"{state_dict.get('data_path', '?')!r}: {state_dict.get('train_records', '?')} training examples), but "
+                f"this run's data.data_path={str(self.data_path)!r} gives {len(self._dataset('train'))} different ones. "
+                f"A resume continues at the checkpoint's place in its training order (epoch {state_dict['epoch']}, "
+                f"{state_dict['samples_done']} examples done), which other data does not have: resume with the same "
+                "data file, split (val_fraction, test_fraction, split_seed, max_train_examples), template and "
+                "tokenizer, or start a new run without --ckpt_path"
+            )
         self._resume = {"epoch": int(state_dict["epoch"]), "samples_done": int(state_dict["samples_done"])}
         if self._train_sampler is not None:
             self._train_sampler.resume(self._resume["epoch"], self._resume["samples_done"])

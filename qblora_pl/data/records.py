@@ -179,7 +179,7 @@ def read_json_rows(path: str | os.PathLike) -> list[Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; check data_path (cwd is {Path.cwd()})")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark (Windows editors) is dropped
     except OSError as err:
         raise RecordError(f"{path}: cannot be read ({err.strerror}); check its permissions") from err
     except UnicodeDecodeError as err:

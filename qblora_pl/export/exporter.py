@@ -51,7 +51,8 @@ from qblora_pl.export.verify import (
     validation_batch,
 )
 from qblora_pl.merging import merge_adapters, unmerge_adapters
-from qblora_pl.sources import pretrained_name_or_path
+from qblora_pl.paths import portable_model_reference, resolve_data_reference, resolve_model_reference
+from qblora_pl.sources import looks_like_local_path, pretrained_name_or_path
 
 EXPORT_FORMATS = ("native", "gguf", "hf")
 # Written only when named (formats: [..., mlx]): verifying it needs mlx-lm (pip install -e ".[mlx]").
@@ -336,7 +337,8 @@ def export_from_checkpoint(
     if result.unexpected_keys:
         raise RuntimeError(f"{ckpt_path}: unexpected keys {result.unexpected_keys[:5]}")
     if kwargs.get("verify", True) and "batch" not in kwargs:
-        held_out = held_out_batch(checkpoint, data_path, verify_records, log=kwargs.get("log", print))
+        held_out = held_out_batch(checkpoint, data_path, verify_records, log=kwargs.get("log", print),
+                                  model_name_or_path=module.model_name_or_path)
         if held_out is not None:
             kwargs["batch"], kwargs["batch_source"] = held_out
     return export_module(module, output_dir, formats=formats, **kwargs)
@@ -360,12 +362,16 @@ def default_checkpoint_export_dir(ckpt_path: str | Path) -> Path:
 
 
 def held_out_batch(checkpoint: dict[str, Any], data_path: str | None = None, records: int = 8,
-                   log: Callable[[str], None] = print) -> tuple[dict[str, torch.Tensor], str] | None:
+                   log: Callable[[str], None] = print,
+                   model_name_or_path: str | None = None) -> tuple[dict[str, torch.Tensor], str] | None:
     """The first ``records`` validation records of the data the checkpoint was trained on.
 
     The data module is rebuilt from the checkpoint's ``datamodule_hyper_parameters`` (Lightning
     stores them), ``data_path`` replacing the recorded path when the data moved. Returns None
     (with a log line saying why) when the checkpoint recorded no data or it cannot be read.
+    Recorded paths that moved with the checkout are re-resolved; the tokenizer follows the model
+    being exported (``model_name_or_path``) when the run used the model's own tokenizer, or when
+    the recorded tokenizer folder is gone.
     """
     from qblora_pl.data.datamodule import InstructionDataModule
 
@@ -374,8 +380,11 @@ def held_out_batch(checkpoint: dict[str, Any], data_path: str | None = None, rec
         log("export verify: the checkpoint records no training data; verifying on fixed sample texts")
         return None
     hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    if data_path is not None:
-        hparams["data_path"] = data_path
+    hparams["data_path"] = data_path if data_path is not None else resolve_data_reference(hparams.get("data_path", ""))
+    if model_name_or_path is not None:
+        hparams["tokenizer_name_or_path"] = _tokenizer_for_export(
+            hparams.get("tokenizer_name_or_path"), (checkpoint.get("hyper_parameters") or {}).get("model_name_or_path"),
+            model_name_or_path)
     accepted = inspect.signature(InstructionDataModule.__init__).parameters
     hparams = {k: v for k, v in hparams.items() if k in accepted}
     hparams["eval_batch_size"] = records
@@ -384,11 +393,25 @@ def held_out_batch(checkpoint: dict[str, Any], data_path: str | None = None, rec
         datamodule.setup("validate")
         batch = next(iter(datamodule.val_dataloader()))
     except Exception as err:  # noqa: BLE001 - moved or unreadable data: say so, verify on sample texts
-        log(f"export verify: the run's data {hparams.get('data_path')!r} could not be read ({type(err).__name__}: "
-            f"{err}); verifying on fixed sample texts (pass --data_path to use the run's held-out records)")
+        hint = "" if data_path is not None else " (pass --data_path to use the run's held-out records)"
+        log(f"export verify: the run's data {hparams.get('data_path')!r} (tokenizer "
+            f"{hparams.get('tokenizer_name_or_path')!r}) could not be read ({type(err).__name__}: {err}); verifying on "
+            f"fixed sample texts{hint}")
         return None
     batch = {k: v[:records] for k, v in batch.items() if isinstance(v, torch.Tensor)}
     return batch, f"validation split of {hparams.get('data_path')} (first {len(batch['input_ids'])} records)"
+
+
+def _tokenizer_for_export(recorded: str | None, recorded_model: str | None, model_name_or_path: str) -> str:
+    """The tokenizer to verify with: the recorded one, unless it was the model's or its folder is gone."""
+    if not recorded:
+        return model_name_or_path
+    resolved = resolve_model_reference(recorded)
+    was_the_models = recorded_model is not None and portable_model_reference(resolved) == portable_model_reference(
+        resolve_model_reference(recorded_model))
+    if was_the_models or (looks_like_local_path(resolved) and not Path(resolved).exists()):
+        return model_name_or_path
+    return resolved
 
 
 def module_from_checkpoint(checkpoint: dict[str, Any], model_name_or_path: str | None = None):

@@ -86,7 +86,8 @@ class AdapterCheckpoint(ModelCheckpoint):
               "press Ctrl-C again to stop at once without one", flush=True)
 
     def _restore_handler(self) -> None:
-        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+        # Unset before on_train_start: a run stopped in setup (a MergeExport pre-check) never installed one.
+        if getattr(self, "_previous_handler", None) is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None
 

@@ -36,6 +36,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from qblora_pl.checkpoints import CHANGEABLE_ADAPTER_ARGS, UnreadableCheckpoint, read_checkpoint
+from qblora_pl.export.preflight import ExportDestinationNotWritable, MissingExportDependency
 from qblora_pl.data.instruction import InstructionDataModule
 from qblora_pl.module import QuantizedCausalLM
 from qblora_pl.paths import portable_model_reference, resolve_model_reference
@@ -280,6 +281,7 @@ def main(args=None) -> QBLoRACLI:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except (ResumeConfigError, UnreadableCheckpoint, SourceError) as err:
+    except (ResumeConfigError, UnreadableCheckpoint, SourceError, MissingExportDependency,
+            ExportDestinationNotWritable) as err:
         print(f"main.py: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from err

@@ -7,6 +7,9 @@ The export goes with its run: by default ``<run>/exports_x`` for ``<run>/checkpo
 (``x_export/`` beside any other checkpoint file), beside the fit's own ``<run>/exports``. It is staged and appears whole or not at all,
 it never replaces the export of another checkpoint (``--overwrite`` to allow it), and it is
 verified on held-out (validation) records of the data the checkpoint was trained on.
+
+Before anything loads, every format's packages and the output folder are checked
+(:mod:`qblora_pl.export.preflight`).
 """
 
 from __future__ import annotations
@@ -42,17 +45,25 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--verify_records {args.verify_records}: must be >= 1")
     from qblora_pl.checkpoints import NonFiniteAdapterError, UnreadableCheckpoint
     from qblora_pl.export.exporter import ExportDestinationError, ExportVerificationError
+    from qblora_pl.export.preflight import (
+        ExportDestinationNotWritable,
+        MissingExportDependency,
+        check_export_requirements,
+        check_writable_destination,
+    )
     from qblora_pl.sources import SourceError
 
     output_dir = args.output_dir or default_checkpoint_export_dir(args.ckpt_path)
     try:
+        check_export_requirements(args.formats, verify=not args.no_verify)
+        check_writable_destination(output_dir, "--output_dir" if args.output_dir else "the default --output_dir")
         report = export_from_checkpoint(
             None, args.ckpt_path, output_dir, formats=args.formats, verify=not args.no_verify,
             model_name_or_path=args.model_name_or_path, overwrite=args.overwrite, data_path=args.data_path,
             verify_records=args.verify_records,
         )
     except (UnreadableCheckpoint, SourceError, NonFiniteAdapterError, ExportDestinationError,
-            ExportVerificationError, FloatingPointError) as err:
+            ExportVerificationError, FloatingPointError, MissingExportDependency, ExportDestinationNotWritable) as err:
         parser.exit(2, f"main.py export: error: {err}\n")
     print(json.dumps(report, indent=2, default=str))
     return report

@@ -9,13 +9,18 @@ it never replaces the export of another checkpoint (``--overwrite`` to allow it)
 verified on held-out (validation) records of the data the checkpoint was trained on.
 
 Before anything loads, every format's packages and the output folder are checked
-(:mod:`qblora_pl.export.preflight`).
+(:mod:`qblora_pl.export.preflight`). SIGTERM (``timeout``, ``kill``, a scheduler) stops the export
+like Ctrl-C, removing its staging folder, and exits with 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
+import sys
+import threading
 
 from qblora_pl.export.exporter import (
     EXPORT_FORMATS,
@@ -57,13 +62,38 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         check_export_requirements(args.formats, verify=not args.no_verify)
         check_writable_destination(output_dir, "--output_dir" if args.output_dir else "the default --output_dir")
-        report = export_from_checkpoint(
-            None, args.ckpt_path, output_dir, formats=args.formats, verify=not args.no_verify,
-            model_name_or_path=args.model_name_or_path, overwrite=args.overwrite, data_path=args.data_path,
-            verify_records=args.verify_records,
-        )
+        with _sigterm_stops_the_export():
+            report = export_from_checkpoint(
+                None, args.ckpt_path, output_dir, formats=args.formats, verify=not args.no_verify,
+                model_name_or_path=args.model_name_or_path, overwrite=args.overwrite, data_path=args.data_path,
+                verify_records=args.verify_records,
+            )
     except (UnreadableCheckpoint, SourceError, NonFiniteAdapterError, ExportDestinationError,
             ExportVerificationError, FloatingPointError, MissingExportDependency, ExportDestinationNotWritable) as err:
         parser.exit(2, f"main.py export: error: {err}\n")
     print(json.dumps(report, indent=2, default=str))
     return report
+
+
+@contextlib.contextmanager
+def _sigterm_stops_the_export():
+    """SIGTERM raises SystemExit(143) instead of killing the process where it stands.
+
+    The default action ends the process mid-write, leaving the hidden staging folder behind; as an
+    exception it unwinds like Ctrl-C: the staging folder is removed, the model unmerged, and a
+    previous export stays as it was. Signal handlers can only be set in the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        print(f"main.py export: stopped by signal {signum}; removing the partial export (a previous one is kept)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -228,3 +228,36 @@ def test_checkpoint_export_checks_formats_and_output_dir_before_loading_anything
     assert exited.value.code == 2 and f"--output_dir '{blocker / 'out'}' is not writable: " in err
     assert not (tmp_path / "out").exists()
 
+
+def test_sigterm_during_a_checkpoint_export_removes_its_staging_folder(saved_checkpoint, tmp_path, monkeypatch):
+    """`timeout` / `kill` send SIGTERM, whose default action kills the process mid-write and leaves a
+    hidden staging folder; main.py export turns it into an exit that cleans up on the way out."""
+    import os
+    import signal
+    import time
+
+    import qblora_pl.export.exporter as exporter
+    from qblora_pl.export.cli import main as export_main
+
+    real_write_native = exporter.write_native
+
+    def terminated_while_writing(*args, **kwargs):
+        info = real_write_native(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs here
+        return info
+
+    def default_action(signum, frame):  # stands in for SIG_DFL, which would end pytest itself
+        raise AssertionError("SIGTERM reached the default action: the export would die leaving its staging folder")
+
+    monkeypatch.setattr(exporter, "write_native", terminated_while_writing)
+    previous = signal.signal(signal.SIGTERM, default_action)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            export_main(["--ckpt_path", str(saved_checkpoint), "--formats", "native", "--no_verify",
+                         "--output_dir", str(tmp_path / "out")])
+        assert signal.getsignal(signal.SIGTERM) is default_action  # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []

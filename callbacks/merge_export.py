@@ -16,8 +16,10 @@ merges are exact (QA-LoRA / QA-BLoRA on INT4 g32k: native and GGUF Q4_1) and whi
 re-quantizations (LoRA / Q-BLoRA), and what the verification measures.
 
 Each run exports into its own directory (a relative ``output_dir`` lives in the run's log dir).
-A path the user names may hold an export of another run: that is refused when ``fit`` starts
-(before any training), unless ``overwrite: true``. A resumed run keeps its run id (the callback's
+A format whose packages are missing (``mlx`` without mlx-lm) or an ``output_dir`` that cannot be
+written stops ``fit`` before the model loads (:mod:`qblora_pl.export.preflight`). A path the user
+names may hold an export of another run: that is refused when ``fit`` starts (before any
+training), unless ``overwrite: true``. A resumed run keeps its run id (the callback's
 checkpointed state), so it may replace its own export. Exports are staged and appear whole or
 not at all (:mod:`qblora_pl.export.exporter`).
 """
@@ -33,6 +35,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from qblora_pl.distributed import is_sharded, unsharded_copy
 from qblora_pl.export.exporter import EXPORT_FORMATS, check_export_destination, check_formats, export_module
+from qblora_pl.export.preflight import (
+    ExportDestinationNotWritable,
+    MissingExportDependency,
+    check_export_requirements,
+    check_writable_destination,
+)
 
 
 class MergeExport(pl.Callback):
@@ -95,6 +103,25 @@ class MergeExport(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.run_id = state_dict.get("run_id") or self.run_id
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning calls the callbacks' setup before the module's setup and configure_model (which
+        # loads the model): a missing package or an unwritable output_dir stops the run before
+        # anything loads, not at its end. Rank 0 exports, so it checks; every rank raises its verdict
+        # (one rank failing alone would leave the others waiting at the next collective).
+        if stage != "fit":
+            return
+        output_dir = self.resolve_output_dir(trainer)  # a collective under FSDP2: every rank asks
+        problem = None
+        if trainer.is_global_zero:
+            try:
+                check_export_requirements(self.formats, self.verify)
+                check_writable_destination(output_dir, "MergeExport output_dir")
+            except (MissingExportDependency, ExportDestinationNotWritable) as err:
+                problem = err
+        problem = trainer.strategy.broadcast(problem)
+        if problem is not None:
+            raise problem
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Checkpoint state (a resumed run's id) is restored before on_fit_start. Fail now, not

@@ -7,12 +7,20 @@ The export goes with its run: by default ``<run>/exports_x`` for ``<run>/checkpo
 (``x_export/`` beside any other checkpoint file), beside the fit's own ``<run>/exports``. It is staged and appears whole or not at all,
 it never replaces the export of another checkpoint (``--overwrite`` to allow it), and it is
 verified on held-out (validation) records of the data the checkpoint was trained on.
+
+Before anything loads, every format's packages and the output folder are checked
+(:mod:`qblora_pl.export.preflight`). SIGTERM (``timeout``, ``kill``, a scheduler) stops the export
+like Ctrl-C, removing its staging folder, and exits with 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
+import sys
+import threading
 
 from qblora_pl.export.exporter import (
     EXPORT_FORMATS,
@@ -40,19 +48,48 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.verify_records < 1:
         parser.error(f"--verify_records {args.verify_records}: must be >= 1")
-    from qblora_pl.checkpoints import NonFiniteAdapterError, UnreadableCheckpoint
-    from qblora_pl.export.exporter import ExportDestinationError, ExportVerificationError
-    from qblora_pl.sources import SourceError
+    from qblora_pl.errors import exit_on_error
+    from qblora_pl.export.exporter import ExportVerificationError
+    from qblora_pl.export.preflight import check_export_requirements, check_writable_destination
 
     output_dir = args.output_dir or default_checkpoint_export_dir(args.ckpt_path)
     try:
-        report = export_from_checkpoint(
-            None, args.ckpt_path, output_dir, formats=args.formats, verify=not args.no_verify,
-            model_name_or_path=args.model_name_or_path, overwrite=args.overwrite, data_path=args.data_path,
-            verify_records=args.verify_records,
-        )
-    except (UnreadableCheckpoint, SourceError, NonFiniteAdapterError, ExportDestinationError,
-            ExportVerificationError, FloatingPointError) as err:
+        check_export_requirements(args.formats, verify=not args.no_verify)
+        check_writable_destination(output_dir, "--output_dir" if args.output_dir else "the default --output_dir")
+        with _sigterm_stops_the_export():
+            report = export_from_checkpoint(
+                None, args.ckpt_path, output_dir, formats=args.formats, verify=not args.no_verify,
+                model_name_or_path=args.model_name_or_path, overwrite=args.overwrite, data_path=args.data_path,
+                verify_records=args.verify_records,
+            )
+    except (ExportVerificationError, FloatingPointError) as err:  # the checkpoint's adapters or the export failed
         parser.exit(2, f"main.py export: error: {err}\n")
+    except Exception as err:  # user errors: one line, exit 2 (qblora_pl.errors); defects keep their traceback
+        exit_on_error("main.py export", err)
+        raise
     print(json.dumps(report, indent=2, default=str))
     return report
+
+
+@contextlib.contextmanager
+def _sigterm_stops_the_export():
+    """SIGTERM raises SystemExit(143) instead of killing the process where it stands.
+
+    The default action ends the process mid-write, leaving the hidden staging folder behind; as an
+    exception it unwinds like Ctrl-C: the staging folder is removed, the model unmerged, and a
+    previous export stays as it was. Signal handlers can only be set in the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        print(f"main.py export: stopped by signal {signum}; removing the partial export (a previous one is kept)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -41,6 +41,7 @@ from qblora_pl.export.hf_dense import write_hf_dense
 from qblora_pl.export.mlx_loader import MLX_CLIENT, load_mlx
 from qblora_pl.export.mlx_writer import write_mlx
 from qblora_pl.export.native import load_native, write_native
+from qblora_pl.export.preflight import check_export_requirements, check_writable_destination
 from qblora_pl.export.snapshot import dtype_from_name, snapshot_merged_model
 from qblora_pl.export.verify import (
     compare_logits,
@@ -88,12 +89,17 @@ def export_merged(
     non-finite merged weight raises FloatingPointError naming the layer, non-finite logits
     :class:`ExportVerificationError`; either way nothing is written. ``run`` identifies the run
     the export belongs to (``{"id": ...}`` plus anything worth recording); an existing export of
-    another run raises :class:`ExportDestinationError` unless ``overwrite``. Returns the report.
+    another run raises :class:`ExportDestinationError` unless ``overwrite``; a format whose packages do
+    not import, :class:`~qblora_pl.export.preflight.MissingExportDependency`, and an ``output_dir``
+    that cannot be written, :class:`~qblora_pl.export.preflight.ExportDestinationNotWritable`, both
+    before the merge. Returns the report.
     """
     formats = check_formats(formats)
+    check_export_requirements(formats, verify)
     dense = dtype_from_name(dense_dtype)
     output_dir = Path(output_dir)
     check_export_destination(output_dir, run, overwrite)
+    check_writable_destination(output_dir, "export output_dir")
     with staged_export(output_dir) as stage:
         report = _export_into(
             model, stage, tokenizer_source, formats=formats, verify=verify, batch=batch, batch_source=batch_source,
@@ -319,6 +325,9 @@ def export_from_checkpoint(
         read_checkpoint,
     )
 
+    formats = check_formats(formats)
+    check_export_requirements(formats, kwargs.get("verify", True))  # before the model loads
+    check_writable_destination(output_dir, "export output_dir")
     checkpoint = read_checkpoint(ckpt_path)
     kwargs.setdefault("run", checkpoint_run(ckpt_path, checkpoint))
     bad = non_finite_entries(checkpoint["state_dict"])

@@ -210,3 +210,103 @@ def test_int8_gguf_uses_the_named_fallback(gqa_model_dir, tmp_path, fallback, ex
 def test_unknown_format_is_named(qablora_module, tmp_path):
     with pytest.raises(ValueError, match=r"\['onnx'\] are not among"):
         export_module(qablora_module, tmp_path, formats=["native", "onnx"], log=_quiet)
+
+
+# ---------------------------------------------------------------- interrupted exports (issue 35)
+_ATOMIC = Path(__file__).resolve().parents[2] / "qblora_pl" / "export" / "atomic.py"
+
+# A writer process using qblora_pl/export/atomic.py (loaded by path: no torch import, starts in ms).
+_WRITER = """
+import importlib.util, os, shutil, signal, sys, time
+spec = importlib.util.spec_from_file_location("atomic", sys.argv[1])
+atomic = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(atomic)
+final, how = sys.argv[2], sys.argv[3]
+if how == "killed_after_swap":  # the new export is in place, the old one not yet deleted
+    shutil.rmtree = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+if how == "file":
+    with atomic.atomic_file(final) as tmp:
+        tmp.write_bytes(b"half a file")
+        os.kill(os.getpid(), signal.SIGKILL)
+with atomic.atomic_directory(final) as tmp:
+    (tmp / "weights.bin").write_bytes(bytes(4096))
+    (tmp / "export_report.json").write_text('{"run": {"id": "run-a"}}')  # the same run as the tests'
+    if how == "live":
+        print("writing", flush=True)
+        time.sleep(120)
+    elif how == "killed":
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _writer(final: Path, how: str, **popen):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", _WRITER, str(_ATOMIC), str(final), how], text=True, **popen)
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("how", ["killed", "killed_after_swap"])
+def test_the_next_export_removes_what_a_killed_export_left(qablora_module, tmp_path, how):
+    """A SIGKILLed export leaves its hidden staging (or set-aside) folder; the next export into the same
+    destination removes it - and nothing else: other names are not ours."""
+    out = tmp_path / "exports"
+    export_module(qablora_module, out, formats=["native"], verify=False, run=RUN, log=_quiet)
+    assert _writer(out, how).wait(timeout=60) == -9
+    assert _hidden(tmp_path), "the killed writer left nothing behind: the test would prove nothing"
+    foreign = [".exports.keep.tmp", ".exports_other.1-2.tmp", ".exports.old"]
+    for name in foreign:
+        (tmp_path / name).mkdir()
+    export_module(qablora_module, out, formats=["native"], verify=False, run=RUN, log=_quiet)
+    assert _hidden(tmp_path) == sorted(foreign)
+    assert load_native(out / "native") is not None
+
+
+def test_the_next_export_keeps_a_running_exports_staging_folder(qablora_module, tmp_path):
+    out = tmp_path / "exports"
+    import subprocess
+
+    live = _writer(out, "live", stdout=subprocess.PIPE)
+    try:
+        assert live.stdout.readline().strip() == "writing"
+        staging = _hidden(tmp_path)
+        assert len(staging) == 1 and staging[0].endswith(".tmp")
+        export_module(qablora_module, out, formats=["native"], verify=False, run=RUN, log=_quiet)
+        assert _hidden(tmp_path) == staging  # another process is still writing it
+    finally:
+        live.kill()
+        live.wait(timeout=60)
+    export_module(qablora_module, out, formats=["native"], verify=False, run=RUN, log=_quiet)
+    assert _hidden(tmp_path) == []  # its writer is gone: stale
+
+
+def test_the_next_file_write_removes_a_killed_writes_temporary_file(tmp_path):
+    from qblora_pl.export.atomic import atomic_file
+
+    final = tmp_path / "model.gguf"
+    assert _writer(final, "file").wait(timeout=60) == -9
+    assert len(_hidden(tmp_path)) == 1
+    with atomic_file(final) as tmp:
+        tmp.write_bytes(b"whole file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+def test_ctrl_c_during_an_export_leaves_no_staging_folder(qablora_module, tmp_path, monkeypatch):
+    out = tmp_path / "exports"
+    export_module(qablora_module, out, formats=["native"], verify=False, run=RUN, log=_quiet)
+    previous = _tree(out)
+
+    def interrupted_save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a safetensors file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(native_module, "save_file", interrupted_save_file)
+    with pytest.raises(KeyboardInterrupt):
+        export_module(qablora_module, out, formats=["native"], verify=False, run=RUN, log=_quiet)
+    _assert_unmerged(qablora_module)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports"]
+    assert _tree(out) == previous

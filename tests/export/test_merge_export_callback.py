@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from callbacks.merge_export import MergeExport
@@ -153,3 +154,110 @@ def test_checkpoint_export_verifies_on_the_runs_held_out_records(tiny_model_dir,
     assert validation["batch_shape"][0] == 3
     assert report["run"]["checkpoint"] == str(ckpt.resolve()) and report["run"]["global_step"] == 2
     assert report["formats"]["native"]["verification"]["max_abs_logit_diff"] == 0.0
+
+
+# ---------------------------------------------------------------- checked before training (issue 35)
+def test_a_format_missing_its_package_stops_fit_before_the_model_loads(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                        monkeypatch):
+    """formats: [native, mlx] on a plain `pip install -e .`: refused at fit start, not after training."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlx_lm", None)  # mlx-lm absent, also where it is installed
+    module, data = _module_and_data(tiny_model_dir, tiny_data_dir)
+    trainer = _trainer(tmp_path, MergeExport(formats=["native", "mlx"]))
+    with pytest.raises(ImportError) as caught:
+        trainer.fit(module, datamodule=data)
+    assert module.model is None, "configure_model ran: the base model was loaded before the refusal"
+    assert trainer.global_step == 0
+    assert type(caught.value).__name__ == "MissingExportDependency"
+    message = str(caught.value)
+    assert "export format 'mlx' needs mlx-lm" in message and 'pip install -e ".[mlx]"' in message
+    assert "\n" not in message
+
+
+def test_an_unwritable_output_dir_stops_fit_before_the_model_loads(tiny_model_dir, tiny_data_dir, tmp_path):
+    """Root writes through chmod, so the folder is made unwritable another way: its parent is a file."""
+    import re
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    target = blocker / "exports"
+    module, data = _module_and_data(tiny_model_dir, tiny_data_dir)
+    trainer = _trainer(tmp_path, MergeExport(output_dir=str(target), formats=["native"], verify=False))
+    with pytest.raises(OSError, match=re.escape(f"MergeExport output_dir '{target}' is not writable: ")):
+        trainer.fit(module, datamodule=data)
+    assert module.model is None and trainer.global_step == 0
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    """A checkpoint of a 2-step fit, in its run's checkpoints/ folder."""
+    root = tmp_path_factory.mktemp("checkpointed_run")
+    module, data = _module_and_data(tiny_model_dir, tiny_data_dir)
+    trainer = _trainer(root, MergeExport(formats=["native"], verify=False))
+    trainer.fit(module, datamodule=data)
+    ckpt = root / "runs" / "m" / "version_0" / "checkpoints" / "adapter.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return ckpt
+
+
+def test_checkpoint_export_checks_formats_and_output_dir_before_loading_anything(saved_checkpoint, tmp_path,
+                                                                                 monkeypatch, capsys):
+    import sys
+
+    import qblora_pl.export.exporter as exporter
+    from qblora_pl.export.cli import main as export_main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was rebuilt before the export's requirements were checked")
+
+    monkeypatch.setattr(exporter, "module_from_checkpoint", no_loading)
+    monkeypatch.setitem(sys.modules, "mlx_lm", None)
+    with pytest.raises(SystemExit) as exited:
+        export_main(["--ckpt_path", str(saved_checkpoint), "--formats", "native", "mlx",
+                     "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "export format 'mlx' needs mlx-lm" in err and '".[mlx]"' in err
+    assert "--no_verify" in err  # the writer needs no MLX: what to do instead of installing it
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as exited:
+        export_main(["--ckpt_path", str(saved_checkpoint), "--output_dir", str(blocker / "out")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"--output_dir '{blocker / 'out'}' is not writable: " in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_during_a_checkpoint_export_removes_its_staging_folder(saved_checkpoint, tmp_path, monkeypatch):
+    """`timeout` / `kill` send SIGTERM, whose default action kills the process mid-write and leaves a
+    hidden staging folder; main.py export turns it into an exit that cleans up on the way out."""
+    import os
+    import signal
+    import time
+
+    import qblora_pl.export.exporter as exporter
+    from qblora_pl.export.cli import main as export_main
+
+    real_write_native = exporter.write_native
+
+    def terminated_while_writing(*args, **kwargs):
+        info = real_write_native(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs here
+        return info
+
+    def default_action(signum, frame):  # stands in for SIG_DFL, which would end pytest itself
+        raise AssertionError("SIGTERM reached the default action: the export would die leaving its staging folder")
+
+    monkeypatch.setattr(exporter, "write_native", terminated_while_writing)
+    previous = signal.signal(signal.SIGTERM, default_action)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            export_main(["--ckpt_path", str(saved_checkpoint), "--formats", "native", "--no_verify",
+                         "--output_dir", str(tmp_path / "out")])
+        assert signal.getsignal(signal.SIGTERM) is default_action  # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []

@@ -345,3 +345,19 @@ def test_export_names_a_hub_base_that_cannot_be_reached_offline(trained, tmp_pat
     done = main_py(tmp_path, "export", "--ckpt_path", str(ckpt), "--model_name_or_path", str(tmp_path / "gone"),
                    "--formats", "native", "--no_verify", "--output_dir", str(tmp_path / "e"))
     assert done.returncode == 2 and f"model path '{tmp_path / 'gone'}' does not exist" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------- issue 35
+def test_an_unwritable_export_folder_stops_fit_before_the_model_loads(tiny_model_dir, tiny_data_dir, tmp_path):
+    """A one-line user error at fit start, not a PermissionError on a hidden path after training. (Root
+    writes through chmod: the folder is made unwritable by a file in its path.)"""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    export = {"class_path": "callbacks.merge_export.MergeExport",
+              "init_args": {"output_dir": str(blocker / "exports"), "formats": ["native"], "verify": False}}
+    done = main_py(tmp_path, "fit", config=run_config(tiny_model_dir, tiny_data_dir, callbacks=[export]))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (f"main.py: error: MergeExport output_dir '{blocker / 'exports'}' is not writable: '{blocker}' is not a "
+            "folder") in done.stderr
+    assert f"Loading {tiny_model_dir}" not in done.stderr and "Traceback" not in done.stderr
+    assert not list((tmp_path / "runs").glob("t/version_*")), "a run refused at its start left its version_N"

@@ -309,7 +309,15 @@ def test_state_dict_round_trip_skips_consumed_samples(tokenizer_dir, tmp_path):
     sampler = dm.train_dataloader().sampler
     assert list(sampler) == reference[12:]
     assert list(sampler) == reference  # the skip applies once
-    assert dm.state_dict() == {"epoch": 2, "samples_done": 0, "split_seed": dm.split_seed, "shuffle_seed": dm.split_seed}
+    state = dm.state_dict()
+    assert {k: state[k] for k in ("epoch", "samples_done", "split_seed", "shuffle_seed")} == {
+        "epoch": 2, "samples_done": 0, "split_seed": dm.split_seed, "shuffle_seed": dm.split_seed}
+    assert state["train_records"] == 32 and state["data_path"] == str(data) and len(state["train_digest"]) == 16
+    dm.load_state_dict(state)  # the same data resumes
+    other = make_dm(write_jsonl(tmp_path / "other.jsonl", make_records(30)), tokenizer_dir, batch_size=4,
+                    val_fraction=0.1, test_fraction=0.1)
+    with pytest.raises(ValueError, match=r"trained on other data .*32 training examples.*gives 24 different ones"):
+        other.load_state_dict(state)
     with pytest.raises(ValueError, match="split_seed=1"):
         dm.load_state_dict({"epoch": 0, "samples_done": 0, "split_seed": 1})
     with pytest.raises(ValueError, match="shuffle_seed=7"):

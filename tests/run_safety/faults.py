@@ -33,6 +33,9 @@ class PoisonAdapters(pl.Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
+    def edit(self, param) -> None:
+        param.fill_(float("nan"))
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             import torch
@@ -40,7 +43,7 @@ class PoisonAdapters(pl.Callback):
             with torch.no_grad():
                 for param in pl_module.parameters():
                     if param.requires_grad:
-                        param.fill_(float("nan"))
+                        self.edit(param)
 
 
 class RaiseAtStep(pl.Callback):
@@ -54,21 +57,15 @@ class RaiseAtStep(pl.Callback):
             raise RuntimeError(f"injected defect at step {self.step}")
 
 
-class ScaleAdapters(pl.Callback):
+class ScaleAdapters(PoisonAdapters):
     """Multiply every adapter by ``factor`` after the optimizer step of global step ``step`` (finite, but huge)."""
 
     def __init__(self, step: int, factor: float) -> None:
-        self.step = step
+        super().__init__(step)
         self.factor = factor
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            import torch
-
-            with torch.no_grad():
-                for param in pl_module.parameters():
-                    if param.requires_grad:
-                        param.mul_(self.factor)
+    def edit(self, param) -> None:
+        param.mul_(self.factor)
 
 
 class CollapseToUniform(pl.Callback):

@@ -69,14 +69,23 @@ class ScaleAdapters(PoisonAdapters):
 
 
 class CollapseToUniform(pl.Callback):
-    """Zero the final norm after global step ``step``: every logit becomes 0, a uniform prediction."""
+    """Zero the final norm after global step ``step`` (or when ``test`` starts, ``step=-1``): every
+    logit becomes 0, a uniform prediction."""
 
     def __init__(self, step: int) -> None:
         self.step = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            import torch
+            self.collapse(pl_module)
 
-            with torch.no_grad():
-                pl_module.model.model.norm.weight.zero_()
+    def on_test_start(self, trainer, pl_module) -> None:
+        if self.step == -1:
+            self.collapse(pl_module)
+
+    @staticmethod
+    def collapse(pl_module) -> None:
+        import torch
+
+        with torch.no_grad():
+            pl_module.model.model.norm.weight.zero_()

@@ -95,6 +95,17 @@ def test_a_collapsed_model_fails_fit_instead_of_ranking_best(tiny_model_dir, tin
         p.name.split("-val")[1] for p in (tmp_path / "runs/t/version_0/checkpoints").glob("step*")): 2}
 
 
+def test_testing_a_collapsed_model_reports_it_instead_of_a_perplexity(trained, tiny_model_dir, tiny_data_dir, tmp_path):
+    collapse = {"class_path": "tests.run_safety.faults.CollapseToUniform", "init_args": {"step": -1}}
+    config = run_config(tiny_model_dir, tiny_data_dir, callbacks=[collapse])
+    done = main_py(tmp_path, "test", "--ckpt_path", str(trained), config=config)
+    assert done.returncode == 1, done.stderr[-3000:]
+    error = done.stderr[done.stderr.index("main.py: error: "):]
+    assert "the model predicts the uniform distribution at the test" in error and "test an earlier checkpoint" in error
+    healthy = main_py(tmp_path, "test", "--ckpt_path", str(trained), config=run_config(tiny_model_dir, tiny_data_dir))
+    assert healthy.returncode == 0, healthy.stderr[-3000:]
+
+
 def test_predicts_uniform_only_when_every_scored_position_is_flat():
     from qblora_pl.module import _predicts_uniform
 

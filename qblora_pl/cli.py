@@ -17,7 +17,11 @@ On top of Lightning's CLI:
 * ``lightning.pytorch.callbacks.ModelCheckpoint`` in a config becomes
   :class:`callbacks.checkpoint.AdapterCheckpoint` (same arguments and files): it never writes
   non-finite adapters and stops on Ctrl-C at a step boundary.
-* A ``fit`` that fails before its first step and wrote no checkpoint leaves no ``version_N``.
+* A run that fails before its first step and wrote no checkpoint leaves no ``version_N``; each
+  run claims its ``version_N`` exclusively (two runs started together never share one), and
+  ``--trainer.default_root_dir`` moves the configs' relative logger ``save_dir`` under it.
+* Errors end as one ``main.py: error: ...`` line, exit 2 for a user's mistake (:mod:`qblora_pl.errors`);
+  a class in the config that refuses its arguments is named by where it sits.
 """
 
 from __future__ import annotations

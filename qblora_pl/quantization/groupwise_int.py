@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qblora_pl.quantization.group_search import minmax_group_params, mse_group_params, round_codes
 from qblora_pl.quantization.packing import SUPPORTED_BITS, pack_codes, unpack_codes
 
 __all__ = [
@@ -55,6 +56,8 @@ __all__ = [
 ]
 
 SUPPORTED_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
+#: How a group's scale and offset are chosen (GroupwiseIntQuantizer.group_params).
+GROUP_PARAMS: tuple[str, ...] = ("minmax", "mse")
 
 #: Group sizes torch's INT4 weight-only kernels accept (every ``SUPPORTED_GROUP_SIZES`` entry is one).
 INT4_KERNEL_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)
@@ -148,42 +151,36 @@ class GroupwiseIntQuantizer:
         if not bool(torch.isfinite(weight).all()):
             raise ValueError("weight contains non-finite values (inf or nan); cannot quantize")
 
-    def _minmax_params(
-        self, groups: Tensor, param_dtype: torch.dtype | None
+    def group_params(
+        self, groups: Tensor, param_dtype: torch.dtype | None, params: str = "minmax"
     ) -> tuple[Tensor, Tensor]:
-        """Min-max scale and offset over the last dimension, float32 shaped ``groups[..., 0]``.
+        """Scale and offset per group (last dimension of ``groups``), float32 shaped ``groups[..., 0]``.
 
-        With ``param_dtype`` the parameters are rounded to it first (and returned as float32
-        holding the rounded values), so the codes are chosen for the parameters that will
-        actually be stored. A zero scale (constant group) becomes the smallest normal
-        positive number of the storage dtype: the codes are then 0 and the group
-        dequantizes to its offset, i.e. exactly to its value.
+        ``params="minmax"``: the group's min-max range; ``"mse"``: the range searched for the
+        smallest squared rounding error (:mod:`qblora_pl.quantization.group_search`). With
+        ``param_dtype`` the parameters are rounded to it first (returned as float32 holding the
+        rounded values), so the codes are chosen for the parameters that will actually be stored.
         """
-        lo = groups.amin(dim=-1)
-        hi = groups.amax(dim=-1)
-        scale = (hi - lo) / self.max_code
-        offset = lo
-        store = param_dtype or torch.float32
-        scale = scale.to(store).float()
-        offset = offset.to(store).float()
-        tiny = torch.finfo(store).tiny
-        scale = torch.where(scale > 0, scale, torch.full_like(scale, tiny))
-        return scale, offset
+        if params == "minmax":
+            return minmax_group_params(groups, self.max_code, param_dtype)
+        if params == "mse":
+            return mse_group_params(groups, self.max_code, param_dtype)
+        raise ValueError(f"params={params!r} must be one of {list(GROUP_PARAMS)}")
 
     def _codes(self, groups: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
-        q = torch.round((groups - offset.unsqueeze(-1)) / scale.unsqueeze(-1))
-        return q.clamp_(0, self.max_code).to(torch.uint8)
+        return round_codes(groups, scale, offset, self.max_code).to(torch.uint8)
 
     # ------------------------------------------------------------------ public API
     def quantize(
-        self, weight: Tensor, param_dtype: torch.dtype | None = None
+        self, weight: Tensor, param_dtype: torch.dtype | None = None, params: str = "minmax"
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Min-max round-to-nearest quantization of ``weight`` (``d_out x d_in``).
+        """Round-to-nearest quantization of ``weight`` (``d_out x d_in``).
 
-        Per group (METHOD.md section 3): ``offset = min``, ``scale = (max - min) /
-        (2^b - 1)``, ``q = clamp(round((w - offset) / scale), 0, 2^b - 1)``.
-        ``param_dtype`` (e.g. ``torch.float16``) rounds scales and offsets to the dtype
-        they will be stored in before the codes are chosen.
+        Per group (METHOD.md section 3), with the default min-max ``params``: ``offset = min``,
+        ``scale = (max - min) / (2^b - 1)``, ``q = clamp(round((w - offset) / scale), 0, 2^b - 1)``;
+        ``params="mse"`` searches the group's range for the smallest squared error instead
+        (:meth:`group_params`). ``param_dtype`` (e.g. ``torch.float16``) rounds scales and
+        offsets to the dtype they will be stored in before the codes are chosen.
 
         Returns ``codes`` (``uint8``, ``d_out x d_in``), ``scales`` and ``offsets``
         (float32, ``d_out x d_in / g``).
@@ -191,7 +188,7 @@ class GroupwiseIntQuantizer:
         self._check_weight(weight)
         d_out, d_in = weight.shape
         groups = weight.detach().float().reshape(d_out, self.num_groups(d_in), self.group_size)
-        scale, offset = self._minmax_params(groups, param_dtype)
+        scale, offset = self.group_params(groups, param_dtype, params)
         codes = self._codes(groups, scale, offset).reshape(d_out, d_in)
         return codes, scale, offset
 
@@ -243,74 +240,23 @@ class GroupwiseIntQuantizer:
         damp: float = 0.01,
         block_size: int = 128,
         param_dtype: torch.dtype | None = None,
+        params: str = "minmax",
     ) -> tuple[Tensor, Tensor, Tensor]:
         """GPTQ-calibrated quantization (Frantar et al., 2023) into the same format.
 
-        The usual initialisation for QA-LoRA bases (METHOD.md section 3). ``hessian_inputs``
-        are a few batches of the layer's inputs (each ``(..., d_in)``); they define
-        ``H = 2 X^T X / N``. Columns are quantized left to right; each column's rounding
-        error is spread over the not yet quantized columns through the inverse Hessian's
-        Cholesky factor, which lowers ``||X W^T - X W_hat^T||`` compared with
-        round-to-nearest. A group's min-max scale and offset are computed when the sweep
-        reaches its first column, from the error-updated weights (no activation
-        reordering, so groups stay contiguous). ``damp`` is the fraction of the mean
-        Hessian diagonal added to the diagonal.
-
-        Returns ``codes``, ``scales``, ``offsets`` exactly as :meth:`quantize`.
+        ``hessian_inputs`` are a few batches of the layer's inputs (each ``(..., d_in)``); they
+        define ``H = 2 X^T X / N`` (:class:`~qblora_pl.quantization.gptq.HessianAccumulator`).
+        See :func:`qblora_pl.quantization.gptq.gptq_quantize` for the algorithm and the other
+        arguments. Returns ``codes``, ``scales``, ``offsets`` exactly as :meth:`quantize`.
         """
+        from qblora_pl.quantization.gptq import HessianAccumulator, gptq_quantize
+
         self._check_weight(weight)
-        d_out, d_in = weight.shape
-        g = self.group_size
-        n_groups = self.num_groups(d_in)
-        if isinstance(hessian_inputs, Tensor):
-            hessian_inputs = [hessian_inputs]
-        hessian = torch.zeros(d_in, d_in, dtype=torch.float32, device=weight.device)
-        n_rows = 0
-        for batch in hessian_inputs:
-            if batch.shape[-1] != d_in:
-                raise ValueError(
-                    f"calibration input has last dimension {batch.shape[-1]}, expected d_in={d_in}"
-                )
-            x = batch.detach().reshape(-1, d_in).to(device=weight.device, dtype=torch.float32)
-            hessian += x.T @ x
-            n_rows += x.shape[0]
-        if n_rows == 0:
-            raise ValueError("quantize_gptq needs at least one calibration row; got none")
-        hessian *= 2.0 / n_rows
-
-        w = weight.detach().float().clone()
-        dead = torch.diag(hessian) == 0
-        hessian[dead, dead] = 1.0
-        w[:, dead] = 0.0
-        hessian.diagonal().add_(damp * torch.diag(hessian).mean())
-        chol = torch.linalg.cholesky(hessian)
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
-
-        # Block boundaries on group boundaries, so every group lies inside one block.
-        block = max(g, (block_size // g) * g)
-        codes = torch.zeros(d_out, d_in, dtype=torch.uint8, device=weight.device)
-        scales = torch.zeros(d_out, n_groups, dtype=torch.float32, device=weight.device)
-        offsets = torch.zeros_like(scales)
-        for i1 in range(0, d_in, block):
-            i2 = min(i1 + block, d_in)
-            w1 = w[:, i1:i2].clone()
-            err1 = torch.zeros_like(w1)
-            hinv1 = hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                if col % g == 0:
-                    gi = col // g
-                    s, m = self._minmax_params(w1[:, i : i + g], param_dtype)
-                    scales[:, gi], offsets[:, gi] = s, m
-                s, m = scales[:, col // g], offsets[:, col // g]
-                column = w1[:, i]
-                q = torch.round((column - m) / s).clamp_(0, self.max_code)
-                codes[:, col] = q.to(torch.uint8)
-                err = (column - (q * s + m)) / hinv1[i, i]
-                w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-                err1[:, i] = err
-            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-        return codes, scales, offsets
+        accumulator = HessianAccumulator(weight.shape[1], device=weight.device)
+        for batch in [hessian_inputs] if isinstance(hessian_inputs, Tensor) else hessian_inputs:
+            accumulator.add(batch)
+        return gptq_quantize(self, weight, accumulator.hessian(), damp=damp, block_size=block_size,
+                             param_dtype=param_dtype, params=params)
 
 
 class GroupwiseIntLinear(nn.Module):
@@ -398,14 +344,36 @@ class GroupwiseIntLinear(nn.Module):
         group_size: int = 32,
         scale_dtype: torch.dtype = torch.float16,
         calibration_inputs: Tensor | Iterable[Tensor] | None = None,
+        params: str = "minmax",
     ) -> GroupwiseIntLinear:
         """Quantize ``linear.weight`` into a new frozen layer on the weight's device.
 
-        Min-max round-to-nearest by default; with ``calibration_inputs`` (batches of the
-        layer's inputs) GPTQ is used instead (:meth:`GroupwiseIntQuantizer.quantize_gptq`).
-        Scales and offsets are rounded to ``scale_dtype`` before the codes are chosen. The
-        bias is copied (as float32).
+        Round-to-nearest by default; with ``calibration_inputs`` (batches of the layer's
+        inputs) GPTQ is used instead (:meth:`GroupwiseIntQuantizer.quantize_gptq`). ``params``
+        chooses each group's scale and offset (``"minmax"`` or ``"mse"``). Scales and offsets
+        are rounded to ``scale_dtype`` before the codes are chosen. The bias is copied (as
+        float32).
         """
+        quantizer = GroupwiseIntQuantizer(bits, group_size)
+        with torch.no_grad():
+            if calibration_inputs is None:
+                quantized = quantizer.quantize(linear.weight, param_dtype=scale_dtype, params=params)
+            else:
+                quantized = quantizer.quantize_gptq(linear.weight, calibration_inputs, param_dtype=scale_dtype,
+                                                    params=params)
+        return cls.from_quantized(linear, quantized, bits, group_size, scale_dtype)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        linear: nn.Linear,
+        quantized: tuple[Tensor, Tensor, Tensor],
+        bits: int,
+        group_size: int,
+        scale_dtype: torch.dtype = torch.float16,
+    ) -> GroupwiseIntLinear:
+        """A frozen layer holding ``quantized = (codes, scales, offsets)`` of ``linear``'s weight
+        (from :meth:`GroupwiseIntQuantizer.quantize` or GPTQ), with ``linear``'s bias, on its device."""
         weight = linear.weight
         layer = cls(
             linear.in_features,
@@ -416,13 +384,8 @@ class GroupwiseIntLinear(nn.Module):
             scale_dtype=scale_dtype,
             device=weight.device,
         )
+        codes, scales, offsets = quantized
         with torch.no_grad():
-            if calibration_inputs is None:
-                codes, scales, offsets = layer.quantizer.quantize(weight, param_dtype=scale_dtype)
-            else:
-                codes, scales, offsets = layer.quantizer.quantize_gptq(
-                    weight, calibration_inputs, param_dtype=scale_dtype
-                )
             layer.packed_codes.copy_(pack_codes(codes, bits))
             layer.scales.copy_(scales)
             layer.offsets.copy_(offsets)
@@ -680,6 +643,8 @@ def quantize_linear_layers(
     bits: int = 4,
     group_size: int = 32,
     scale_dtype: torch.dtype = torch.float16,
+    params: str = "minmax",
+    progress: bool = False,
 ) -> list[str]:
     """Replace target ``nn.Linear`` layers of ``model`` in place with :class:`GroupwiseIntLinear`.
 
@@ -720,10 +685,14 @@ def quantize_linear_layers(
                 f"group_size={group_size}"
             )
     replaced = []
+    if progress:
+        from tqdm.auto import tqdm
+
+        chosen = tqdm(chosen, desc=f"Quantizing INT{bits} g{group_size} ({params})", unit="layer", dynamic_ncols=True)
     for name, linear in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        quantized = GroupwiseIntLinear.from_linear(linear, bits, group_size, scale_dtype)
+        quantized = GroupwiseIntLinear.from_linear(linear, bits, group_size, scale_dtype, params=params)
         setattr(parent, child, quantized)
         replaced.append(name)
     return replaced

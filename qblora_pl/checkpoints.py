@@ -121,9 +121,7 @@ def check_adapter_spec(saved: dict, current: dict, saved_keys: set[str], current
                     f"model's has {key}={current['strategy_hparams'][key]!r}"
                 )
     if saved["quantization"] != current["quantization"]:
-        raise AdapterCheckpointMismatch(
-            f"checkpoint was trained on base {saved['quantization']} but the model's base is {current['quantization']}"
-        )
+        raise AdapterCheckpointMismatch(_base_difference(saved["quantization"], current["quantization"]))
     saved_base, current_base = saved.get("base"), current.get("base")
     if saved_base and current_base:
         for key in sorted(set(saved_base) & set(current_base)):
@@ -141,6 +139,16 @@ def check_adapter_spec(saved: dict, current: dict, saved_keys: set[str], current
     if saved_keys != current_keys:
         extra, missing = sorted(saved_keys - current_keys)[:5], sorted(current_keys - saved_keys)[:5]
         raise AdapterCheckpointMismatch(f"adapter keys differ: unexpected {extra}, missing {missing}")
+
+
+def _base_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """Which quantization setting differs, with both values (a base quantized otherwise is another base)."""
+    keys = sorted(set(saved) | set(current), key=lambda k: (k != "backend", k))
+    differing = [k for k in keys if saved.get(k) != current.get(k)]
+    named = "; ".join(f"{k}: checkpoint {saved.get(k, '(not set)')!r}, model {current.get(k, '(not set)')!r}"
+                      for k in differing)
+    return (f"checkpoint was trained on another quantized base ({named}). Full settings: checkpoint {saved}, "
+            f"model {current}. Use the checkpoint's model.quantization settings")
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -120,7 +120,8 @@ class QBLoRACLI(LightningCLI):
                     continue
                 raise ResumeConfigError(
                     f"--ckpt_path {ckpt_path} was trained with model.{key}={_show(recorded)}, but the config / command "
-                    f"line sets model.{key}={_show(now)}. A checkpoint's method, base and adapter shape cannot change: "
+                    f"line sets model.{key}={_show(now)}{_differing(recorded, now)}. A checkpoint's method, base and "
+                    "adapter shape cannot change: "
                     f"drop the differing setting (the checkpoint's is used) or start a new run without --ckpt_path"
                 )
         if subcommand == "fit":
@@ -324,6 +325,17 @@ def _load_class(class_path: str):
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return class_path
+
+
+def _differing(recorded: Any, now: Any) -> str:
+    """`` (differs: init: checkpoint 'gptq', config 'mse')`` for two configs of one class; empty otherwise."""
+    if not (isinstance(recorded, dict) and isinstance(now, dict) and "class_path" in recorded and "class_path" in now):
+        return ""
+    if not _same_arg({"class_path": recorded["class_path"]}, {"class_path": now["class_path"]}):
+        return ""
+    old, new = recorded.get("init_args") or {}, now.get("init_args") or {}
+    keys = [k for k in old if k in new and not _same_arg(old[k], new[k])]
+    return " (differs: " + "; ".join(f"{k}: checkpoint {old[k]!r}, config {new[k]!r}" for k in keys) + ")" if keys else ""
 
 
 def _show(value: Any) -> str:

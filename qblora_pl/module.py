@@ -104,6 +104,8 @@ class QuantizedCausalLM(pl.LightningModule):
         self.hparams["adapter"] = class_path_config(self.adapter, self.adapter.hparams())
         self.target_modules = list(target_modules)
         self.model: torch.nn.Module | None = None
+        #: ``(records, seq_len) -> CalibrationSet`` for a calibrating base when there is no trainer data module.
+        self.calibration_source = None
         # Checkpoints hold adapters only, so the frozen base's keys are absent by design;
         # on_load_checkpoint checks the adapter keys and shapes itself.
         self.strict_loading = False
@@ -123,7 +125,7 @@ class QuantizedCausalLM(pl.LightningModule):
             self.model = self._load_native_export()
             return
         rank_zero_info(f"Loading {self.model_name_or_path} with {self.quantization.describe()}")
-        model = self.quantization.load(self.model_name_or_path)
+        model = self.quantization.load(self.model_name_or_path, calibration=self._calibration_source())
         layers = inject_adapters(model, self.adapter, self.target_modules)
         if self.hparams.gradient_checkpointing:
             model.config.use_cache = False
@@ -138,6 +140,14 @@ class QuantizedCausalLM(pl.LightningModule):
             f"trainable%: {100 * trainable / max(total, 1):.4f}"
         )
         self._shard_if_distributed()
+
+    def _calibration_source(self):
+        """Where a calibrating base (``GroupwiseInt(init='gptq')``) gets its tokens: ``calibration_source``
+        if set (exports and benchmarks set it), else the trainer's data module (the run's training split)."""
+        if self.calibration_source is not None:
+            return self.calibration_source
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(datamodule, "calibration_set", None)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:

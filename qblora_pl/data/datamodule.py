@@ -237,6 +237,16 @@ class InstructionDataModule(L.LightningDataModule):
             raise ValueError(f"split {split!r} of {self.data_path} is empty ({detail}); {hint}")
         return dataset
 
+    def calibration_set(self, records: int, seq_len: int):
+        """Token sequences to calibrate a quantized base on (GPTQ): ``records`` training examples drawn with
+        ``split_seed``, rendered with this run's template and tokenizer, each cut to ``seq_len`` tokens."""
+        from qblora_pl.quantization.calibration import select_calibration
+
+        if self._datasets is None:
+            self.setup("fit")
+        return select_calibration(self._dataset("train").input_ids, records, seq_len, seed=self.split_seed,
+                                  source=f"the training split of {self.data_path}")
+
     def split_stats(self) -> dict[str, dict[str, float | int]]:
         """Per-split example counts, mean prompt/response/total token lengths, truncation and drop counts.
 

@@ -336,6 +336,8 @@ def export_from_checkpoint(
                                     "refusing to export them. Use a checkpoint written before the run diverged")
     if module is None:
         module = module_from_checkpoint(checkpoint, model_name_or_path)
+    if module.calibration_source is None:
+        module.calibration_source = checkpoint_calibration_source(checkpoint, data_path, model_name_or_path)
     module.configure_model()
     if "adapter_spec" not in checkpoint:
         raise AdapterCheckpointMismatch(f"{ckpt_path} has no adapter_spec: it was not written by qblora_pl")
@@ -382,33 +384,63 @@ def held_out_batch(checkpoint: dict[str, Any], data_path: str | None = None, rec
     being exported (``model_name_or_path``) when the run used the model's own tokenizer, or when
     the recorded tokenizer folder is gone.
     """
-    from qblora_pl.data.datamodule import InstructionDataModule
-
     hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     if not hparams and data_path is None:
         log("export verify: the checkpoint records no training data; verifying on fixed sample texts")
         return None
-    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    hparams["data_path"] = data_path if data_path is not None else resolve_data_reference(hparams.get("data_path", ""))
+    try:
+        datamodule = checkpoint_datamodule(checkpoint, data_path, model_name_or_path, eval_batch_size=records)
+        datamodule.setup("validate")
+        batch = next(iter(datamodule.val_dataloader()))
+    except Exception as err:  # noqa: BLE001 - moved or unreadable data: say so, verify on sample texts
+        hint = "" if data_path is not None else " (pass --data_path to use the run's held-out records)"
+        log(f"export verify: the run's data {_recorded_data_path(checkpoint, data_path)!r} could not be read "
+            f"({type(err).__name__}: {err}); verifying on fixed sample texts{hint}")
+        return None
+    batch = {k: v[:records] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return batch, f"validation split of {datamodule.data_path} (first {len(batch['input_ids'])} records)"
+
+
+def _recorded_data_path(checkpoint: dict[str, Any], data_path: str | None) -> str:
+    if data_path is not None:
+        return data_path
+    return resolve_data_reference((checkpoint.get("datamodule_hyper_parameters") or {}).get("data_path", ""))
+
+
+def checkpoint_datamodule(checkpoint: dict[str, Any], data_path: str | None = None,
+                          model_name_or_path: str | None = None, **overrides: Any):
+    """The :class:`~qblora_pl.data.datamodule.InstructionDataModule` the checkpoint was trained with (not set up).
+
+    Rebuilt from the checkpoint's ``datamodule_hyper_parameters`` (Lightning stores them),
+    ``data_path`` replacing the recorded path when the data moved; recorded paths that moved with the
+    checkout are re-resolved, and the tokenizer follows ``model_name_or_path`` when the run used the
+    model's own tokenizer or the recorded tokenizer folder is gone.
+    """
+    from qblora_pl.data.datamodule import InstructionDataModule
+
+    hparams = {k: v for k, v in dict(checkpoint.get("datamodule_hyper_parameters") or {}).items()
+               if not k.startswith("_")}
+    hparams["data_path"] = _recorded_data_path(checkpoint, data_path)
     if model_name_or_path is not None:
         hparams["tokenizer_name_or_path"] = _tokenizer_for_export(
             hparams.get("tokenizer_name_or_path"), (checkpoint.get("hyper_parameters") or {}).get("model_name_or_path"),
             model_name_or_path)
     accepted = inspect.signature(InstructionDataModule.__init__).parameters
-    hparams = {k: v for k, v in hparams.items() if k in accepted}
-    hparams["eval_batch_size"] = records
-    try:
-        datamodule = InstructionDataModule(**hparams)
-        datamodule.setup("validate")
-        batch = next(iter(datamodule.val_dataloader()))
-    except Exception as err:  # noqa: BLE001 - moved or unreadable data: say so, verify on sample texts
-        hint = "" if data_path is not None else " (pass --data_path to use the run's held-out records)"
-        log(f"export verify: the run's data {hparams.get('data_path')!r} (tokenizer "
-            f"{hparams.get('tokenizer_name_or_path')!r}) could not be read ({type(err).__name__}: {err}); verifying on "
-            f"fixed sample texts{hint}")
-        return None
-    batch = {k: v[:records] for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    return batch, f"validation split of {hparams.get('data_path')} (first {len(batch['input_ids'])} records)"
+    hparams = {k: v for k, v in {**hparams, **overrides}.items() if k in accepted}
+    return InstructionDataModule(**hparams)
+
+
+def checkpoint_calibration_source(checkpoint: dict[str, Any], data_path: str | None = None,
+                                  model_name_or_path: str | None = None):
+    """``(records, seq_len) -> CalibrationSet`` from the training split the checkpoint was trained on.
+
+    Used by a calibrated base (``GroupwiseInt(init='gptq')``) that is not in the cache; the data
+    is read only when it is called.
+    """
+    def calibration_set(records: int, seq_len: int):
+        return checkpoint_datamodule(checkpoint, data_path, model_name_or_path).calibration_set(records, seq_len)
+
+    return calibration_set
 
 
 def _tokenizer_for_export(recorded: str | None, recorded_model: str | None, model_name_or_path: str) -> str:
@@ -442,9 +474,12 @@ def module_from_checkpoint(checkpoint: dict[str, Any], model_name_or_path: str |
     if not strategy_module.startswith("qblora_pl."):
         raise ValueError(f"refusing to import adapter strategy {spec['strategy']!r} from outside qblora_pl")
     strategy_cls = getattr(importlib.import_module(strategy_module), strategy_name)
+    backend = backend_cls(**_accepted(backend_cls, quant))
+    if hasattr(backend, "expect_calibration"):  # a calibrated base: find the one the run trained on
+        backend.expect_calibration(quant.get("calibration_digest"))
     return QuantizedCausalLM(
         model_name_or_path=model_name_or_path or spec["model_name_or_path"],
-        quantization=backend_cls(**_accepted(backend_cls, quant)),
+        quantization=backend,
         adapter=strategy_cls(**_accepted(strategy_cls, spec["strategy_hparams"])),
         target_modules=hparams.get("target_modules", sorted({n.rsplit(".", 1)[-1] for n in spec["layers"]})),
     )

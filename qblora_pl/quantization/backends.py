@@ -7,13 +7,19 @@ a ``.gguf`` file or a hub name (``qblora_pl.sources``) and returns it with its t
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
 from qblora_pl.quantization.base_layers import keep_nf4_layers_trainable
+
+if TYPE_CHECKING:
+    from qblora_pl.quantization.calibration import CalibrationSource
 
 DTypeName = Literal["float32", "bfloat16", "float16", "auto"]
 
@@ -51,8 +57,11 @@ class QuantizationBackend(ABC):
     name: str = "quantization"
 
     @abstractmethod
-    def load(self, model_name_or_path: str) -> nn.Module:
-        """Load the model with every linear layer but the output head quantized and frozen."""
+    def load(self, model_name_or_path: str, calibration: CalibrationSource | None = None) -> nn.Module:
+        """Load the model with every linear layer but the output head quantized and frozen.
+
+        ``calibration`` gives calibration token sequences to backends that calibrate (GPTQ).
+        """
 
     def init_args(self) -> dict[str, Any]:
         """The constructor arguments (every backend stores them as public attributes)."""
@@ -145,7 +154,7 @@ class NF4(QuantizationBackend):
     def device_map() -> dict[str, Any]:
         return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
 
-    def load(self, model_name_or_path: str) -> nn.Module:
+    def load(self, model_name_or_path: str, calibration: CalibrationSource | None = None) -> nn.Module:
         dtype = resolve_dtype(self.compute_dtype)
         if self.implementation == "torchao":
             return self._load_torchao(model_name_or_path, dtype)
@@ -179,9 +188,22 @@ class GroupwiseInt(QuantizationBackend):
         group_size: quantization group along the input dimension, one of 32, 64, 128.
         scale_dtype: storage dtype of scales and offsets.
         compute_dtype: dtype the model computes in; ``"auto"`` = bf16 on CUDA, fp32 on CPU.
+        init: how the base is made from the float weights (docs/method.md section 3):
+            ``rtn``: min-max round-to-nearest (no data);
+            ``mse``: round-to-nearest with each group's range searched for the smallest squared
+            error (no data; :mod:`qblora_pl.quantization.group_search`);
+            ``gptq``: true-sequential GPTQ with the ``mse`` search per group, calibrated on the run's
+            own training examples (:mod:`qblora_pl.quantization.calibration`). ``mse`` and ``gptq``
+            bases are cached on disk (:mod:`qblora_pl.quantization.base_cache`) and made once.
+        calibration_records: ``gptq`` only: training examples to calibrate on (drawn with the data's
+            ``split_seed``; all of them when the split is smaller).
+        calibration_seq_len: ``gptq`` only: tokens kept of each calibration example.
     """
 
     name = "int"
+    INITS = ("rtn", "mse", "gptq")
+    #: GPTQ's dampening (fraction of the mean Hessian diagonal), as in GPTQ and llm-compressor.
+    GPTQ_DAMPING = 0.01
 
     def __init__(
         self,
@@ -189,27 +211,164 @@ class GroupwiseInt(QuantizationBackend):
         group_size: int = 32,
         scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16",
         compute_dtype: DTypeName = "auto",
+        init: Literal["rtn", "mse", "gptq"] = "rtn",
+        calibration_records: int = 128,
+        calibration_seq_len: int = 512,
     ) -> None:
         from qblora_pl.quantization.groupwise_int import GroupwiseIntQuantizer
 
         GroupwiseIntQuantizer(bits, group_size)  # validates bits and group size now, not mid-run
         resolve_dtype(scale_dtype)
+        if init not in self.INITS:
+            raise ValueError(f"init={init!r} must be one of {list(self.INITS)}")
+        for name, value in (("calibration_records", calibration_records), ("calibration_seq_len", calibration_seq_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
         self.bits, self.group_size, self.scale_dtype, self.compute_dtype = bits, group_size, scale_dtype, compute_dtype
+        self.init, self.calibration_records, self.calibration_seq_len = init, calibration_records, calibration_seq_len
+        #: The digest of the calibration tokens the loaded (or expected) ``gptq`` base was made from.
+        #: Set by ``load``; set beforehand (from a checkpoint) to find that base in the cache without data.
+        self._calibration_digest: str | None = None
 
-    def load(self, model_name_or_path: str) -> nn.Module:
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments; ``rtn`` records only the original four (older checkpoints keep
+        matching), ``mse`` adds ``init``, ``gptq`` adds its calibration too."""
+        args = super().init_args()
+        if self.init == "rtn":
+            del args["init"], args["calibration_records"], args["calibration_seq_len"]
+        elif self.init == "mse":
+            del args["calibration_records"], args["calibration_seq_len"]
+        return args
+
+    def describe(self) -> dict[str, Any]:
+        """As ``init_args``, plus the digest of the calibration tokens of a loaded ``gptq`` base."""
+        described = super().describe()
+        if self.init == "gptq" and self._calibration_digest is not None:
+            described["calibration_digest"] = self._calibration_digest
+        return described
+
+    def expect_calibration(self, digest: str | None) -> None:
+        """The calibration digest a checkpoint recorded: ``load`` then finds that base in the cache
+        without reading the data, and refuses a base calibrated on other tokens."""
+        self._calibration_digest = digest
+
+    @staticmethod
+    def _is_target(name: str) -> bool:
+        # Like bitsandbytes: every linear layer but the output head (kept in high precision).
+        return name.rsplit(".", 1)[-1] != "lm_head"
+
+    def load(self, model_name_or_path: str, calibration: CalibrationSource | None = None) -> nn.Module:
         from qblora_pl.quantization.groupwise_int import quantize_linear_layers
 
         dtype = resolve_dtype(self.compute_dtype)
         # Quantize from the float32 weights so the rounding is not done on bf16 values.
         model = self._load_float(model_name_or_path, torch.float32)
         model.requires_grad_(False)
-        if torch.cuda.is_available():
-            model = model.cuda()
-        # Like bitsandbytes: every linear layer but the output head (kept in high precision).
-        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"lm_head"}
-        quantize_linear_layers(model, sorted(names), bits=self.bits, group_size=self.group_size, scale_dtype=resolve_dtype(self.scale_dtype))
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if self.init == "gptq":
+            self._load_gptq(model, model_name_or_path, calibration, device)
+        elif self.init == "mse" and self._load_cached(model, model_name_or_path, None):
+            model.to(device)
+        else:
+            model.to(device)
+            names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"lm_head"}
+            quantize_linear_layers(model, sorted(names), bits=self.bits, group_size=self.group_size,
+                                   scale_dtype=resolve_dtype(self.scale_dtype),
+                                   params="mse" if self.init == "mse" else "minmax", progress=self.init == "mse")
+            if self.init == "mse":
+                self._save_cached(model, model_name_or_path, None, {})
         cast_float_modules(model, dtype)
         return model
+
+    # -- calibrated bases --------------------------------------------------------------------
+
+    def _cache_key(self, model_name_or_path: str, digest: str | None) -> dict[str, Any]:
+        from qblora_pl.quantization.base_cache import source_fingerprint
+
+        key = {"source": source_fingerprint(model_name_or_path), "bits": self.bits, "group_size": self.group_size,
+               "scale_dtype": self.scale_dtype, "init": self.init, "targets": "all linear layers but lm_head"}
+        if self.init == "gptq":
+            key.update(calibration_records=self.calibration_records, calibration_seq_len=self.calibration_seq_len,
+                       calibration_digest=digest, damping=self.GPTQ_DAMPING)
+        return key
+
+    def _load_cached(self, model: nn.Module, model_name_or_path: str, digest: str | None) -> bool:
+        from qblora_pl.quantization.base_cache import base_cache_dir, load_cached_base
+
+        directory = base_cache_dir(self._cache_key(model_name_or_path, digest))
+        record = load_cached_base(model, directory)
+        if record is not None:
+            rank_zero_info(f"GroupwiseInt(init={self.init!r}): the quantized base from the cache {directory}")
+        return record is not None
+
+    def _save_cached(self, model: nn.Module, model_name_or_path: str, digest: str | None, info: dict[str, Any]) -> None:
+        from qblora_pl.quantization.base_cache import base_cache_dir, save_base
+
+        directory = base_cache_dir(self._cache_key(model_name_or_path, digest))
+        try:
+            save_base(model, directory, self._cache_key(model_name_or_path, digest), info)
+        except OSError as err:  # a read-only cache costs time on the next run, not this run
+            rank_zero_warn(f"GroupwiseInt: could not cache the quantized base in {directory} ({err}); the next run "
+                           "quantizes again")
+
+    def _load_gptq(self, model: nn.Module, model_name_or_path: str, calibration: CalibrationSource | None,
+                   device: torch.device) -> None:
+        from qblora_pl.quantization.calibration import quantize_model_gptq
+        from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear, GroupwiseIntQuantizer
+
+        expected = self._calibration_digest
+        if expected is not None and self._load_cached(model, model_name_or_path, expected):
+            model.to(device)
+            return
+        if calibration is None:
+            raise ValueError(
+                "GroupwiseInt(init='gptq') calibrates on the run's training examples, and none were given"
+                + (f" (the checkpoint's base was calibrated on tokens with digest {expected}, not in the cache)"
+                   if expected else "")
+                + ": run it with the data module (main.py fit / test), or pass the run's data (main.py export "
+                  "--data_path)"
+            )
+        calibration_set = calibration(self.calibration_records, self.calibration_seq_len)
+        digest = calibration_set.digest
+        if expected is not None and digest != expected:
+            raise ValueError(
+                f"GroupwiseInt(init='gptq'): the checkpoint's base was calibrated on tokens with digest {expected}, "
+                f"but this run's calibration set is {calibration_set.describe()}: another base. Use the run's own "
+                "data (data_path, split, template and tokenizer) or calibration_records / calibration_seq_len"
+            )
+        self._calibration_digest = digest
+        if self._load_cached(model, model_name_or_path, digest):
+            model.to(device)
+            return
+        rank_zero_info(f"GroupwiseInt(init='gptq'): calibrating INT{self.bits} g{self.group_size} on "
+                       f"{calibration_set.describe()}")
+        scale_dtype = resolve_dtype(self.scale_dtype)
+        summary = quantize_model_gptq(
+            model,
+            is_target=self._is_target,
+            make_layer=lambda linear, q: GroupwiseIntLinear.from_quantized(linear, q, self.bits, self.group_size,
+                                                                             scale_dtype),
+            quantizer=GroupwiseIntQuantizer(self.bits, self.group_size),
+            calibration=calibration_set,
+            device=device,
+            param_dtype=scale_dtype,
+            damp=self.GPTQ_DAMPING,
+            progress=_is_rank_zero(),
+        )
+        leftover = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and self._is_target(n)]
+        if leftover:  # linears outside the decoder layers (none in a Llama): the data-free search
+            from qblora_pl.quantization.groupwise_int import quantize_linear_layers
+
+            quantize_linear_layers(model, lambda n: n in set(leftover), bits=self.bits, group_size=self.group_size,
+                                   scale_dtype=scale_dtype, params="mse")
+        model.to(device)
+        rank_zero_info(f"GroupwiseInt(init='gptq'): {len(summary['layers'])} layers in {summary['seconds']:.0f} s")
+        self._save_cached(model, model_name_or_path, digest,
+                          {"seconds": summary["seconds"], "calibration": summary["calibration"]})
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
 class NoQuantization(QuantizationBackend):
@@ -224,7 +383,7 @@ class NoQuantization(QuantizationBackend):
     def __init__(self, compute_dtype: DTypeName = "auto") -> None:
         self.compute_dtype = compute_dtype
 
-    def load(self, model_name_or_path: str) -> nn.Module:
+    def load(self, model_name_or_path: str, calibration: CalibrationSource | None = None) -> nn.Module:
         model = self._load_float(model_name_or_path, resolve_dtype(self.compute_dtype))
         model.requires_grad_(False)
         return model.cuda() if torch.cuda.is_available() else model

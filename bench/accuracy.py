@@ -166,7 +166,8 @@ BENCH_METRICS = ("arc_acc", "arc_acc_norm", "mmlu_acc")
 # Options added after results were stored: left out of a file's settings while at these values,
 # so the files made before them (bench/results/) still match and resume.
 NEW_OPTION_DEFAULTS = {"prompt_template": "alpaca", "arc": None, "arc_limit": None, "mmlu_dir": None,
-                       "mmlu_limit_per_subject": None, "mmlu_k_shot": 5, "method_lr": None, "alpha": None}
+                       "mmlu_limit_per_subject": None, "mmlu_k_shot": 5, "method_lr": None, "alpha": None,
+                       "base_init": "rtn", "calibration_records": 128, "calibration_seq_len": 512}
 
 
 MATRIX_ISA = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")  # what CPU kernels dispatch on
@@ -252,9 +253,11 @@ def scored_part(config: str) -> str:
     return "trained" if config.endswith(("|nf4", "|dense")) else "low_bit"
 
 
-def build(method: str, rank: int, bits: int | None, group_size: int | None, alpha: float | None = None):
+def build(method: str, rank: int, bits: int | None, group_size: int | None, alpha: float | None = None,
+          base: dict | None = None):
     """(quantization backend, adapter strategy) of a method at one budget rank, dropout 0; ``alpha``
-    None keeps each strategy's default (16: scaling ``s = 16 / rank``)."""
+    None keeps each strategy's default (16: scaling ``s = 16 / rank``); ``base``: the INT-b base's
+    ``init`` / calibration arguments (:func:`base_args`)."""
     from qblora_pl.adapters import LoRA, QABLoRA, QALoRA, QBLoRA
     from qblora_pl.quantization import NF4, GroupwiseInt
 
@@ -263,12 +266,18 @@ def build(method: str, rank: int, bits: int | None, group_size: int | None, alph
         return NF4(), LoRA(r=rank, dropout=0.0, **scale)
     if method == "qblora":
         return NF4(), QBLoRA(r=rank, dropout=0.0, **scale)
-    base = GroupwiseInt(bits=bits, group_size=group_size)
+    base = GroupwiseInt(bits=bits, group_size=group_size, **(base or {}))
     if method == "qalora":
         return base, QALoRA(r=rank, dropout=0.0, **scale)
     if method == "qablora":
         return base, QABLoRA(budget_rank=rank, dropout=0.0, **scale)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def base_args(args) -> dict:
+    """``--base-init`` and its calibration as ``GroupwiseInt`` arguments (QA-* bases and the references)."""
+    return {"init": args.base_init, "calibration_records": args.calibration_records,
+            "calibration_seq_len": args.calibration_seq_len}
 
 
 def benchmark_tasks(args) -> list:
@@ -390,10 +399,11 @@ def train_one(args, method: str, seed: int, bits: int | None, group_size: int | 
     from qblora_pl.module import QuantizedCausalLM
 
     pl.seed_everything(seed, verbose=False)
-    quantization, adapter = build(method, args.rank, bits, group_size, args.alpha)
+    quantization, adapter = build(method, args.rank, bits, group_size, args.alpha, base_args(args))
     lr = learning_rate(vars(args), method)
     module = QuantizedCausalLM(args.model_dir, quantization=quantization, adapter=adapter, learning_rate=lr, warmup_steps=args.warmup)
     data = make_data(args, seed)
+    module.calibration_source = data.calibration_set  # a gptq base calibrates on the training split (split_seed 0)
     if progress is not None and progress.has_adapter():
         module.configure_model()
         seconds = progress.load_adapter(module)
@@ -713,7 +723,7 @@ def refreshed_rows(stored: dict[str, dict], method: str, seed: int, trained: dic
 
 
 def run_reference(args, bits: int | None, group_size: int | None) -> dict[str, dict]:
-    """The unmodified model, dense float32 (``bits`` None) or RTN-quantized to INT-``bits`` g, scored untrained.
+    """The unmodified model, dense float32 (``bits`` None) or quantized to INT-``bits`` g (``--base-init``), scored untrained.
 
     Scored on the same held-out batches and benchmarks as the trained runs. The INT-b model is
     exactly the base QA-LoRA / QA-BLoRA start from (``GroupwiseInt`` rounds the float32 weights).
@@ -725,10 +735,11 @@ def run_reference(args, bits: int | None, group_size: int | None) -> dict[str, d
     if bits is None:
         quantization = NoQuantization(compute_dtype="float32")
     else:
-        quantization = GroupwiseInt(bits=bits, group_size=group_size)
-    model = quantization.load(args.model_dir).eval()
+        quantization = GroupwiseInt(bits=bits, group_size=group_size, **base_args(args))
+    data = make_data(args, seed=0)
+    model = quantization.load(args.model_dir, calibration=data.calibration_set).eval()
     load_seconds = time.perf_counter() - started
-    evaluate = make_evaluator(args, make_data(args, seed=0), next(model.parameters()).device)
+    evaluate = make_evaluator(args, data, next(model.parameters()).device)
     scores = evaluate(model)
     key = run_key(REFERENCE, None, bits, group_size)
     base = key.split("|")[1]
@@ -1287,6 +1298,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3, help="QLoRA / Q-BLoRA (configs/qlora.yaml, qblora.yaml)")
+    parser.add_argument("--base-init", default="rtn", choices=("rtn", "mse", "gptq"),
+                        help="how QA-LoRA / QA-BLoRA's INT-b base (and --reference's INT-b rows) is made from the float "
+                             "weights: GroupwiseInt(init=...); gptq calibrates on the training split")
+    parser.add_argument("--calibration-records", type=int, default=128, help="--base-init gptq: training examples")
+    parser.add_argument("--calibration-seq-len", type=int, default=512, help="--base-init gptq: tokens per example")
     parser.add_argument("--qa-lr", type=float, default=1e-2, help="QA-LoRA / QA-BLoRA (configs/qalora.yaml, qablora.yaml)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-batch-size", type=int, default=16)

@@ -242,9 +242,10 @@ def format_order(base: str) -> tuple[int, int]:
 
 
 def method_name(method: str) -> str:
-    """``qlora+ptq`` -> ``QLoRA + RTN``, ``qblora+qat`` -> ``Q-BLoRA + QAT + RTN``."""
+    """``qlora+ptq`` -> ``QLoRA + RTN``, ``qblora+qat`` -> ``Q-BLoRA + QAT + RTN``, ``qlora+libgptq`` ->
+    ``QLoRA + GPTQ (llm-compressor)``."""
     family, _, variant = method.partition("+")
-    return LABEL[family] + {"ptq": " + RTN", "qat": " + QAT + RTN"}.get(variant, "")
+    return LABEL[family] + {"ptq": " + RTN", "qat": " + QAT + RTN", "libgptq": " + GPTQ (llm-compressor)"}.get(variant, "")
 
 
 def scored_part(config: str) -> str:
@@ -576,6 +577,14 @@ def missing_formats(args, method: str, seed: int, results: dict[str, dict]) -> l
     return [(b, g) for b in args.bits for g in args.group_sizes if run_key(method + "+ptq", seed, b, g) not in results]
 
 
+def missing_library_formats(args, method: str, seed: int, results: dict[str, dict]) -> list[tuple[int, int]]:
+    """``--library-gptq``: the merged QLoRA / Q-BLoRA model's llm-compressor GPTQ rows not yet in ``results``."""
+    if not getattr(args, "library_gptq", False):
+        return []
+    return [(b, g) for b in args.bits for g in args.group_sizes
+            if run_key(method + "+libgptq", seed, b, g) not in results]
+
+
 def wants_trained_benchmarks(args, method: str) -> bool:
     """Whether ``--bench-trained`` asks for the benchmarks of ``method``'s trained (not deployed) model."""
     return args.bench_trained == "all" or (args.bench_trained == "nf4" and method in DENSE_MERGE)
@@ -599,6 +608,7 @@ def is_done(args, run: tuple, results: dict[str, dict]) -> bool:
     if run_key(*run) not in results:
         return False
     return method not in DENSE_MERGE or qat or not (missing_formats(args, method, seed, results)
+                                                    or missing_library_formats(args, method, seed, results)
                                                     or missing_trained_benchmarks(args, method, seed, results))
 
 
@@ -690,8 +700,26 @@ def run_method(args, method: str, seed: int, bits: int | None, group_size: int |
                     **common, "base": "nf4", "bits": ptq_bits, "group_size": g, "trained": trained,
                     "low_bit": scored(f"int{ptq_bits}_g{g}", evaluate, model),
                 }
-            if previous is not None and formats:
-                key += " again for " + ", ".join(f"int{b}_g{g}" for b, g in formats)  # its own time in the totals
+            library = missing_library_formats(args, method, seed, stored)
+            if library:
+                from bench.library_pipeline import library_gptq_model
+
+                calibration = data.calibration_set(args.calibration_records, args.calibration_seq_len)
+            for lib_bits, g in library:  # the users' pipeline: merge, then the library's GPTQ
+                unmerge_adapters(model)
+                how = merge_adapters(model)
+                started = time.perf_counter()
+                deployed, record = library_gptq_model(model, how, args.model_dir, calibration, lib_bits, g,
+                                                      threads=torch.get_num_threads())
+                rows[run_key(method + "+libgptq", seed, lib_bits, g)] = {
+                    **common, "base": "nf4", "bits": lib_bits, "group_size": g, "trained": trained,
+                    "library_gptq": {**record, "pipeline_seconds": time.perf_counter() - started},
+                    "low_bit": scored(f"libgptq_int{lib_bits}_g{g}", evaluate, deployed),
+                }
+                del deployed
+            if previous is not None and (formats or library):
+                key += " again for " + ", ".join([f"int{b}_g{g}" for b, g in formats]
+                                                 + [f"libgptq int{b}_g{g}" for b, g in library])  # own time in totals
         else:
             assert set(how.values()) == {"offsets"}, how
             rows[key] = {
@@ -715,7 +743,7 @@ def refreshed_rows(stored: dict[str, dict], method: str, seed: int, trained: dic
     scores) with ``trained`` in place; the NF4 row adds the time it took (``trained_benchmark_seconds``)."""
     rows, nf4 = {}, run_key(method, seed, None, None)
     for key, row in stored.items():
-        if row.get("seed") == seed and key.split("|")[0] in (method, method + "+ptq"):  # not +qat: another run
+        if row.get("seed") == seed and key.split("|")[0] in (method, method + "+ptq", method + "+libgptq"):  # not +qat
             rows[key] = {**row, "trained": trained}
             if key == nf4:
                 rows[key]["trained_benchmark_seconds"] = row.get("trained_benchmark_seconds", 0.0) + seconds
@@ -1261,7 +1289,8 @@ def plot(results: dict[str, dict], metric: str, path: Path, title: str) -> None:
 
 
 RUN_SELECTION = ("model_dir", "report_only", "progress", "out", "seeds", "methods", "bits", "group_sizes", "qat_bits", "qat_only",
-                 "qat_start", "qat_ramp", "include", "markdown", "reference", "lr_report", "lr_criterion", "bench_trained")
+                 "qat_start", "qat_ramp", "include", "markdown", "reference", "lr_report", "lr_criterion", "bench_trained",
+                 "library_gptq")
 """Options that choose which runs / rows to make or show, not how a run is made (QAT rows record their schedule)."""
 
 
@@ -1298,6 +1327,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3, help="QLoRA / Q-BLoRA (configs/qlora.yaml, qblora.yaml)")
+    parser.add_argument("--library-gptq", action="store_true",
+                        help="also deploy QLoRA / Q-BLoRA the way users do today: merge, then llm-compressor's GPTQ "
+                             "at each --bits / --group-sizes on the run's calibration tokens (+libgptq rows; needs "
+                             "scripts/setup_library_gptq_venv.sh)")
     parser.add_argument("--base-init", default="rtn", choices=("rtn", "mse", "gptq"),
                         help="how QA-LoRA / QA-BLoRA's INT-b base (and --reference's INT-b rows) is made from the float "
                              "weights: GroupwiseInt(init=...); gptq calibrates on the training split")

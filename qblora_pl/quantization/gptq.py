@@ -58,13 +58,16 @@ def gptq_quantize(
     block_size: int = 128,
     param_dtype: torch.dtype | None = None,
     params: str = "minmax",
+    static_groups: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ-quantize ``weight`` (``d_out x d_in``) for inputs whose Hessian is ``hessian``.
 
     ``damp`` is the fraction of the mean Hessian diagonal added to the diagonal (GPTQ's
     dampening, 0.01 as in GPTQ and llm-compressor); inputs that are always zero (a dead
     column) get weight 0. ``block_size`` is the lazy-batch width, rounded to whole groups.
-    ``params`` chooses each group's scale and offset (``"minmax"`` or ``"mse"``).
+    ``params`` chooses each group's scale and offset (``"minmax"`` or ``"mse"``): from the
+    error-updated weights when the sweep reaches the group (GPTQ's reference implementation), or,
+    with ``static_groups``, from the original weights before the sweep (llm-compressor's order).
     Returns ``codes`` (uint8), ``scales``, ``offsets`` (float32) as ``quantizer.quantize``.
     """
     quantizer._check_weight(weight)
@@ -87,6 +90,9 @@ def gptq_quantize(
     scales = torch.zeros(d_out, n_groups, dtype=torch.float32, device=weight.device)
     offsets = torch.zeros_like(scales)
     max_code = quantizer.max_code
+    if static_groups:
+        groups = weight.detach().float().reshape(d_out, n_groups, g)
+        scales[:], offsets[:] = quantizer.group_params(groups, param_dtype, params)
     for i1 in range(0, d_in, block):
         i2 = min(i1 + block, d_in)
         w1 = w[:, i1:i2].clone()
@@ -94,7 +100,7 @@ def gptq_quantize(
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % g == 0:
+            if col % g == 0 and not static_groups:
                 scales[:, col // g], offsets[:, col // g] = quantizer.group_params(w1[:, i : i + g], param_dtype, params)
             s, m = scales[:, col // g], offsets[:, col // g]
             column = w1[:, i]

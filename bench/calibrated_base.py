@@ -45,23 +45,17 @@ def datamodule(args):
 
 
 def held_out_loss(model, dm, records: int) -> float:
-    """Mean loss over the response tokens of the first ``records`` validation examples."""
-    import torch
+    """Mean loss over the response tokens of the first ``records`` validation examples
+    (``bench/accuracy.py``'s token-weighted ``score``)."""
+    from bench.accuracy import score
 
-    nll_sum, tokens, seen = 0.0, 0, 0
-    model.eval()
-    with torch.no_grad():
-        for batch in dm.val_dataloader():
-            batch = {k: v[: records - seen] for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            nll_sum += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                               labels.reshape(-1), ignore_index=-100, reduction="sum"))
-            tokens += int((labels != -100).sum())
-            seen += len(batch["input_ids"])
-            if seen >= records:
-                break
-    return nll_sum / tokens
+    batches, seen = [], 0
+    for batch in dm.val_dataloader():
+        batches.append({k: v[: records - seen] for k, v in batch.items()})
+        seen += len(batches[-1]["input_ids"])
+        if seen >= records:
+            break
+    return score(model, batches)["loss"]
 
 
 def run_case(args) -> dict:

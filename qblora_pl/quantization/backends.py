@@ -271,8 +271,7 @@ class GroupwiseInt(QuantizationBackend):
             model.to(device)
         else:
             model.to(device)
-            names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"lm_head"}
-            quantize_linear_layers(model, sorted(names), bits=self.bits, group_size=self.group_size,
+            quantize_linear_layers(model, self._is_target, bits=self.bits, group_size=self.group_size,
                                    scale_dtype=resolve_dtype(self.scale_dtype),
                                    params="mse" if self.init == "mse" else "minmax", progress=self.init == "mse")
             if self.init == "mse":
@@ -304,9 +303,10 @@ class GroupwiseInt(QuantizationBackend):
     def _save_cached(self, model: nn.Module, model_name_or_path: str, digest: str | None, info: dict[str, Any]) -> None:
         from qblora_pl.quantization.base_cache import base_cache_dir, save_base
 
-        directory = base_cache_dir(self._cache_key(model_name_or_path, digest))
+        key = self._cache_key(model_name_or_path, digest)
+        directory = base_cache_dir(key)
         try:
-            save_base(model, directory, self._cache_key(model_name_or_path, digest), info)
+            save_base(model, directory, key, info)
         except OSError as err:  # a read-only cache costs time on the next run, not this run
             rank_zero_warn(f"GroupwiseInt: could not cache the quantized base in {directory} ({err}); the next run "
                            "quantizes again")
@@ -359,7 +359,7 @@ class GroupwiseInt(QuantizationBackend):
         if leftover:  # linears outside the decoder layers (none in a Llama): the data-free search
             from qblora_pl.quantization.groupwise_int import quantize_linear_layers
 
-            quantize_linear_layers(model, lambda n: n in set(leftover), bits=self.bits, group_size=self.group_size,
+            quantize_linear_layers(model, set(leftover).__contains__, bits=self.bits, group_size=self.group_size,
                                    scale_dtype=scale_dtype, params="mse")
         model.to(device)
         rank_zero_info(f"GroupwiseInt(init='gptq'): {len(summary['layers'])} layers in {summary['seconds']:.0f} s")

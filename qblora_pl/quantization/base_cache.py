@@ -6,18 +6,16 @@ quantized weights: the source model's files, the bit width, group size, scale dt
 (``mse`` / ``gptq``), the target layers and, for GPTQ, the calibration set's token digest and
 dampening. It holds ``base.safetensors`` (each quantized layer's ``packed_codes``, ``scales``,
 ``offsets``, ``bias``) and ``qblora_base.json`` (the key's fields, the layer names, how long
-the quantization took). Entries are written to a temporary directory and renamed into place,
-like the GGUF conversion cache: an interrupted write leaves nothing a later run could take for
-a finished one, and two runs writing the same entry leave one.
+the quantization took). Entries are written with the exports' :func:`atomic_directory` (a
+temporary directory renamed into place, staging left by killed writers removed): an
+interrupted write leaves nothing a later run could take for a finished one, and two runs
+writing the same entry leave one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +84,7 @@ def load_cached_base(model: nn.Module, directory: Path) -> dict[str, Any] | None
                                    group_size=record["key"]["group_size"], bias=linear.bias is not None,
                                    scale_dtype=scale_dtype, device=linear.weight.device)
         with torch.no_grad():
-            for tensor_name in ("packed_codes", "scales", "offsets", "bias"):
+            for tensor_name in GroupwiseIntLinear._QUANT_TENSORS:
                 stored = tensors.get(f"{name}.{tensor_name}")
                 target = getattr(layer, tensor_name)
                 if target is None:
@@ -101,29 +99,20 @@ def load_cached_base(model: nn.Module, directory: Path) -> dict[str, Any] | None
 
 
 def save_base(model: nn.Module, directory: Path, key: dict[str, Any], info: dict[str, Any]) -> None:
-    """Write ``model``'s quantized layers as the entry ``directory`` (atomically; an existing entry is kept)."""
+    """Write ``model``'s quantized layers as the entry ``directory`` (atomically)."""
     from safetensors.torch import save_file
 
+    from qblora_pl.export.atomic import atomic_directory
     from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, GroupwiseIntLinear)}
     tensors = {}
     for name, layer in layers.items():
-        for tensor_name in ("packed_codes", "scales", "offsets", "bias"):
+        for tensor_name in GroupwiseIntLinear._QUANT_TENSORS:
             tensor = getattr(layer, tensor_name)
             if tensor is not None:
                 tensors[f"{name}.{tensor_name}"] = tensor.detach().cpu().contiguous()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.{os.getpid()}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as staging:
         save_file(tensors, str(staging / _TENSORS))
         record = {"format": BASE_CACHE_FORMAT, "key": key, "layers": sorted(layers), **info}
         (staging / _RECORD).write_text(json.dumps(record, indent=2))
-        try:
-            os.replace(staging, directory)
-        except OSError:  # another process wrote the same entry first
-            if not (directory / _RECORD).is_file():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)

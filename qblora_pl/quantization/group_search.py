@@ -42,14 +42,18 @@ _ROW_CHUNK = 1024
 
 
 def _stored(lo: Tensor, hi: Tensor, max_code: int, param_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
-    """Scale and offset of the range ``[lo, hi]``, rounded to the storage dtype (float32 values).
+    """Scale and offset of the range ``[lo, hi]``, rounded to the storage dtype (float32 values)."""
+    return _to_storage((hi - lo) / max_code, lo, param_dtype)
+
+
+def _to_storage(scale: Tensor, offset: Tensor, param_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """``scale`` and ``offset`` rounded to the storage dtype (float32 values holding them).
 
     A zero scale (a constant group) becomes the storage dtype's smallest normal number: the
     codes are then 0 and the group dequantizes to its offset, exactly its value.
     """
     store = param_dtype or torch.float32
-    scale = ((hi - lo) / max_code).to(store).float()
-    offset = lo.to(store).float()
+    scale, offset = scale.to(store).float(), offset.to(store).float()
     tiny = torch.finfo(store).tiny
     return torch.where(scale > 0, scale, torch.full_like(scale, tiny)), offset
 
@@ -84,10 +88,7 @@ class _Best:
         self.lo, self.hi = torch.where(better, lo, self.lo), torch.where(better, hi, self.hi)
 
     def consider_params(self, scale: Tensor, offset: Tensor) -> None:
-        store = self.param_dtype or torch.float32
-        scale, offset = scale.to(store).float(), offset.to(store).float()
-        tiny = torch.finfo(store).tiny
-        self._consider(torch.where(scale > 0, scale, torch.full_like(scale, tiny)), offset)
+        self._consider(*_to_storage(scale, offset, self.param_dtype))
 
     def _consider(self, scale: Tensor, offset: Tensor) -> Tensor:
         codes = round_codes(self.groups, scale, offset, self.max_code)

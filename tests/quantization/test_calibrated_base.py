@@ -107,6 +107,17 @@ def test_calibration_set_is_deterministic_cut_and_in_split_order(embedded_data):
 
 
 # --------------------------------------------------------------------------- true-sequential GPTQ
+def _q_proj_1_input(model, input_ids):
+    """What ``model``'s layer 1 q_proj is fed for ``input_ids``."""
+    seen = []
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        model(input_ids=input_ids.unsqueeze(0))
+    handle.remove()
+    return seen[0]
+
+
 def test_each_layer_is_calibrated_on_the_outputs_of_the_quantized_layers_before_it(embedded_data, cache, monkeypatch):
     """The Hessian inputs of layer 1 are what the final (quantized) model feeds layer 1, not the dense model's."""
     layer_1_inputs = []
@@ -126,23 +137,12 @@ def test_each_layer_is_calibrated_on_the_outputs_of_the_quantized_layers_before_
     model = backend.load(MODEL, calibration=embedded_data.calibration_set)
     first = embedded_data.calibration_set(4, 32).sequences[0]
     # During calibration layer 1's q_proj saw sequence 0 first (the grouping probe), then in the Hessian pass.
-    final = []
-    handle = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
-        lambda _m, args: final.append(args[0].detach().clone()))
-    with torch.no_grad():
-        model(input_ids=first.unsqueeze(0))
-    handle.remove()
+    final = _q_proj_1_input(model, first)
     assert isinstance(model.model.layers[0].self_attn.q_proj, GroupwiseIntLinear)
-    torch.testing.assert_close(layer_1_inputs[0], final[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer_1_inputs[0], final, rtol=0, atol=1e-6)
     # ... which differs from what the dense layer 0 would have given it.
     dense = GroupwiseInt(bits=8, group_size=32, compute_dtype="float32")._load_float(MODEL, torch.float32)
-    dense_inputs = []
-    handle = dense.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
-        lambda _m, args: dense_inputs.append(args[0].detach().clone()))
-    with torch.no_grad():
-        dense(input_ids=first.unsqueeze(0))
-    handle.remove()
-    assert (dense_inputs[0] - final[0]).abs().max() > 1e-4
+    assert (_q_proj_1_input(dense, first) - final).abs().max() > 1e-4
 
 
 # --------------------------------------------------------------------------- the backend

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qblora_pl.quantization.dequant_linear import DequantizingLinear, dequantize_packed
 from qblora_pl.quantization.group_search import minmax_group_params, mse_group_params, round_codes
 from qblora_pl.quantization.packing import SUPPORTED_BITS, pack_codes, unpack_codes
 
@@ -406,10 +407,12 @@ class GroupwiseIntLinear(nn.Module):
         """``W_hat`` (``d_out x d_in``) from this layer's codes, scales and offsets.
 
         The one code path for the training forward, merges and exports (METHOD.md
-        sections 3-4). Computed in float32, then cast to ``dtype`` if given.
+        sections 3-4). Computed in float32 (in row blocks, dequant_linear.py), then cast to
+        ``dtype`` if given.
         """
-        w = self.quantizer.dequantize(self.codes(), self.scales, self.offsets)
-        return w if dtype is None else w.to(dtype)
+        return dequantize_packed(
+            self.quantizer, self.packed_codes, self.scales, self.offsets, self.in_features, dtype or torch.float32
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """``y = x W_hat^T + b`` with ``W_hat`` dequantized on the fly in ``x.dtype``.
@@ -425,6 +428,11 @@ class GroupwiseIntLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if getattr(self, "_cache_dense", False):
             return F.linear(x, self._cached_dequantized(x.dtype), bias)
+        if torch.is_grad_enabled() and not (self.scales.requires_grad or self.offsets.requires_grad):
+            # Saves the packed codes for backward, not W_hat (dequant_linear.py); same forward.
+            return DequantizingLinear.apply(
+                x, self.packed_codes, self.scales, self.offsets, bias, self.quantizer, self.in_features
+            )
         return F.linear(x, self.dequantize(x.dtype), bias)
 
     # ------------------------------------------------------------------ dequantized-weight cache

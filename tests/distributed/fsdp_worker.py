@@ -61,6 +61,44 @@ class Recorder(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+class SavedTensorProbe(pl.Callback):
+    """What the first training step's forward saves for backward, looked at between the forward and
+    the backward: the INT-b layers' packed codes (uint8) and whether FSDP2 freed their gathered
+    storage after each layer's forward; and any float tensor of a quantized layer's weight shape."""
+
+    def __init__(self) -> None:
+        self.report: dict = {}
+        self._context = None
+        self._saved: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self._saved = []
+            self._context = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+            self._context.__enter__()
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._saved.append(tensor)
+        return tensor
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self._context is None:
+            return
+        self._context.__exit__(None, None, None)
+        self._context = None
+        from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+
+        shapes = {m.weight_shape for m in pl_module.modules() if isinstance(m, GroupwiseIntLinear)}
+        codes = [t for t in self._saved if t.dtype == torch.uint8]
+        self.report = {
+            "saved_codes": len(codes),
+            "saved_codes_freed": sum(t.untyped_storage().size() == 0 for t in codes),
+            "weight_shaped_float": [list(t.shape) for t in self._saved
+                                    if t.is_floating_point() and tuple(t.shape) in shapes],
+        }
+        self._saved = []
+
+
 def build(spec: dict) -> tuple[QuantizedCausalLM, InstructionDataModule, pl.Trainer, Recorder]:
     torch.set_num_threads(1)
     pl.seed_everything(spec.get("seed", 0))
@@ -74,7 +112,7 @@ def build(spec: dict) -> tuple[QuantizedCausalLM, InstructionDataModule, pl.Trai
     )
     data = InstructionDataModule(spec["data_dir"], tokenizer_name_or_path=spec["model_dir"], batch_size=spec.get("batch_size", 8))
     recorder = Recorder()
-    callbacks = [recorder]
+    callbacks = [recorder, SavedTensorProbe()]
     if spec.get("export_dir"):
         from callbacks.merge_export import MergeExport
 
@@ -114,6 +152,7 @@ def main(spec_path: str) -> None:
         "base_weight_bytes": base_weight_bytes(module.model),
         "sharded": is_sharded(module.model),
         "global_step": trainer.global_step,
+        "saved_tensors": next(c for c in trainer.callbacks if isinstance(c, SavedTensorProbe)).report,
     }
     out = Path(spec["out_dir"])
     out.mkdir(parents=True, exist_ok=True)

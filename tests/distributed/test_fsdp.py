@@ -99,6 +99,12 @@ def test_two_process_fsdp_matches_one_process_resumes_and_exports(tiny_model_dir
     # The frozen base is sharded: each of 2 ranks holds half of what one process holds.
     one = single["base_weight_bytes"]
     assert [r["base_weight_bytes"] for r in ranks] == [one // 2, one // 2], (one, ranks)
+    # The INT-b layers save their gathered packed codes for backward, not a dense W_hat, and FSDP2
+    # frees that gathered storage after each layer's forward (it gathers again for the backward).
+    for r in ranks:
+        saved = r["saved_tensors"]
+        assert saved["weight_shaped_float"] == [] and saved["saved_codes"] > 0, saved
+        assert saved["saved_codes_freed"] == saved["saved_codes"], saved
 
     # The FSDP checkpoint is one adapter-only file in one-device format.
     ckpt = torch.load(fsdp_ckpt, weights_only=False)

@@ -1,0 +1,120 @@
+"""The INT-b base's matmul: dequantize in forward, dequantize again in backward, save no ``W_hat``.
+
+``F.linear(x, layer.dequantize(), bias)`` under autograd keeps the dequantized weight alive from
+the forward to the backward (it is what the input gradient ``dL/dx = dL/dy W_hat`` needs), so a
+QA-LoRA / QA-BLoRA step would hold every layer's dense weight at once: 64 MiB of float32 for
+one 4096 x 4096 INT4 layer whose codes take 8 MiB. :class:`DequantizingLinear` saves the
+layer's own packed codes, scales and offsets instead (already resident, or re-gathered by FSDP2
+before the layer's backward like any parameter) and rebuilds ``W_hat`` in backward - what
+bitsandbytes' ``MatMul4Bit`` and torchao's ``linear_nf4`` do for NF4.
+
+Forward is bit for bit the plain path: the same float32 dequantization formula
+(:meth:`GroupwiseIntQuantizer.dequantize`), cast to the input dtype, then ``F.linear``. The
+dequantization runs in row blocks of at most :data:`DEQUANT_BLOCK_BYTES` float32 bytes written
+into the output buffer, so a 16-bit forward holds the weight once in its dtype plus one float32
+block, not the whole layer in float32 and again in 16 bits. Backward multiplies by ``W_hat``
+in the same row blocks (accumulating in float32 when there is more than one), so its transient
+is one block; a layer of one block takes the plain path's single matmul.
+
+The frozen base has no gradient of its own: codes, scales and offsets never train. A layer whose
+scales or offsets do require a gradient is left on the plain autograd path by
+:meth:`GroupwiseIntLinear.forward`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qblora_pl.quantization.packing import unpack_codes
+
+__all__ = ["DEQUANT_BLOCK_BYTES", "DequantizingLinear", "dequantize_packed", "row_block"]
+
+#: The float32 bytes of ``W_hat`` one dequantization step materialises (forward and backward).
+DEQUANT_BLOCK_BYTES = 16 * 2**20
+
+
+def row_block(out_features: int, in_features: int, block_bytes: int | None = None) -> int:
+    """Rows of ``W_hat`` per dequantization block: as many as fit ``block_bytes`` in float32
+    (default :data:`DEQUANT_BLOCK_BYTES`), at least one, at most all."""
+    budget = DEQUANT_BLOCK_BYTES if block_bytes is None else block_bytes
+    return max(1, min(out_features, budget // (4 * in_features)))
+
+
+def _dequantize_rows(quantizer: Any, packed: Tensor, scales: Tensor, offsets: Tensor, in_features: int) -> Tensor:
+    return quantizer.dequantize(unpack_codes(packed, quantizer.bits, in_features), scales, offsets)
+
+
+def dequantize_packed(
+    quantizer: Any,
+    packed: Tensor,
+    scales: Tensor,
+    offsets: Tensor,
+    in_features: int,
+    dtype: torch.dtype,
+    block_bytes: int | None = None,
+) -> Tensor:
+    """``W_hat`` in ``dtype``, dequantized in float32 row blocks written into one output buffer.
+
+    Bit-identical to ``quantizer.dequantize(unpack_codes(packed), scales, offsets).to(dtype)``:
+    every element goes through the same float32 product, sum and one cast.
+    """
+    out_features = packed.shape[0]
+    rows = row_block(out_features, in_features, block_bytes)
+    if rows >= out_features:
+        return _dequantize_rows(quantizer, packed, scales, offsets, in_features).to(dtype)
+    weight = torch.empty(out_features, in_features, dtype=dtype, device=packed.device)
+    for start in range(0, out_features, rows):
+        stop = min(start + rows, out_features)
+        weight[start:stop] = _dequantize_rows(
+            quantizer, packed[start:stop], scales[start:stop], offsets[start:stop], in_features
+        )
+    return weight
+
+
+class DequantizingLinear(torch.autograd.Function):
+    """``y = x W_hat^T + b`` that saves ``(packed codes, scales, offsets)`` for backward, not ``W_hat``.
+
+    ``apply(x, packed, scales, offsets, bias, quantizer, in_features)``. Only ``x`` gets a
+    gradient; the quantized tensors and the bias are frozen.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        packed: Tensor,
+        scales: Tensor,
+        offsets: Tensor,
+        bias: Tensor | None,
+        quantizer: Any,
+        in_features: int,
+    ) -> Tensor:
+        weight = dequantize_packed(quantizer, packed, scales, offsets, in_features, x.dtype)
+        ctx.save_for_backward(packed, scales, offsets)
+        ctx.quantizer = quantizer
+        ctx.in_features = in_features
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None, None
+        packed, scales, offsets = ctx.saved_tensors
+        quantizer, in_features = ctx.quantizer, ctx.in_features
+        out_features = packed.shape[0]
+        rows = row_block(out_features, in_features)
+        if rows >= out_features:
+            weight = _dequantize_rows(quantizer, packed, scales, offsets, in_features).to(grad_out.dtype)
+            return grad_out.matmul(weight), None, None, None, None, None, None
+        grad_2d = grad_out.reshape(-1, out_features)
+        grad_x = torch.zeros(grad_2d.shape[0], in_features, dtype=torch.float32, device=grad_out.device)
+        for start in range(0, out_features, rows):
+            stop = min(start + rows, out_features)
+            block = _dequantize_rows(quantizer, packed[start:stop], scales[start:stop], offsets[start:stop], in_features)
+            grad_x.addmm_(grad_2d[:, start:stop].float(), block)
+        grad_x = grad_x.to(grad_out.dtype).reshape(*grad_out.shape[:-1], in_features)
+        return grad_x, None, None, None, None, None, None

@@ -1,0 +1,106 @@
+"""The INT-b base's memory-correct matmul (issue 36): saves the packed codes for backward, not W_hat;
+the same forward bit for bit and the same input gradient as the plain autograd path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qblora_pl.adapters import QABLoRA
+from qblora_pl.adapters.injection import LLAMA_TARGET_MODULES, inject_adapters
+from qblora_pl.quantization import GroupwiseInt
+from qblora_pl.quantization import dequant_linear
+from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+
+
+def _layer(out_features=96, in_features=128, bits=3, group_size=32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=g) * 0.1)
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=g))
+    return GroupwiseIntLinear.from_linear(linear, bits=bits, group_size=group_size)
+
+
+def _plain(layer, x):
+    """The autograd path before issue 36: F.linear on the whole dequantized weight."""
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    weight = layer.quantizer.dequantize(layer.codes(), layer.scales, layer.offsets).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+def _saved_shapes(fn):
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, shapes
+
+
+@pytest.mark.parametrize("block_bytes", [None, 4 * 128 * 10])  # one block; 10-row blocks (10 of 96 rows)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_forward_is_bit_identical_and_input_gradient_matches(monkeypatch, block_bytes, dtype, bits):
+    if block_bytes is not None:
+        monkeypatch.setattr(dequant_linear, "DEQUANT_BLOCK_BYTES", block_bytes)
+        assert dequant_linear.row_block(96, 128) == 10
+    layer = _layer(bits=bits)
+    x = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x_ours = x.clone().requires_grad_()
+    x_plain = x.clone().requires_grad_()
+    y_ours = layer(x_ours)
+    y_plain = _plain(layer, x_plain)
+    assert y_ours.dtype == dtype and torch.equal(y_ours, y_plain)
+    grad = torch.randn(y_ours.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y_ours.backward(grad)
+    y_plain.backward(grad)
+    if block_bytes is None:
+        assert torch.equal(x_ours.grad, x_plain.grad)  # one block: the same single matmul
+    else:  # blocks accumulate in float32: float32 rounding, or the one bf16 rounding of the result
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+        torch.testing.assert_close(x_ours.grad, x_plain.grad, **tol)
+
+
+def test_blocked_dequantize_equals_the_whole_layer_formula(monkeypatch):
+    layer = _layer(out_features=50, bits=3)
+    whole = layer.quantizer.dequantize(layer.codes(), layer.scales, layer.offsets)
+    monkeypatch.setattr(dequant_linear, "DEQUANT_BLOCK_BYTES", 4 * 128 * 7)  # 7-row blocks, last one short
+    assert torch.equal(layer.dequantize(), whole)
+    assert torch.equal(layer.dequantize(torch.bfloat16), whole.to(torch.bfloat16))
+
+
+def test_the_layer_saves_its_packed_codes_not_a_weight_shaped_tensor():
+    layer = _layer(out_features=96, in_features=128)
+    x = torch.randn(3, 128, requires_grad=True)
+    _, shapes = _saved_shapes(lambda: layer(x))
+    assert (96, 128) not in shapes and (128, 96) not in shapes, shapes
+    assert tuple(layer.packed_codes.shape) in shapes  # what backward dequantizes again
+
+
+def test_no_quantized_layer_weight_shape_is_saved_in_a_qablora_model_step(tiny_model_dir):
+    """A whole QA-BLoRA forward on the INT-b base: autograd keeps no tensor of any quantized
+    layer's weight shape (before issue 36 it kept every layer's dense W_hat)."""
+    model = GroupwiseInt(bits=3, group_size=32).load(str(tiny_model_dir))  # packed (64, 24) etc.: no shape collision
+    inject_adapters(model, QABLoRA(budget_rank=8), LLAMA_TARGET_MODULES)
+    quantized = {m.weight_shape for m in model.modules() if isinstance(m, GroupwiseIntLinear)}
+    assert quantized == {(64, 64), (128, 64), (64, 128)}
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    out, shapes = _saved_shapes(lambda: model(input_ids=ids, labels=ids))
+    dense = [s for s in shapes if s in quantized or s[::-1] in quantized]
+    assert not dense, f"weight-shaped tensors saved for backward: {dense}"
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_trainable_offsets_keep_the_differentiable_plain_path():
+    layer = _layer()
+    layer.offsets.requires_grad_(True)
+    x = torch.randn(4, 128, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.offsets.grad is not None and layer.offsets.grad.shape == layer.offsets.shape
+    assert x.grad is not None

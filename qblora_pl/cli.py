@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import importlib
-import math
 import os
 import shutil
 from pathlib import Path
@@ -40,7 +38,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from qblora_pl.checkpoints import CHANGEABLE_ADAPTER_ARGS, read_checkpoint
+from qblora_pl.checkpoints import read_checkpoint, same_setting
 from qblora_pl.data.instruction import InstructionDataModule
 from qblora_pl.errors import configuration_error, exit_on_error
 from qblora_pl.module import QuantizedCausalLM
@@ -102,10 +100,10 @@ class QBLoRACLI(LightningCLI):
             recorded = saved[key]
             if key == "model_name_or_path":
                 recorded = portable_model_reference(resolve_model_reference(recorded))
-            if _same_arg(now, default):
-                if not _same_arg(now, recorded):
+            if same_setting(now, default):
+                if not same_setting(now, recorded):
                     from_checkpoint[key] = recorded
-            elif not _same_arg(now, recorded):
+            elif not same_setting(now, recorded):
                 if key == "model_name_or_path":
                     # Another location of the same base (a moved checkout, a local copy of a hub
                     # model): allowed; the base's sizes are checked against the checkpoint on load.
@@ -138,7 +136,7 @@ class QBLoRACLI(LightningCLI):
         for key, value in sorted(saved_data.items()):
             if key.startswith("_") or key == "tokenizer_name_or_path" or data is None or key not in data:
                 continue
-            if not _same_arg(_plain(data.get(key)), value):
+            if not same_setting(_plain(data.get(key)), value):
                 rank_zero_info(f"Resume: data.{key} = {data.get(key)!r} (the checkpoint's run used {value!r})")
         max_steps = config.get("trainer", {}).get("max_steps", -1)
         step = int(checkpoint.get("global_step", 0))
@@ -300,41 +298,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _same_arg(a: Any, b: Any) -> bool:
-    """Whether two model arguments mean the same (class paths compared as classes, numbers by value)."""
-    if isinstance(a, dict) and isinstance(b, dict) and "class_path" in a and "class_path" in b:
-        if _load_class(a["class_path"]) is not _load_class(b["class_path"]):
-            return False
-        a_args, b_args = a.get("init_args") or {}, b.get("init_args") or {}
-        return all(_same_arg(a_args[k], b_args[k]) for k in set(a_args) & set(b_args) - CHANGEABLE_ADAPTER_ARGS)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_arg(x, y) for x, y in zip(a, b))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-12)
-    if isinstance(a, str) and isinstance(b, str) and a != b:
-        try:  # two spellings of one model location (embedded:tiny-llama and its path)
-            return portable_model_reference(resolve_model_reference(a)) == portable_model_reference(resolve_model_reference(b))
-        except (OSError, ValueError):
-            return False
-    return a == b
-
-
-def _load_class(class_path: str):
-    module, _, name = str(class_path).rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return class_path
-
-
 def _differing(recorded: Any, now: Any) -> str:
     """`` (differs: init: checkpoint 'gptq', config 'mse')`` for two configs of one class; empty otherwise."""
     if not (isinstance(recorded, dict) and isinstance(now, dict) and "class_path" in recorded and "class_path" in now):
         return ""
-    if not _same_arg({"class_path": recorded["class_path"]}, {"class_path": now["class_path"]}):
+    if not same_setting({"class_path": recorded["class_path"]}, {"class_path": now["class_path"]}):
         return ""
     old, new = recorded.get("init_args") or {}, now.get("init_args") or {}
-    keys = [k for k in old if k in new and not _same_arg(old[k], new[k])]
+    keys = [k for k in old if k in new and not same_setting(old[k], new[k])]
     return " (differs: " + "; ".join(f"{k}: checkpoint {old[k]!r}, config {new[k]!r}" for k in keys) + ")" if keys else ""
 
 

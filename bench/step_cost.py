@@ -35,6 +35,7 @@ Prints a table and writes JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -66,6 +67,61 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc (Linux), in bytes; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _release_and_reset_peak() -> None:
+    """Return freed heap to the OS and restart the peak-RSS counter (VmHWM), so the peak measured
+    after this is the training step's, not the model load's (which holds float32 weights)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+class SavedActivations:
+    """Bytes autograd saves for backward during a forward that are not parameters or buffers (the
+    activations, and before issue 36 the INT-b layers' dense W_hat), counted once per storage."""
+
+    def __init__(self, model) -> None:
+        self.model_storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        self.seen: set[int] = set()
+        self.bytes = 0
+        self.largest: list[tuple[int, tuple, str]] = []
+
+    def pack(self, t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.model_storages and ptr not in self.seen and storage.nbytes() > 0:
+            self.seen.add(ptr)
+            self.bytes += storage.nbytes()
+            self.largest = sorted([*self.largest, (storage.nbytes(), tuple(t.shape), str(t.dtype))], reverse=True)[:5]
+        return t
+
+
 def build_peft_model(args: argparse.Namespace):
     """HF PEFT LoRA over transformers + bitsandbytes NF4, configured like our ``qlora`` case."""
     import torch
@@ -77,7 +133,7 @@ def build_peft_model(args: argparse.Namespace):
     from qblora_pl.quantization import NF4
     from qblora_pl.quantization.backends import resolve_dtype
 
-    ours = NF4()  # the defaults our qlora case runs with: the same BitsAndBytesConfig
+    ours = NF4(compute_dtype=getattr(args, "compute_dtype", "auto"))  # our qlora case's BitsAndBytesConfig
     dtype = resolve_dtype(ours.compute_dtype)
     from qblora_pl.sources import pretrained_name_or_path
 
@@ -106,8 +162,19 @@ def run_case(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    import importlib
+
+    # The case's libraries are imported before the memory baseline, so the baseline holds them.
+    libraries = ("transformers", "bitsandbytes", "peft") if args.case == PEFT_CASE else ("transformers", "lightning", "qblora_pl.module")
+    for name in libraries:
+        importlib.import_module(name)
+    _release_and_reset_peak()
+    rss_baseline = _proc_status_bytes("VmRSS")
     if args.case == PEFT_CASE:
         model = build_peft_model(args)
+        if args.gradient_checkpointing:
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         from qblora_pl import adapters, quantization
         from qblora_pl.module import QuantizedCausalLM
@@ -120,7 +187,8 @@ def run_case(args: argparse.Namespace) -> dict:
         rank_kw = {"budget_rank": args.rank} if strategy_name == "QABLoRA" else {"r": args.rank}
         strategy = getattr(adapters, strategy_name)(dropout=0.0, **rank_kw)
         torch.manual_seed(0)
-        module = QuantizedCausalLM(model_name_or_path=args.model, quantization=backend, adapter=strategy)
+        module = QuantizedCausalLM(model_name_or_path=args.model, quantization=backend, adapter=strategy,
+                                   gradient_checkpointing=args.gradient_checkpointing)
         module.configure_model()
         model = module.model
     device = next(model.parameters()).device
@@ -129,10 +197,16 @@ def run_case(args: argparse.Namespace) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     model.train()
+    frozen = [t for t in (*model.parameters(), *model.buffers()) if not t.requires_grad]
+    base_bytes, adapter_bytes = _tensor_bytes(frozen), _tensor_bytes(params)
+    saved = SavedActivations(model)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
+    _release_and_reset_peak()
     rss_loaded = _rss_bytes()
+    resident_cpu = _proc_status_bytes("VmRSS")
     times, cpu_times = [], []
     for step in range(args.warmup + args.steps):
         if args.validate_every and step % args.validate_every == 0:
@@ -144,10 +218,16 @@ def run_case(args: argparse.Namespace) -> dict:
                 model(input_ids=ids[:1])
             model.train()
         start, cpu_start = time.perf_counter(), time.process_time()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(input_ids=ids, labels=ids).loss
+        hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t)
+        with hooks if step == 0 else contextlib.nullcontext():  # the first (untimed) step is measured
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        if step == 0:
+            grad_bytes = _tensor_bytes(p.grad for p in params if p.grad is not None)
         optimizer.step()
+        if step == 0:
+            state_bytes = _tensor_bytes(t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -155,6 +235,28 @@ def run_case(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_bytes() - rss_loaded
+    # Peak memory of model + training (from after the imports), split into: the frozen base (its
+    # tensors' bytes); the adapter with its gradients and AdamW state; what autograd saved for
+    # backward in one forward (the activations: non-parameter tensors); the transient (the measured
+    # peak above what was resident after the load, less the gradients, optimizer state and
+    # activations: a layer's dequantized weight, the logits' softmax, allocator slack); and what was
+    # resident after the load besides the base and adapter tensors (the Python objects of the
+    # model, libraries' lazily imported code, heap the load left behind).
+    if device.type == "cuda":
+        total_peak, resident_after_load = torch.cuda.max_memory_allocated(), resident
+    else:
+        hwm = _proc_status_bytes("VmHWM")
+        total_peak = None if hwm is None or rss_baseline is None else hwm - rss_baseline
+        resident_after_load = None if resident_cpu is None or rss_baseline is None else resident_cpu - rss_baseline
+    split = None
+    if total_peak is not None:
+        split = {
+            "base": base_bytes,
+            "adapter_optimizer": adapter_bytes + grad_bytes + state_bytes,
+            "activations": saved.bytes,
+            "transient": total_peak - resident_after_load - grad_bytes - state_bytes - saved.bytes,
+            "resident_other": resident_after_load - base_bytes - adapter_bytes,
+        }
     return {
         "case": args.case,
         "trainable_params": sum(p.numel() for p in params),
@@ -167,6 +269,11 @@ def run_case(args: argparse.Namespace) -> dict:
         "torch_threads": torch.get_num_threads(),
         "validate_every": args.validate_every,
         "base_linear_type": sorted({type(m).__name__ for n, m in model.named_modules() if n.endswith(".base_layer")}),
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "total_peak_bytes": total_peak,
+        "resident_after_load_bytes": resident_after_load,
+        "memory_split_bytes": split,
+        "largest_saved": saved.largest,
     }
 
 
@@ -188,6 +295,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads per case (0: torch's default / OMP_NUM_THREADS)")
     parser.add_argument("--validate-every", type=int, default=0,
                         help="an untimed eval-mode no-grad forward before every Nth step, as a fit that validates runs (0: never)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (every case)")
     parser.add_argument("--peft-kbit-prep", action="store_true", help="call peft.prepare_model_for_kbit_training(use_gradient_checkpointing=False) in the PEFT case")
     parser.add_argument("--out", default="bench/results/step_cost.json")
     parser.add_argument("--plot", default=None, help="PNG bar chart (default: --out with .png)")
@@ -222,8 +330,7 @@ def main() -> None:
             for key in ("rank", "bits", "group_size", "batch_size", "seq_len", "steps", "warmup", "threads", "validate_every",
                         "scaler_block_size"):
                 cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-            if args.peft_kbit_prep:
-                cmd.append("--peft-kbit-prep")
+            cmd += ["--peft-kbit-prep"] * args.peft_kbit_prep + ["--gradient-checkpointing"] * args.gradient_checkpointing
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 raise SystemExit(f"case {case} failed:\n{out.stderr[-3000:]}")

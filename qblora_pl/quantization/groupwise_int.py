@@ -428,7 +428,8 @@ class GroupwiseIntLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if getattr(self, "_cache_dense", False):
             return F.linear(x, self._cached_dequantized(x.dtype), bias)
-        if torch.is_grad_enabled() and not (self.scales.requires_grad or self.offsets.requires_grad):
+        trainable = any(t is not None and t.requires_grad for t in (self.scales, self.offsets, self.bias))
+        if torch.is_grad_enabled() and not trainable:
             # Saves the packed codes for backward, not W_hat (dequant_linear.py); same forward.
             return DequantizingLinear.apply(
                 x, self.packed_codes, self.scales, self.offsets, bias, self.quantizer, self.in_features

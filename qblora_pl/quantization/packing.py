@@ -114,7 +114,7 @@ def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
         return torch.stack(fields, dim=-1).reshape(*lead, n)
     planes = packed.reshape(*lead, bits, n // 8)
     if sys.byteorder == "little":
-        # One table lookup per plane byte: _SPREAD[b] is an int64 whose byte t holds bit t of b, so
+        # One table lookup per plane byte: _spread_table()[b] is an int64 whose byte t holds bit t of b, so
         # OR-ing plane k's lookups shifted by k builds eight codes per int64, read back as its eight
         # bytes (little-endian: byte t is code 8i + t). 3x faster on CPU than the per-bit broadcast.
         spread = _spread_table(packed.device)

@@ -97,12 +97,13 @@ def test_no_quantized_layer_weight_shape_is_saved_in_a_qablora_model_step(tiny_m
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_trainable_offsets_keep_the_differentiable_plain_path():
+@pytest.mark.parametrize("name", ["offsets", "scales", "bias"])
+def test_a_trainable_scale_offset_or_bias_keeps_the_differentiable_plain_path(name):
     layer = _layer()
-    layer.offsets.requires_grad_(True)
+    getattr(layer, name).requires_grad_(True)
     x = torch.randn(4, 128, requires_grad=True)
     layer(x).sum().backward()
-    assert layer.offsets.grad is not None and layer.offsets.grad.shape == layer.offsets.shape
+    assert getattr(layer, name).grad is not None and getattr(layer, name).grad.shape == getattr(layer, name).shape
     assert x.grad is not None
 
 

@@ -53,7 +53,8 @@ class MergeExport(pl.Callback):
         overwrite: allow replacing an export another run wrote in ``output_dir``.
         formats: any of ``native`` (the project's INT-b checkpoint, :func:`qblora_pl.export.load_native`),
             ``gguf`` (llama.cpp), ``hf`` (merged dense Hugging Face directory) and, on request,
-            ``mlx`` (mlx-lm's quantized layout; verifying it needs ``mlx-lm``).
+            ``mlx`` (mlx-lm's quantized layout; verifying it needs ``mlx-lm``) and ``compressed-tensors``
+            (vLLM / SGLang's ``pack-quantized`` layout; verifying it needs ``compressed-tensors``).
         verify: load every export back, run a validation batch (the datamodule's first val
             batch, else fixed tokens) and record the max logit difference from the in-memory
             merged model and both perplexities in ``export_report.json``.
@@ -62,6 +63,9 @@ class MergeExport(pl.Callback):
         dense_dtype: dtype of the merged Hugging Face export (``float16``, ``bfloat16``, ``float32``).
         native_bits: bits for layers the native export must re-quantize (dense LoRA / Q-BLoRA merges).
         native_group_size: group size for those re-quantized layers.
+        round_zero_points: ``compressed-tensors`` stores integer zero points; round the merged offsets to
+            them (lossy, measured by the verification) instead of refusing a model whose offsets are not
+            integer multiples of its scales. Not needed after ``QATSchedule(zero_point: integer)``.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class MergeExport(pl.Callback):
         native_bits: int = 4,
         native_group_size: int = 32,
         overwrite: bool = False,
+        round_zero_points: bool = False,
     ) -> None:
         super().__init__()
         self.output_dir = output_dir
@@ -85,6 +90,7 @@ class MergeExport(pl.Callback):
         self.dense_dtype = dense_dtype
         self.native_bits = native_bits
         self.native_group_size = native_group_size
+        self.round_zero_points = round_zero_points
         self.report: dict[str, Any] | None = None
 
     def resolve_output_dir(self, trainer: pl.Trainer) -> Path:
@@ -152,6 +158,7 @@ class MergeExport(pl.Callback):
             dense_dtype=self.dense_dtype,
             native_bits=self.native_bits,
             native_group_size=self.native_group_size,
+            round_zero_points=self.round_zero_points,
             run=record,
             overwrite=self.overwrite,
             log=rank_zero_info,

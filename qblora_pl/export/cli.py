@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="default: <run>/exports_<name> for <run>/checkpoints/<name>.ckpt, else <name>_export beside it")
     parser.add_argument("--formats", nargs="+", default=list(EXPORT_FORMATS),
                         choices=list(EXPORT_FORMATS) + list(ON_REQUEST_FORMATS),
-                        help="default: native gguf hf; mlx on request (verifying it needs mlx-lm: pip install -e '.[mlx]')")
+                        help="default: native gguf hf; on request mlx (verifying it needs mlx-lm: pip install -e '.[mlx]') "
+                             "and compressed-tensors for vLLM / SGLang (pip install -e '.[vllm]')")
+    parser.add_argument("--round_zero_points", action="store_true",
+                        help="compressed-tensors: round merged offsets to integer zero points (lossy, measured)")
     parser.add_argument("--overwrite", action="store_true", help="replace an export of another checkpoint in output_dir")
     parser.add_argument("--no_verify", action="store_true", help="skip reloading each export to compare its logits")
     parser.add_argument("--data_path", default=None,
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
             report = export_from_checkpoint(
                 None, args.ckpt_path, output_dir, formats=args.formats, verify=not args.no_verify,
                 model_name_or_path=args.model_name_or_path, overwrite=args.overwrite, data_path=args.data_path,
-                verify_records=args.verify_records,
+                verify_records=args.verify_records, round_zero_points=args.round_zero_points,
             )
     except (ExportVerificationError, FloatingPointError) as err:  # the checkpoint's adapters or the export failed
         parser.exit(2, f"main.py export: error: {err}\n")

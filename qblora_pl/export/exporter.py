@@ -37,6 +37,7 @@ from torch import nn
 
 from qblora_pl.export.atomic import atomic_directory, atomic_file
 from qblora_pl.export.gguf_writer import GGUFFallback, write_gguf
+from qblora_pl.export.compressed_tensors_writer import CT_CLIENT, load_compressed_tensors, write_compressed_tensors
 from qblora_pl.export.hf_dense import write_hf_dense
 from qblora_pl.export.mlx_loader import MLX_CLIENT, load_mlx
 from qblora_pl.export.mlx_writer import write_mlx
@@ -56,9 +57,11 @@ from qblora_pl.paths import portable_model_reference, resolve_data_reference, re
 from qblora_pl.sources import looks_like_local_path, pretrained_name_or_path
 
 EXPORT_FORMATS = ("native", "gguf", "hf")
-# Written only when named (formats: [..., mlx]): verifying it needs mlx-lm (pip install -e ".[mlx]").
-ON_REQUEST_FORMATS = ("mlx",)
+# Written only when named (formats: [..., mlx]): verifying mlx needs mlx-lm (pip install -e ".[mlx]"),
+# compressed-tensors (vLLM / SGLang) needs compressed-tensors (pip install -e ".[vllm]").
+ON_REQUEST_FORMATS = ("mlx", "compressed-tensors")
 MLX_DIR = "mlx"
+CT_DIR = "compressed-tensors"
 NATIVE_DIR, GGUF_FILE, HF_DIR, REPORT_FILE = "native", "model.gguf", "hf", "export_report.json"
 
 
@@ -76,6 +79,7 @@ def export_merged(
     gguf_fallback: GGUFFallback = "f16",
     gguf_dense_type: str = "auto",
     dense_dtype: str = "float16",
+    round_zero_points: bool = False,
     method: dict[str, Any] | None = None,
     run: dict[str, Any] | None = None,
     overwrite: bool = False,
@@ -104,7 +108,8 @@ def export_merged(
         report = _export_into(
             model, stage, tokenizer_source, formats=formats, verify=verify, batch=batch, batch_source=batch_source,
             native_bits=native_bits, native_group_size=native_group_size, gguf_fallback=gguf_fallback,
-            gguf_dense_type=gguf_dense_type, dense=dense, method=method, run=run, log=log,
+            gguf_dense_type=gguf_dense_type, dense=dense, round_zero_points=round_zero_points, method=method,
+            run=run, log=log,
         )
         report = _relocate(report, str(stage), str(output_dir))
         with atomic_file(stage / REPORT_FILE) as tmp:
@@ -115,13 +120,15 @@ def export_merged(
 
 
 def _export_into(model, output_dir: Path, tokenizer_source, *, formats, verify, batch, batch_source, native_bits,
-                 native_group_size, gguf_fallback, gguf_dense_type, dense, method, run, log) -> dict[str, Any]:
+                 native_group_size, gguf_fallback, gguf_dense_type, dense, round_zero_points, method, run,
+                 log) -> dict[str, Any]:
     """Write and verify every format under ``output_dir`` (the staging directory); return the report."""
     was_training = model.training
     model.eval()
     report: dict[str, Any] = {"method": method or {}, "run": run or {}, "formats": {}}
     started = time.perf_counter()
     try:
+        trained_integer_zero_points = trained_with_integer_zero_points(model)  # read before the merge
         merge_how = merge_adapters(model, dense_dtype=torch.float32)
         snapshot = snapshot_merged_model(model, merge_how)
         vocab_size = snapshot.config.vocab_size
@@ -142,6 +149,11 @@ def _export_into(model, output_dir: Path, tokenizer_source, *, formats, verify, 
             ),
             "hf": lambda: write_hf_dense(snapshot, output_dir / HF_DIR, tokenizer_source, dense),
             "mlx": lambda: write_mlx(snapshot, output_dir / MLX_DIR, tokenizer_source),
+            "compressed-tensors": lambda: write_compressed_tensors(
+                snapshot, output_dir / CT_DIR, tokenizer_source,
+                round_zero_points=round_zero_points or trained_integer_zero_points,
+                rounding_reason="trained with QATSchedule zero_point: integer" if trained_integer_zero_points else None,
+            ),
         }
         for fmt in formats:
             report["formats"][fmt] = writers[fmt]()
@@ -166,6 +178,7 @@ def _export_into(model, output_dir: Path, tokenizer_source, *, formats, verify, 
             "gguf": lambda: load_gguf(output_dir / GGUF_FILE),
             "hf": lambda: (load_hf_dense(output_dir / HF_DIR), "transformers AutoModelForCausalLM (float32 compute)"),
             "mlx": lambda: (load_mlx(output_dir / MLX_DIR), MLX_CLIENT),
+            "compressed-tensors": lambda: (load_compressed_tensors(output_dir / CT_DIR), CT_CLIENT),
         }
         for fmt in formats:
             loaded, client = loaders[fmt]()
@@ -180,6 +193,19 @@ def _export_into(model, output_dir: Path, tokenizer_source, *, formats, verify, 
             del loaded
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report
+
+
+def trained_with_integer_zero_points(model: nn.Module) -> bool:
+    """Whether every QA-* layer trains (at full strength) with its merged offsets rounded to integer zero
+    points (``QATSchedule(zero_point: integer)``): then the rounded model is the trained one."""
+    from qblora_pl.adapters.base import AdaptedLinear
+    from qblora_pl.qat import MergedOffsetFakeQuant
+
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLinear) and m.merges_into_offsets]
+    return bool(layers) and all(
+        isinstance(m.fake_quant, MergedOffsetFakeQuant) and m.fake_quant.zero_point == "integer"
+        and m.fake_quant.strength == 1.0 for m in layers
+    )
 
 
 class ExportVerificationError(RuntimeError):

@@ -40,6 +40,8 @@ FORMAT_REQUIREMENTS: dict[str, tuple[Requirement, ...]] = {
     "gguf": (Requirement("gguf", "gguf", 'pip install -e . (or pip install "gguf>=0.10")', verify_only=False),),
     # Importing mlx_lm imports mlx.core, so a missing MLX (or MLX without its CPU backend) fails it too.
     "mlx": (Requirement("mlx_lm", "mlx-lm", 'pip install -e ".[mlx]"', verify_only=True),),
+    "compressed-tensors": (Requirement("compressed_tensors", "compressed-tensors", 'pip install -e ".[vllm]"',
+                                       verify_only=True),),
 }
 
 

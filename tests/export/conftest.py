@@ -65,3 +65,21 @@ def qablora_module(tiny_model_dir) -> QuantizedCausalLM:
 @pytest.fixture(scope="module")
 def qablora_gqa_module(gqa_model_dir) -> QuantizedCausalLM:
     return adapted_module(gqa_model_dir, "qablora")
+
+
+@pytest.fixture(scope="session")
+def wide_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny fixture's tokenizer on a Llama whose widths (128, 256) divide into groups of 128."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-llama-128")
+    for path in Path(tiny_model_dir).iterdir():
+        if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
+            shutil.copy2(path, directory / path.name)
+    base = LlamaConfig.from_pretrained(tiny_model_dir)
+    config = tiny_llama_config(base.vocab_size, base.bos_token_id, base.eos_token_id, hidden_size=128,
+                               intermediate_size=256, num_key_value_heads=2, tie_word_embeddings=True,
+                               rope_parameters={"rope_type": "default", "rope_theta": 50000.0})
+    torch.manual_seed(5)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory

@@ -23,7 +23,6 @@ from qblora_pl.export.mlx_writer import (
 from qblora_pl.export.snapshot import ExportFallbackWarning, QuantizedParts, snapshot_merged_model
 from qblora_pl.merging import merged
 from qblora_pl.quantization.base_layers import dequantized_weight
-from tests.conftest import tiny_llama_config
 from tests.export.conftest import adapted_module
 
 
@@ -78,25 +77,6 @@ def test_reference_decoder_inverts_the_packing_on_random_codes(bits):
     assert np.array_equal(decode_mlx_weight(words.numpy(), bits, 256), codes.numpy())
 
 
-@pytest.fixture(scope="module")
-def wide_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny fixture's tokenizer on a Llama whose widths (128, 256) divide into groups of 128."""
-    import shutil
-    from pathlib import Path
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("tiny-llama-128")
-    for path in Path(tiny_model_dir).iterdir():
-        if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
-            shutil.copy2(path, directory / path.name)
-    base = LlamaConfig.from_pretrained(tiny_model_dir)
-    config = tiny_llama_config(base.vocab_size, base.bos_token_id, base.eos_token_id, hidden_size=128,
-                               intermediate_size=256, num_key_value_heads=2, tie_word_embeddings=True,
-                               rope_parameters={"rope_type": "default", "rope_theta": 50000.0})
-    torch.manual_seed(5)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])

@@ -259,8 +259,21 @@ class GroupwiseInt(QuantizationBackend):
 
     def load(self, model_name_or_path: str, calibration: CalibrationSource | None = None) -> nn.Module:
         from qblora_pl.quantization.groupwise_int import quantize_linear_layers
+        from qblora_pl.quantization.quantized_checkpoints import is_compressed_tensors_checkpoint, load_compressed_tensors_base
 
         dtype = resolve_dtype(self.compute_dtype)
+        if is_compressed_tensors_checkpoint(model_name_or_path):
+            # Already quantized (llm-compressor / our compressed-tensors export): its codes, scales and zero
+            # points become the base as they are (quantized_checkpoints.py); nothing to calibrate.
+            if self.init != "rtn":
+                raise ValueError(f"GroupwiseInt(init={self.init!r}) quantizes float weights, but {model_name_or_path} is "
+                                 "an already quantized compressed-tensors checkpoint, loaded as it is: leave init at 'rtn'")
+            model = load_compressed_tensors_base(model_name_or_path, self.bits, self.group_size)
+            model.requires_grad_(False)
+            if torch.cuda.is_available():
+                model.to(torch.device("cuda", torch.cuda.current_device()))
+            cast_float_modules(model, dtype)
+            return model
         # Quantize from the float32 weights so the rounding is not done on bf16 values.
         model = self._load_float(model_name_or_path, torch.float32)
         model.requires_grad_(False)

@@ -259,16 +259,19 @@ class GroupwiseInt(QuantizationBackend):
 
     def load(self, model_name_or_path: str, calibration: CalibrationSource | None = None) -> nn.Module:
         from qblora_pl.quantization.groupwise_int import quantize_linear_layers
-        from qblora_pl.quantization.quantized_checkpoints import is_compressed_tensors_checkpoint, load_compressed_tensors_base
+        from qblora_pl.quantization import quantized_checkpoints as checkpoints
 
         dtype = resolve_dtype(self.compute_dtype)
-        if is_compressed_tensors_checkpoint(model_name_or_path):
-            # Already quantized (llm-compressor / our compressed-tensors export): its codes, scales and zero
-            # points become the base as they are (quantized_checkpoints.py); nothing to calibrate.
+        readers = {"compressed-tensors": (checkpoints.is_compressed_tensors_checkpoint, checkpoints.load_compressed_tensors_base),
+                   "GPTQ": (checkpoints.is_gptq_checkpoint, checkpoints.load_gptq_base)}
+        kind = next((k for k, (test, _) in readers.items() if test(model_name_or_path)), None)
+        if kind is not None:
+            # Already quantized (llm-compressor, AutoGPTQ / GPTQModel, our compressed-tensors export): its codes,
+            # scales and zero points become the base as they are (quantized_checkpoints.py); nothing to calibrate.
             if self.init != "rtn":
                 raise ValueError(f"GroupwiseInt(init={self.init!r}) quantizes float weights, but {model_name_or_path} is "
-                                 "an already quantized compressed-tensors checkpoint, loaded as it is: leave init at 'rtn'")
-            model = load_compressed_tensors_base(model_name_or_path, self.bits, self.group_size)
+                                 f"an already quantized {kind} checkpoint, loaded as it is: leave init at 'rtn'")
+            model = readers[kind][1](model_name_or_path, self.bits, self.group_size)
             model.requires_grad_(False)
             if torch.cuda.is_available():
                 model.to(torch.device("cuda", torch.cuda.current_device()))

@@ -61,7 +61,8 @@ class MergeExport(pl.Callback):
         gguf_fallback: GGUF type for layers Q4_1 cannot hold exactly: ``f16`` or
             ``requantize_q4_1`` (round-to-nearest). Either is announced with a warning.
         dense_dtype: dtype of the merged Hugging Face export (``float16``, ``bfloat16``, ``float32``).
-        native_bits: bits for layers the native export must re-quantize (dense LoRA / Q-BLoRA merges).
+        native_bits: bits for layers the native and compressed-tensors exports must re-quantize (dense
+            LoRA / Q-BLoRA merges; round-to-nearest, with integer zero points for compressed-tensors).
         native_group_size: group size for those re-quantized layers.
         round_zero_points: ``compressed-tensors`` stores integer zero points; round the merged offsets to
             them (lossy, measured by the verification) instead of refusing a model whose offsets are not

@@ -151,6 +151,8 @@ def _export_into(model, output_dir: Path, tokenizer_source, *, formats, verify, 
             "mlx": lambda: write_mlx(snapshot, output_dir / MLX_DIR, tokenizer_source),
             "compressed-tensors": lambda: write_compressed_tensors(
                 snapshot, output_dir / CT_DIR, tokenizer_source,
+                # dense merges (LoRA / Q-BLoRA) are re-quantized like the native export's, by RTN
+                fallback="requantize", bits=native_bits, group_size=native_group_size,
                 round_zero_points=round_zero_points or trained_integer_zero_points,
                 rounding_reason="trained with QATSchedule zero_point: integer" if trained_integer_zero_points else None,
             ),

@@ -143,3 +143,16 @@ def test_dense_merges_stay_dense_in_ignore_or_are_requantized_with_a_warning(tin
             info = write_compressed_tensors(snapshot, tmp_path / "rq", tiny_model_dir, fallback="requantize")
     assert info["int_layers"] == 14 and info["quantization_config"]["ignore"] == ["lm_head"]
     assert 0 < max(info["requantized_layers"].values()) < 0.2
+
+
+def test_a_qlora_model_reaches_the_format_through_round_to_nearest(tiny_model_dir, tmp_path):
+    from qblora_pl.export.snapshot import ExportFallbackWarning
+
+    module = adapted_module(tiny_model_dir, "qlora", std=0.05)
+    with pytest.warns(ExportFallbackWarning, match="re-quantized to INT3 g32"):
+        report = export_merged(module.model, tmp_path / "out", tiny_model_dir, formats=["compressed-tensors"],
+                               native_bits=3, log=lambda _: None)
+    info = report["formats"]["compressed-tensors"]
+    assert info["int_layers"] == 14 and not info["zero_points_rounded"]  # RTN with integer zero points: nothing to round
+    assert info["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 3
+    assert 0 < info["verification"]["max_abs_logit_diff"] < 1.0  # the re-quantization's cost, measured

@@ -144,6 +144,17 @@ def test_checkpoint_of_another_base_is_one_clean_error(tiny_model_dir, tiny_data
     assert_one_clean_error(done, "hidden_size")
 
 
+def test_compressed_tensors_export_of_float_zero_points_is_one_clean_error(tiny_model_dir, tiny_data_dir, tmp_path):
+    """A QA-BLoRA run trained without integer zero points, exported for vLLM without --round_zero_points."""
+    trained = main_py(tmp_path, "fit", "--trainer.max_steps", "4", config=run_config(tiny_model_dir, tiny_data_dir))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    ckpt = next((tmp_path / "runs" / "t" / "version_0" / "checkpoints").glob("last.ckpt"))
+    done = main_py(tmp_path, "export", "--ckpt_path", str(ckpt), "--formats", "compressed-tensors",
+                   "--output_dir", str(tmp_path / "ct"))
+    assert_one_clean_error(done, "not integer multiples of their scales", prog="main.py export")
+    assert "--round_zero_points" in done.stderr and not (tmp_path / "ct").exists()
+
+
 def test_export_errors_are_one_clean_error(tmp_path):
     done = main_py(tmp_path, "export", "--ckpt_path", "missing.ckpt")
     assert_one_clean_error(done, "missing.ckpt' does not exist", prog="main.py export")

@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct exported to compressed-tensors at INT4 g64 (issue 33; g128 does not divide its 576-wide layers): transformers +
+"""SmolLM2-135M-Instruct exported to compressed-tensors at INT4 and INT2 g64 (issue 33; g128 does not divide its 576-wide layers): transformers +
 compressed-tensors load it, with its tokenizer, chat template and tied embeddings, to the logits and
 greedy tokens of the model as trained with integer zero points."""
 
@@ -13,7 +13,8 @@ pytestmark = pytest.mark.realmodel
 pytest.importorskip("compressed_tensors")
 
 
-def test_qablora_int4_g64_export_serves_the_trained_model(smollm2_gguf, tmp_path):
+@pytest.mark.parametrize("bits", [4, 2])
+def test_qablora_g64_export_serves_the_trained_model(bits, smollm2_gguf, tmp_path):
     from qblora_pl.adapters import QABLoRA
     from qblora_pl.adapters.injection import adapted_layers
     from qblora_pl.export.compressed_tensors_writer import load_compressed_tensors
@@ -23,7 +24,7 @@ def test_qablora_int4_g64_export_serves_the_trained_model(smollm2_gguf, tmp_path
     from qblora_pl.quantization import GroupwiseInt
     from qblora_pl.sources import load_tokenizer
 
-    module = QuantizedCausalLM(str(smollm2_gguf), quantization=GroupwiseInt(bits=4, group_size=64),
+    module = QuantizedCausalLM(str(smollm2_gguf), quantization=GroupwiseInt(bits=bits, group_size=64),
                                adapter=QABLoRA(budget_rank=8, dropout=0.0))
     module.configure_model()
     g = torch.Generator().manual_seed(0)

@@ -67,8 +67,7 @@ class MergedOffsetFakeQuant:
         merged = base.offsets.float() + layer.adapter.group_offset_delta(base.group_size).float()
         scales = base.scales.float()
         if self.zero_point == "integer":
-            zero = torch.round(-merged / scales).clamp(0, base.quantizer.max_code)
-            rounded = -scales * zero
+            _, rounded = base.quantizer.integer_zero_points(scales, merged)
         else:
             rounded = merged.half().float()
         return merged, rounded

@@ -38,7 +38,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -52,6 +51,8 @@ from qblora_pl.export.snapshot import (
     dtype_name,
 )
 from qblora_pl.export.tokenizer_files import copy_tokenizer_files
+from qblora_pl.quantization.groupwise_int import GroupwiseIntQuantizer
+from qblora_pl.quantization.packing import pack_bitstream
 
 CT_WEIGHTS_FILE = "model.safetensors"
 CT_CONFIG_FILE = "config.json"
@@ -69,34 +70,19 @@ class ZeroPointRoundingError(ValueError):
 
 
 def pack_int32_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """compressed-tensors' ``pack_to_int32`` along the last dimension, for unsigned ``values``.
-
-    Row ``r``'s values form one little-endian bit stream (value ``j`` at bits ``j*b .. j*b+b-1``),
-    cut into int32 words; the last word is zero-padded. ``(R, C)`` -> int32 ``(R, ceil(C*b/32))``.
-    """
-    if values.dim() != 2:
-        raise ValueError(f"values must be 2-D, got shape {tuple(values.shape)}")
+    """compressed-tensors' ``pack_to_int32`` along the last dimension, for unsigned ``values``
+    (:func:`~qblora_pl.quantization.packing.pack_bitstream`, at the widths this writer produces)."""
     if bits not in CT_BITS:
         raise ValueError(f"bits={bits} is not one of {CT_BITS}")
-    array = values.to(torch.int64).cpu().numpy()
-    if array.size and (int(array.min()) < 0 or int(array.max()) >= 1 << bits):
-        raise ValueError(f"values span {int(array.min())}..{int(array.max())}, outside 0..{(1 << bits) - 1}")
-    rows, cols = array.shape
-    words = -(-cols * bits // 32)
-    planes = (array[..., None].astype(np.uint8) >> np.arange(bits, dtype=np.uint8)) & 1  # (R, C, b), LSB first
-    stream = planes.reshape(rows, cols * bits)
-    stream = np.pad(stream, ((0, 0), (0, words * 32 - cols * bits)))
-    packed = np.packbits(stream, axis=-1, bitorder="little")
-    return torch.from_numpy(np.ascontiguousarray(packed).view("<i4").astype(np.int32))
+    return pack_bitstream(values, bits)
 
 
 def integer_zero_points(parts: QuantizedParts) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``z_u = round(-offset / scale)`` clamped to ``0 .. 2^b - 1``, the offsets it stands for
     (``-scale * z_u``, float32) and the largest ``|offset - (-scale * z_u)|``."""
-    scales, offsets = parts.scales.float(), parts.offsets.float()
-    zero = torch.round(-offsets / scales).clamp(0, (1 << parts.bits) - 1)
-    rounded = -scales * zero
-    return zero.to(torch.int64), rounded, float((rounded - offsets).abs().max()) if offsets.numel() else 0.0
+    zero, rounded = GroupwiseIntQuantizer(parts.bits, parts.group_size).integer_zero_points(parts.scales, parts.offsets)
+    error = float((rounded - parts.offsets.float()).abs().max()) if rounded.numel() else 0.0
+    return zero.to(torch.int64), rounded, error
 
 
 def requantize_integer_zero_point(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedParts:
@@ -284,20 +270,9 @@ def compressed_tensors_config(schemes: dict[tuple[int, int], list[str]], symmetr
 
 def load_compressed_tensors(path: str | Path):
     """Load a compressed-tensors export with transformers (dequantized to float32 on load) for verification."""
-    import importlib.util
+    from qblora_pl.quantization.quantized_checkpoints import load_compressed_tensors_dense
 
-    if importlib.util.find_spec("compressed_tensors") is None:
-        raise ImportError(f"loading the compressed-tensors export {path} needs compressed-tensors; "
-                          "install it with pip install -e '.[vllm]'")
-    from transformers import AutoModelForCausalLM
-    from transformers.utils.quantization_config import CompressedTensorsConfig
-
-    with warnings.catch_warnings():  # "the model's quantization_config will be used": the point of passing ours
-        warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32
-        )
-    return model.eval()
+    return load_compressed_tensors_dense(path, "compressed-tensors export").eval()
 
 
 def _model_dtype(snapshot: ModelSnapshot) -> torch.dtype:

@@ -42,7 +42,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -58,6 +57,7 @@ from qblora_pl.export.snapshot import (
     requantize_linear,
 )
 from qblora_pl.export.tokenizer_files import copy_tokenizer_files
+from qblora_pl.quantization.packing import pack_bitstream
 
 MLX_WEIGHTS_FILE = "model.safetensors"
 MLX_CONFIG_FILE = "config.json"
@@ -87,13 +87,9 @@ def pack_mlx_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     d_out, d_in = codes.shape
     if (d_in * bits) % 32:
         raise ValueError(f"d_in={d_in} at {bits} bits is {d_in * bits} bits per row, not a whole number of uint32 words")
-    values = codes.to(torch.uint8).cpu().numpy()
-    if values.size and int(values.max()) >= 1 << bits:
-        raise ValueError(f"codes reach {int(values.max())}, above the {bits}-bit maximum {(1 << bits) - 1}")
-    bit_planes = (values[..., None] >> np.arange(bits, dtype=np.uint8)) & 1  # (d_out, d_in, bits), LSB first
-    stream = np.packbits(bit_planes.reshape(d_out, d_in * bits), axis=-1, bitorder="little")
-    words = np.ascontiguousarray(stream).view("<u4").astype(np.uint32)
-    return torch.from_numpy(words)
+    if codes.numel() and int(codes.max()) >= 1 << bits:
+        raise ValueError(f"codes reach {int(codes.max())}, above the {bits}-bit maximum {(1 << bits) - 1}")
+    return pack_bitstream(codes, bits).view(torch.uint32)
 
 
 def write_mlx(

@@ -220,6 +220,14 @@ class GroupwiseIntQuantizer:
             w.mul_(scales).add_(offsets)
         return w.reshape(codes.shape)
 
+    def integer_zero_points(self, scales: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+        """The integer zero points ``z = round(-offset / scale)`` in ``0 .. 2^b - 1`` (float32) and the
+        offsets they stand for, ``-scale * z``: the form ``W = scale * (q - z)`` of GPTQ, AWQ and
+        compressed-tensors. One rounding for QAT's ``zero_point: integer`` and the exports that store it."""
+        scales = scales.float()
+        zero = torch.round(-offsets.float() / scales).clamp(0, self.max_code)
+        return zero, -scales * zero
+
     def fake_quantize(self, weight: Tensor, param_dtype: torch.dtype | None = None) -> Tensor:
         """Quantize-dequantize with a straight-through estimator (METHOD.md section 5).
 

@@ -24,7 +24,7 @@ import sys
 import torch
 from torch import Tensor
 
-__all__ = ["SUPPORTED_BITS", "pack_codes", "unpack_codes", "packed_size"]
+__all__ = ["SUPPORTED_BITS", "pack_bitstream", "pack_codes", "packed_size", "unpack_bitstream", "unpack_codes"]
 
 SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8)
 
@@ -141,3 +141,39 @@ def _spread_table(device: torch.device) -> Tensor:
         table = sum(((byte >> t) & 1) << (8 * t) for t in range(8)).to(device)
         _SPREAD_TABLES[device] = table
     return table
+
+
+def pack_bitstream(values: Tensor, bits: int) -> Tensor:
+    """The exchange formats' packing: ``(R, C)`` unsigned values -> int32 ``(R, ceil(C * bits / 32))``.
+
+    Each row's values form one little-endian bit stream (value ``j`` at bits ``j*b .. j*b + b - 1``,
+    least significant bit first; 3 bits straddle words) cut into 32-bit words, the last one
+    zero-padded. MLX's affine weights, compressed-tensors' ``pack_to_int32`` and GPTQ's ``qweight`` /
+    ``qzeros`` (down the other dimension) all store this stream. Raises ``ValueError`` for a value
+    outside ``0 .. 2^bits - 1``.
+    """
+    import numpy as np
+
+    if values.dim() != 2:
+        raise ValueError(f"values must be 2-D, got shape {tuple(values.shape)}")
+    array = values.to(torch.int64).cpu().numpy()
+    if array.size and (int(array.min()) < 0 or int(array.max()) >= 1 << bits):
+        raise ValueError(f"values span {int(array.min())}..{int(array.max())}, outside 0..{(1 << bits) - 1}")
+    rows, cols = array.shape
+    words = -(-cols * bits // 32)
+    planes = (array[..., None].astype(np.uint8) >> np.arange(bits, dtype=np.uint8)) & 1  # (R, C, b), LSB first
+    stream = np.pad(planes.reshape(rows, cols * bits), ((0, 0), (0, words * 32 - cols * bits)))
+    packed = np.packbits(stream, axis=-1, bitorder="little")
+    return torch.from_numpy(np.ascontiguousarray(packed).view("<i4").astype(np.int32))
+
+
+def unpack_bitstream(words: Tensor, bits: int, count: int) -> Tensor:
+    """Invert :func:`pack_bitstream`: int32 (or uint32) ``(R, W)`` -> the first ``count`` values of each
+    row, ``uint8 (R, count)``."""
+    import numpy as np
+
+    array = np.ascontiguousarray(words.view(torch.int32).cpu().numpy()).view("<u4").view(np.uint8)
+    rows = array.shape[0]
+    stream = np.unpackbits(array.reshape(rows, -1), axis=-1, bitorder="little")[:, : count * bits]
+    planes = stream.reshape(rows, count, bits).astype(np.uint8)
+    return torch.from_numpy((planes << np.arange(bits, dtype=np.uint8)).sum(-1, dtype=np.uint8))

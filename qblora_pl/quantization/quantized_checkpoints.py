@@ -35,12 +35,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+# compressed-tensors' ``unpack_from_int32`` along rows, for unsigned values (also GPTQ's qweight / qzeros)
+from qblora_pl.quantization.packing import unpack_bitstream as unpack_int32_rows
+
 __all__ = [
     "is_compressed_tensors_checkpoint",
+    "load_compressed_tensors_dense",
     "is_gptq_checkpoint",
     "load_compressed_tensors_base",
     "load_gptq_base",
@@ -68,16 +71,6 @@ def is_gptq_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a local folder whose config declares GPTQ quantization."""
     config = _quantization_config(path)
     return isinstance(config, dict) and config.get("quant_method") == "gptq"
-
-
-def unpack_int32_rows(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Invert compressed-tensors' ``pack_to_int32`` along rows: int32 ``(R, W)`` -> the first ``count``
-    unsigned ``bits``-bit values of each row's little-endian bit stream, ``uint8 (R, count)``."""
-    array = np.ascontiguousarray(words.to(torch.int32).cpu().numpy()).view("<u4").view(np.uint8)
-    rows = array.shape[0]
-    stream = np.unpackbits(array.reshape(rows, -1), axis=-1, bitorder="little")[:, : count * bits]
-    planes = stream.reshape(rows, count, bits).astype(np.uint8)
-    return torch.from_numpy((planes << np.arange(bits, dtype=np.uint8)).sum(-1, dtype=np.uint8))
 
 
 def _scheme_for(name: str, groups: dict[str, Any]) -> dict[str, Any] | None:
@@ -153,21 +146,28 @@ def load_compressed_tensors_base(path: str | Path, bits: int, group_size: int) -
     return model
 
 
-def _dense_model(path: Path) -> nn.Module:
-    """transformers' own load of the folder, decompressed to float32 (the non-quantized tensors come from it)."""
+def load_compressed_tensors_dense(path: str | Path, what: str = "compressed-tensors checkpoint") -> nn.Module:
+    """transformers' own load of a compressed-tensors folder, decompressed to float32 on load
+    (``CompressedTensorsConfig(dequantize=True)``: its default compressed load of an asymmetric group model
+    fails on CPU). Needs the compressed-tensors package; ``what`` names the folder in that error."""
     import importlib.util
     import warnings
 
     if importlib.util.find_spec("compressed_tensors") is None:
-        raise ImportError(f"{path} is a compressed-tensors checkpoint; reading it needs compressed-tensors: "
-                          "pip install -e '.[vllm]'")
+        raise ImportError(f"reading the {what} {path} needs compressed-tensors: pip install -e '.[vllm]'")
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # "the model's quantization_config will be used": the point of passing ours
         warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
-        model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=CompressedTensorsConfig(dequantize=True),
-                                                     dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32
+        )
+
+
+def _dense_model(path: Path) -> nn.Module:
+    """The folder as a plain float32 model (its non-quantized tensors and the layers' reference weights)."""
+    model = load_compressed_tensors_dense(path)
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
     if hasattr(model, "hf_quantizer"):

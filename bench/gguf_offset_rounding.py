@@ -2,7 +2,7 @@
 
     python bench/gguf_offset_rounding.py runs/qablora/version_0/exports
 
-A QA-LoRA / QA-BLoRA merge leaves float32 group offsets (METHOD.md 3-4); the native export keeps
+A QA-LoRA / QA-BLoRA merge leaves float32 group offsets (docs/method.md 3-4); the native export keeps
 them, GGUF's Q4_1 stores each block's minimum ``m`` as fp16. This evaluates, on the export's
 sample texts (``export.verify.text_batch``): the native model, the native model with every
 offset rounded to fp16, and the GGUF file through transformers' reader (float32 evaluation of

@@ -6,7 +6,7 @@
 
 Trains LoRA (r) and Q-BLoRA (r, k_in = k_out = m = 2) for the same number of optimizer steps,
 from the same seed, on the same batches, with the same learning rate and base quantization,
-and prints, side by side, their trainable parameter counts (equal by construction, METHOD.md
+and prints, side by side, their trainable parameter counts (equal by construction, docs/method.md
 section 2) and the mean effective / stable rank of their updates as measured by
 ``callbacks.rank_balance.RankBalanceDiagnostics`` - the paper's thesis in two numbers.
 

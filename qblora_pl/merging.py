@@ -5,7 +5,7 @@
   Q-BLoRA it produces a dense (16/32-bit) merged layer, exact too.
 * :func:`requantize_merged` turns a merged dense model into an INT-b one by round-to-nearest
   re-quantization of ``W_hat + dW`` - the lossy deployment path of QLoRA / Q-BLoRA that the
-  QA-* methods are measured against (METHOD.md section 5).
+  QA-* methods are measured against (docs/method.md section 5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fake quantization for quantization-aware fine-tuning (METHOD.md section 5).
+"""Fake quantization for quantization-aware fine-tuning (docs/method.md section 5).
 
 A fake quantizer is attached to an :class:`~qblora_pl.adapters.base.AdaptedLinear` (by the
 ``QATSchedule`` callback) and replaces its forward by ``x W_q^T + b`` where ``W_q`` is the

@@ -1,4 +1,4 @@
-"""Whole-model merges on the embedded pretrained model (METHOD.md sections 3-4).
+"""Whole-model merges on the embedded pretrained model (docs/method.md sections 3-4).
 
 QA-LoRA / QA-BLoRA with non-zero adapters merge into the INT-b offsets: the merged model's
 logits equal the unmerged model's, every weight stays b-bit, and unmerge restores it.

@@ -78,7 +78,7 @@ class GroupConstantAdapter(AdapterModule):
     """An adapter whose update is constant on every window of ``pool_window`` input features.
 
     That is the property that lets QA-LoRA / QA-BLoRA fold exactly into the per-group
-    offsets of a group-wise INT-b base (METHOD.md sections 3 and 4).
+    offsets of a group-wise INT-b base (docs/method.md sections 3 and 4).
     """
 
     pool_window: int
@@ -190,7 +190,7 @@ class _MeanPool(torch.autograd.Function):
 
 
 def mean_pool(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Average pooling over consecutive groups of ``k`` input features (METHOD.md 2-4)."""
+    """Average pooling over consecutive groups of ``k`` input features (docs/method.md 2-4)."""
     if k == 1:
         return x
     if k <= 4:
@@ -252,7 +252,7 @@ class AdaptedLinear(nn.Module):
     ``merge()`` folds the update into the model:
 
     * group-constant adapter on a :class:`GroupwiseIntLinear` base: into the per-group
-      offsets, in place; every weight stays b-bit and the result is exact (METHOD.md 3-4);
+      offsets, in place; every weight stays b-bit and the result is exact (docs/method.md 3-4);
     * anything else: into a dense copy ``W_hat + dW`` (exact in 16/32-bit; re-quantizing it
       is a separate, lossy step).
 

@@ -1,4 +1,4 @@
-"""Parameter budgets: match QA-BLoRA's size to a LoRA of rank ``r`` (METHOD.md section 4)."""
+"""Parameter budgets: match QA-BLoRA's size to a LoRA of rank ``r`` (docs/method.md section 4)."""
 
 from __future__ import annotations
 

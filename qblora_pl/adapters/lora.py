@@ -1,4 +1,4 @@
-"""LoRA (QLoRA when the base is NF4): METHOD.md section 1.
+"""LoRA (QLoRA when the base is NF4): docs/method.md section 1.
 
 ``y = x W_hat^T + s * (dropout(x) A^T) B^T`` with ``A: r x d_in`` (Kaiming-uniform),
 ``B: d_out x r`` (zeros), ``s = alpha / r``. Trainable parameters: ``r * (d_in + d_out)``.

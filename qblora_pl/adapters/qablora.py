@@ -1,4 +1,4 @@
-"""QA-BLoRA - quantization-aware balanced adaptation: METHOD.md section 4.
+"""QA-BLoRA - quantization-aware balanced adaptation: docs/method.md section 4.
 
 Q-BLoRA's two factors become one matrix aligned with the quantization groups:
 ``y = x W_hat^T + s * repeat_{k_out}(pool_w(x) M^T)``, ``M: (d_out / k_out) x (d_in / w)``.

@@ -1,4 +1,4 @@
-"""QA-LoRA - the quantization-aware baseline (Xu et al., ICLR 2024): METHOD.md section 3.
+"""QA-LoRA - the quantization-aware baseline (Xu et al., ICLR 2024): docs/method.md section 3.
 
 ``y = x W_hat^T + s * (pool_w(x) A^T) B^T`` with ``A: r x (d_in / w)``, ``B: d_out x r`` and the
 pooling window ``w`` equal to (or a multiple of) the base's quantization group size. The

@@ -1,4 +1,4 @@
-"""Q-BLoRA - balanced low-rank adaptation: METHOD.md section 2.
+"""Q-BLoRA - balanced low-rank adaptation: docs/method.md section 2.
 
 Pool the input by ``k_in`` (mean of consecutive features), apply a low-rank map at rank
 ``r' = m * r``, repeat each output ``k_out`` times:

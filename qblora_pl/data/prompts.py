@@ -6,7 +6,7 @@ conversations and Alpaca records alike, see :mod:`qblora_pl.data.tokenization`.)
 A record has an ``instruction``, an optional ``input`` (extra context) and an ``output`` (the
 response). The template only builds the *source* (everything the model is conditioned on); the
 response is appended by the data module, which is also where the loss mask is decided
-(QLoRA-style training puts the loss on the response only, METHOD.md §6).
+(QLoRA-style training puts the loss on the response only, docs/method.md §6).
 """
 
 from __future__ import annotations

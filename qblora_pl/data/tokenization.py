@@ -5,7 +5,7 @@ Two renderings, chosen by ``prompt_template``:
 * ``alpaca`` / ``plain`` (:mod:`qblora_pl.data.prompts`): Alpaca records only. An example is
   ``[bos] + prompt`` (at most ``max_source_length`` tokens) then ``output + eos`` (at most
   ``max_target_length``), with the loss on the response only - the QLoRA recipe the paper
-  follows (METHOD.md §6: source length 384, target length 128).
+  follows (docs/method.md §6: source length 384, target length 128).
 * ``chat``: the tokenizer's own chat template (``tokenizer.apply_chat_template``) renders each
   conversation; an Alpaca record is one exchange (user: the instruction, plus ``"\\n\\n"`` and
   the input when there is one; assistant: the output). The loss is on the assistant replies

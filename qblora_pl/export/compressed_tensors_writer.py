@@ -12,7 +12,7 @@ linear layer ``P`` of shape ``[O, I]`` as
 
 and reconstructs ``W = scale * (x_q - z)`` with the library's signed ``x_q = q - 2^(b-1)`` and
 ``z = z_u - 2^(b-1)``, i.e. ``W = scale * (q - z_u)``. Our INT-b form is
-``W = scale * q + offset`` (METHOD.md section 3), so a layer is exact in this format exactly when
+``W = scale * q + offset`` (docs/method.md section 3), so a layer is exact in this format exactly when
 its offsets are integer multiples of its scales, ``offset = -scale * z_u`` with ``z_u`` in
 ``0 .. 2^b - 1``. A min-max base and a QA-* merge's offsets generally are not:
 

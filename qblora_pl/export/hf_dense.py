@@ -1,6 +1,6 @@
 """A merged 16-bit (or 32-bit) Hugging Face model directory: ``W_hat + dW`` as plain weights.
 
-The deployment path of METHOD.md section 2 ("merge dW into the dequantized base"): every linear
+The deployment path of docs/method.md section 2 ("merge dW into the dequantized base"): every linear
 layer becomes a dense ``nn.Linear`` weight in ``dense_dtype``; the directory holds
 ``config.json`` (without any quantization config), ``model.safetensors`` and the tokenizer, so
 ``AutoModelForCausalLM.from_pretrained(directory)`` loads it with no project code.

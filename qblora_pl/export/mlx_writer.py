@@ -3,7 +3,7 @@
 MLX's affine quantization (``mx.quantize(w, group_size, bits, mode="affine")``) stores, per
 group of ``g`` consecutive input features of a row, one ``scale`` and one ``bias`` and
 reconstructs ``w = scale * q + bias`` with ``q`` in ``0 .. 2^b - 1`` - exactly our INT-b form
-``W_hat = scale[G] * q + offset[G]`` (METHOD.md section 3), so MLX's ``biases`` are our
+``W_hat = scale[G] * q + offset[G]`` (docs/method.md section 3), so MLX's ``biases`` are our
 ``offsets`` (same sign) and the codes are copied unchanged. That holds at every width we store
 (2, 3, 4, 8 bits; MLX also has 5 and 6) and every group size (32, 64, 128).
 

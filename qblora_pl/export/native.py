@@ -18,7 +18,7 @@ are :class:`GroupwiseIntLinear` modules, so :func:`load_native` is "build the sk
 ``GroupwiseIntLinear``, ``load_state_dict(strict=True)``".
 
 QA-LoRA / QA-BLoRA on an INT-b base merge exactly (codes untouched). LoRA / Q-BLoRA merges are
-dense; this format re-quantizes them to INT-b by round-to-nearest (lossy, METHOD.md section 5)
+dense; this format re-quantizes them to INT-b by round-to-nearest (lossy, docs/method.md section 5)
 and says so with an :class:`ExportFallbackWarning` carrying the measured weight error.
 """
 

@@ -3,8 +3,8 @@
 After :func:`qblora_pl.merging.merge_adapters` each target layer of the model is one of:
 
 * a :class:`GroupwiseIntLinear` whose offsets carry the folded QA-LoRA / QA-BLoRA update
-  (exact, still b-bit, METHOD.md sections 3-4; merged offsets are float32);
-* a dense ``nn.Linear`` holding ``W_hat + dW`` (LoRA / Q-BLoRA, METHOD.md sections 1-2);
+  (exact, still b-bit, docs/method.md sections 3-4; merged offsets are float32);
+* a dense ``nn.Linear`` holding ``W_hat + dW`` (LoRA / Q-BLoRA, docs/method.md sections 1-2);
 
 and the other linear layers are frozen bases (INT-b, NF4 from bitsandbytes or torchao, or dense,
 such as the ``lm_head``). :func:`snapshot_merged_model` reads all of that into :class:`ModelSnapshot`:

@@ -1,9 +1,9 @@
 """One view over the frozen base linear layers that adapter strategies wrap.
 
 A base layer is one of: a plain ``nn.Linear`` (16/32-bit), a bitsandbytes ``Linear4bit``
-(NF4 / FP4, METHOD.md section 1), a :class:`TorchaoNF4Linear` (NF4 on torchao's ``NF4Tensor``,
+(NF4 / FP4, docs/method.md section 1), a :class:`TorchaoNF4Linear` (NF4 on torchao's ``NF4Tensor``,
 shardable by FSDP2), or our :class:`GroupwiseIntLinear` (INT-b with one scale and one offset per
-group, METHOD.md section 3). Strategies never touch the quantized storage
+group, docs/method.md section 3). Strategies never touch the quantized storage
 directly: they ask this module for the shape and for ``W_hat = dequant(Q(W))``.
 """
 

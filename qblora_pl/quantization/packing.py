@@ -1,6 +1,6 @@
 """Bit-packing of low-bit integer codes into ``uint8`` bytes.
 
-The group-wise integer base (METHOD.md section 3) stores one ``b``-bit code ``q`` in
+The group-wise integer base (docs/method.md section 3) stores one ``b``-bit code ``q`` in
 ``0 .. 2^b - 1`` per weight. Kept one code per byte, a 4-bit model would take twice the
 memory it claims; these two functions pack ``n`` codes of a row into ``b * n / 8`` bytes
 and back.
@@ -53,7 +53,7 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     """Pack ``uint8`` codes of shape ``(..., n)`` into ``(..., bits * n / 8)`` bytes.
 
     Used by :class:`~qblora_pl.quantization.groupwise_int.GroupwiseIntLinear` to store the
-    frozen base's codes (METHOD.md section 3) at their true bit width.
+    frozen base's codes (docs/method.md section 3) at their true bit width.
 
     Raises ``ValueError`` if ``bits`` is not one of {2, 3, 4, 8}, if ``n`` is not a
     multiple of 8, if ``codes`` is not ``uint8`` or if a code does not fit in ``bits``.

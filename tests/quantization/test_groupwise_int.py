@@ -1,4 +1,4 @@
-"""Group-wise asymmetric INT-b base (METHOD.md section 3): quantizer, frozen layer, model swap."""
+"""Group-wise asymmetric INT-b base (docs/method.md section 3): quantizer, frozen layer, model swap."""
 
 import copy
 
@@ -206,7 +206,7 @@ def test_state_dict_round_trip_into_an_empty_layer_is_bit_exact():
 
 
 def test_replacing_offsets_with_float32_shifts_weight_by_the_broadcast_delta():
-    # What a QA-LoRA / QA-BLoRA merge does (METHOD.md sections 3-4).
+    # What a QA-LoRA / QA-BLoRA merge does (docs/method.md sections 3-4).
     _, layer = _layer(bits=4, group_size=32)
     w_before = layer.dequantize()
     original = layer.offsets

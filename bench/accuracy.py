@@ -327,7 +327,7 @@ class Evaluator:
         self.seconds = 0.0
 
     def __call__(self, model, benchmarks: bool = True) -> dict[str, float]:
-        from qblora_pl.quantization.groupwise_int import dequantized_weight_cache
+        from qblora_pl.quantization.int_layer import dequantized_weight_cache
 
         started = time.perf_counter()
         with dequantized_weight_cache(model):  # INT-b layers unpack once per model, not per forward (exact)

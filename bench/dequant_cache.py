@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qblora_pl.evaluation import MMLU, ZeroShotMultipleChoice, run_tasks  # noqa: E402
 from qblora_pl.quantization import GroupwiseInt  # noqa: E402
-from qblora_pl.quantization.groupwise_int import dequantized_weight_cache  # noqa: E402
+from qblora_pl.quantization.int_layer import dequantized_weight_cache  # noqa: E402
 from qblora_pl.sources import load_tokenizer, pretrained_name_or_path  # noqa: E402
 
 

@@ -124,7 +124,7 @@ def gguf_linear_bytes_per_weight(path: Path) -> float:
 def model_weight_count(model) -> int:
     """Weights of the model as a dense network: d_out * d_in per INT-b layer (not its packed
     storage) plus every other frozen tensor (embeddings, norms, head); adapters excluded."""
-    from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+    from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
     count, inside = 0, set()
     for name, module in model.named_modules():

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+    from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d-in", type=int, default=1024)

@@ -5,7 +5,7 @@ Three pieces (docs/fsdp.md):
 * :func:`shard_model` - what ``QuantizedCausalLM.configure_model`` calls when the trainer runs a
   device mesh: ``torch.distributed.fsdp.fully_shard`` on every decoder layer, then on the root.
   The group-wise INT-b base keeps its packed codes, scales and offsets as frozen parameters
-  (:class:`~qblora_pl.quantization.groupwise_int.GroupwiseIntLinear`), so FSDP2 shards them:
+  (:class:`~qblora_pl.quantization.int_layer.GroupwiseIntLinear`), so FSDP2 shards them:
   each rank holds ``1 / world_size`` of the frozen base. An NF4 base on torchao's ``NF4Tensor``
   (``NF4(implementation: torchao)``) is sharded the same way - codes, int8 scales and their factors
   - when its layers divide over the world size (checked first, naming the layer); bitsandbytes NF4

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qblora_pl.adapters.injection import adapted_layers
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
 
 def merge_adapters(model: nn.Module, dense_dtype: torch.dtype = torch.float32) -> dict[str, str]:

@@ -24,7 +24,8 @@ from typing import Literal
 import torch
 
 from qblora_pl.quantization.base_layers import dequantized_weight
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear, GroupwiseIntQuantizer
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear
+from qblora_pl.quantization.int_quantizer import GroupwiseIntQuantizer
 
 
 def straight_through(value: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from qblora_pl.merging import merge_adapters, merged, requantize_merged, unmerge
 from qblora_pl.module import QuantizedCausalLM
 from qblora_pl.paths import EMBEDDED_MODEL_DIR
 from qblora_pl.quantization import NF4, GroupwiseInt
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
 
 def _module(quantization, adapter) -> QuantizedCausalLM:

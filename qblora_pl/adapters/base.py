@@ -28,7 +28,7 @@ from qblora_pl.quantization.base_layers import (
     is_base_linear,
     linear_shape,
 )
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
 
 class AdapterConfigError(ValueError):

@@ -20,7 +20,7 @@ from qblora_pl.adapters.base import (
     require_divisible,
     require_positive,
 )
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
 
 class QALoRAAdapter(GroupConstantAdapter):

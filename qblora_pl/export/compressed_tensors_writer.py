@@ -51,7 +51,7 @@ from qblora_pl.export.snapshot import (
     dtype_name,
 )
 from qblora_pl.export.tokenizer_files import copy_tokenizer_files
-from qblora_pl.quantization.groupwise_int import GroupwiseIntQuantizer
+from qblora_pl.quantization.int_quantizer import GroupwiseIntQuantizer
 from qblora_pl.quantization.packing import pack_bitstream
 
 CT_WEIGHTS_FILE = "model.safetensors"

@@ -44,7 +44,7 @@ from qblora_pl.export.snapshot import (
     requantize_linear,
 )
 from qblora_pl.export.tokenizer_files import copy_tokenizer_files
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear, enable_int4_inference
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear, enable_int4_inference
 from qblora_pl.quantization.packing import pack_codes
 
 NATIVE_FORMAT = "qblora-native"
@@ -166,7 +166,7 @@ def load_native(path: str | Path, device: str | torch.device = "cpu", *, fast_in
     model in eval mode.
 
     ``fast_int4=True`` switches the INT4 layers to torch's INT4 kernel for inference
-    (:func:`~qblora_pl.quantization.groupwise_int.enable_int4_inference`): much faster decode,
+    (:func:`~qblora_pl.quantization.int_layer.enable_int4_inference`): much faster decode,
     but bfloat16 compute, so no longer bit-exact with the trained model (about 4e-3 relative
     per-layer output error). The default keeps the exact float32 dequantize path.
     """

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from qblora_pl.adapters.base import AdaptedLinear
 from qblora_pl.quantization.base_layers import dequantized_weight, is_base_linear, is_nf4_linear, is_torchao_nf4_linear
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear, GroupwiseIntQuantizer
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear
+from qblora_pl.quantization.int_quantizer import GroupwiseIntQuantizer
 
 # How a linear layer came to hold its current weight; recorded in every export's layer map.
 MERGED_OFFSETS = "merged into INT-b offsets (exact)"

@@ -20,12 +20,9 @@ _logging.getLogger("torchao").addFilter(_DropTorchaoCudaExtensionNotices())
 _logging.getLogger("torch.utils._pytree").addFilter(_DropTorchaoCudaExtensionNotices())
 
 from qblora_pl.quantization.backends import NF4, GroupwiseInt, NoQuantization, QuantizationBackend
-from qblora_pl.quantization.groupwise_int import (
-    GroupwiseIntLinear,
-    GroupwiseIntQuantizer,
-    Int4KernelFallbackWarning,
-    enable_int4_inference,
-)
+from qblora_pl.quantization.int4_kernel import Int4KernelFallbackWarning
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear, enable_int4_inference
+from qblora_pl.quantization.int_quantizer import GroupwiseIntQuantizer
 
 __all__ = [
     "NF4",

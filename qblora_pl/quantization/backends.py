@@ -40,7 +40,7 @@ def cast_float_modules(model: nn.Module, dtype: torch.dtype) -> None:
     ``model.to(dtype)`` would also recast the INT-b layers' scales and offsets, changing the
     storage format (and its memory) that the quantizer chose.
     """
-    from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+    from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
     for module in model.modules():
         if isinstance(module, GroupwiseIntLinear):
@@ -215,7 +215,7 @@ class GroupwiseInt(QuantizationBackend):
         calibration_records: int = 128,
         calibration_seq_len: int = 512,
     ) -> None:
-        from qblora_pl.quantization.groupwise_int import GroupwiseIntQuantizer
+        from qblora_pl.quantization.int_quantizer import GroupwiseIntQuantizer
 
         GroupwiseIntQuantizer(bits, group_size)  # validates bits and group size now, not mid-run
         resolve_dtype(scale_dtype)
@@ -258,7 +258,7 @@ class GroupwiseInt(QuantizationBackend):
         return name.rsplit(".", 1)[-1] != "lm_head"
 
     def load(self, model_name_or_path: str, calibration: CalibrationSource | None = None) -> nn.Module:
-        from qblora_pl.quantization.groupwise_int import quantize_linear_layers
+        from qblora_pl.quantization.int_layer import quantize_linear_layers
         from qblora_pl.quantization import quantized_checkpoints as checkpoints
 
         dtype = resolve_dtype(self.compute_dtype)
@@ -330,7 +330,8 @@ class GroupwiseInt(QuantizationBackend):
     def _load_gptq(self, model: nn.Module, model_name_or_path: str, calibration: CalibrationSource | None,
                    device: torch.device) -> None:
         from qblora_pl.quantization.calibration import quantize_model_gptq
-        from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear, GroupwiseIntQuantizer
+        from qblora_pl.quantization.int_layer import GroupwiseIntLinear
+        from qblora_pl.quantization.int_quantizer import GroupwiseIntQuantizer
 
         expected = self._calibration_digest
         if expected is not None and self._load_cached(model, model_name_or_path, expected):
@@ -373,7 +374,7 @@ class GroupwiseInt(QuantizationBackend):
         )
         leftover = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and self._is_target(n)]
         if leftover:  # linears outside the decoder layers (none in a Llama): the data-free search
-            from qblora_pl.quantization.groupwise_int import quantize_linear_layers
+            from qblora_pl.quantization.int_layer import quantize_linear_layers
 
             quantize_linear_layers(model, set(leftover).__contains__, bits=self.bits, group_size=self.group_size,
                                    scale_dtype=scale_dtype, params="mse")

@@ -67,7 +67,7 @@ def load_cached_base(model: nn.Module, directory: Path) -> dict[str, Any] | None
     """
     from safetensors.torch import load_file
 
-    from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+    from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
     record_path = directory / _RECORD
     if not record_path.is_file():
@@ -103,7 +103,7 @@ def save_base(model: nn.Module, directory: Path, key: dict[str, Any], info: dict
     from safetensors.torch import save_file
 
     from qblora_pl.export.atomic import atomic_directory
-    from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+    from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, GroupwiseIntLinear)}
     tensors = {}

@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 from qblora_pl.quantization.torchao_nf4 import TorchaoNF4Linear
 
 try:  # bitsandbytes is a hard dependency, but keep the import failure readable.

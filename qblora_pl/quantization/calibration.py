@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from qblora_pl.quantization.gptq import HessianAccumulator, gptq_quantize
-from qblora_pl.quantization.groupwise_int import dequantized_weight_cache
+from qblora_pl.quantization.int_layer import dequantized_weight_cache
 
 __all__ = ["CalibrationSet", "CalibrationSource", "decoder_layers", "quantize_model_gptq", "select_calibration"]
 

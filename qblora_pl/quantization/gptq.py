@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from qblora_pl.quantization.groupwise_int import GroupwiseIntQuantizer
+    from qblora_pl.quantization.int_quantizer import GroupwiseIntQuantizer
 
 __all__ = ["HessianAccumulator", "gptq_quantize"]
 

@@ -1,6 +1,6 @@
 """Choosing a group's scale and offset: min-max, or a search that minimises the rounding error.
 
-The base format (:mod:`qblora_pl.quantization.groupwise_int`, docs/method.md section 3) stores
+The base format (:mod:`qblora_pl.quantization.int_quantizer`, docs/method.md section 3) stores
 ``W_hat = scale * q + offset`` per group of ``g`` input features, ``q`` in ``0 .. 2^b - 1``.
 Min-max (``offset = min``, ``scale = (max - min) / (2^b - 1)``) spends the code range on the
 group's extreme values; at 3 and 2 bits one outlier then costs every other weight of its group

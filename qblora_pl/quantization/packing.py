@@ -52,7 +52,7 @@ def _shifts(step: int, count: int, device: torch.device) -> Tensor:
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
     """Pack ``uint8`` codes of shape ``(..., n)`` into ``(..., bits * n / 8)`` bytes.
 
-    Used by :class:`~qblora_pl.quantization.groupwise_int.GroupwiseIntLinear` to store the
+    Used by :class:`~qblora_pl.quantization.int_layer.GroupwiseIntLinear` to store the
     frozen base's codes (docs/method.md section 3) at their true bit width.
 
     Raises ``ValueError`` if ``bits`` is not one of {2, 3, 4, 8}, if ``n`` is not a

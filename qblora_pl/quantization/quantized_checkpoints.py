@@ -102,7 +102,7 @@ def load_compressed_tensors_base(path: str | Path, bits: int, group_size: int) -
     """The folder's model with each quantized linear a :class:`GroupwiseIntLinear` holding its codes, scales
     and zero points (as offsets); ``bits`` / ``group_size`` must be the checkpoint's (the backend's settings:
     a mismatch is refused naming both)."""
-    from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+    from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
     path = Path(path)
     config = _quantization_config(path) or {}
@@ -178,7 +178,7 @@ def _dense_model(path: Path) -> nn.Module:
 def load_gptq_base(path: str | Path, bits: int, group_size: int) -> nn.Module:
     """The GPTQ folder's model with each quantized linear a :class:`GroupwiseIntLinear` (codes, scales, zero
     points as offsets); ``bits`` / ``group_size`` must be the checkpoint's, and act-order is refused."""
-    from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+    from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
     path = Path(path)
     config = _quantization_config(path) or {}

@@ -9,7 +9,7 @@ from torch import nn
 from qblora_pl.adapters import AdaptedLinear, AdapterConfigError, LoRA, QABLoRA, QALoRA, QBLoRA
 from qblora_pl.adapters.budget import choose_k_out, lora_parameter_count
 from qblora_pl.quantization.base_layers import dequantized_weight
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
 D_IN, D_OUT = 256, 128
 

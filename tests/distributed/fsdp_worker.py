@@ -86,7 +86,7 @@ class SavedTensorProbe(pl.Callback):
             return
         self._context.__exit__(None, None, None)
         self._context = None
-        from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+        from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
         shapes = {m.weight_shape for m in pl_module.modules() if isinstance(m, GroupwiseIntLinear)}
         codes = [t for t in self._saved if t.dtype == torch.uint8]

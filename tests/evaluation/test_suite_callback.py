@@ -112,7 +112,7 @@ def test_exported_native_model_scores_like_the_merged_model(tiny_model_dir, tiny
 
 
 def test_cached_dequantized_weights_change_the_time_not_the_scores(tiny_model_dir, tiny_data_dir, mmlu_dir, zero_shot_file, tmp_path, monkeypatch):  # noqa: F811
-    from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+    from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
     calls = []
     real = GroupwiseIntLinear.dequantize

@@ -15,7 +15,7 @@ from qblora_pl.export.verify import fixed_token_batch
 from qblora_pl.module import QuantizedCausalLM
 from qblora_pl.qat import MergedOffsetFakeQuant
 from qblora_pl.quantization import GroupwiseInt
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 from qblora_pl.quantization.quantized_checkpoints import is_compressed_tensors_checkpoint, unpack_int32_rows
 from tests.export.conftest import adapted_module
 

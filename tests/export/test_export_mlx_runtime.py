@@ -38,7 +38,7 @@ from qblora_pl.merging import merged
 from qblora_pl.module import QuantizedCausalLM
 from qblora_pl.paths import EMBEDDED_MODEL_DIR
 from qblora_pl.quantization import GroupwiseInt
-from qblora_pl.quantization.groupwise_int import GroupwiseIntQuantizer
+from qblora_pl.quantization.int_quantizer import GroupwiseIntQuantizer
 from qblora_pl.sources import load_tokenizer
 from tests.export.conftest import randomize_adapters
 from tests.realmodel.conftest import smollm2_gguf  # noqa: F401 - the SmolLM2 fixture

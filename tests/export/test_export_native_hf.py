@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from qblora_pl.adapters.base import AdaptedLinear
 from qblora_pl.export import export_module, load_native
 from qblora_pl.export.verify import fixed_token_batch
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from qblora_pl.export.compressed_tensors_writer import pack_int32_rows
 from qblora_pl.export.verify import fixed_token_batch
 from qblora_pl.quantization import GroupwiseInt
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
 
 def write_gptq_folder(source_dir, out, bits, group_size, *, sym, checkpoint_format, seed=0):

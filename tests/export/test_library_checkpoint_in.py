@@ -17,7 +17,7 @@ from qblora_pl.export.verify import fixed_token_batch
 from qblora_pl.module import QuantizedCausalLM
 from qblora_pl.qat import MergedOffsetFakeQuant
 from qblora_pl.quantization import GroupwiseInt
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
 pytest.importorskip("compressed_tensors")
 LIBRARY_FOLDER = Path(__file__).resolve().parents[1] / "assets" / "llmcompressor_w4a16_asym_g32"

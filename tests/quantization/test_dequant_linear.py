@@ -9,7 +9,7 @@ from qblora_pl.adapters import QABLoRA
 from qblora_pl.adapters.injection import LLAMA_TARGET_MODULES, inject_adapters
 from qblora_pl.quantization import GroupwiseInt
 from qblora_pl.quantization import dequant_linear
-from qblora_pl.quantization.groupwise_int import GroupwiseIntLinear
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
 
 def _layer(out_features=96, in_features=128, bits=3, group_size=32, bias=True, seed=0):

@@ -6,15 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from qblora_pl.quantization.groupwise_int import (
-    SUPPORTED_BITS,
-    SUPPORTED_GROUP_SIZES,
-    GroupwiseIntLinear,
-    GroupwiseIntQuantizer,
-    dequantized_weight_cache,
-    quantize_linear_layers,
-)
-from qblora_pl.quantization.packing import unpack_codes
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear, dequantized_weight_cache, quantize_linear_layers
+from qblora_pl.quantization.int_quantizer import SUPPORTED_GROUP_SIZES, GroupwiseIntQuantizer
+from qblora_pl.quantization.packing import SUPPORTED_BITS, unpack_codes
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

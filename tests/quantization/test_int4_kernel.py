@@ -15,12 +15,9 @@ import torch
 from torch import nn
 
 from qblora_pl.adapters import QABLoRA
-from qblora_pl.quantization import groupwise_int
-from qblora_pl.quantization.groupwise_int import (
-    GroupwiseIntLinear,
-    Int4KernelFallbackWarning,
-    enable_int4_inference,
-)
+from qblora_pl.quantization import int4_kernel
+from qblora_pl.quantization.int4_kernel import Int4KernelFallbackWarning
+from qblora_pl.quantization.int_layer import GroupwiseIntLinear, enable_int4_inference
 from qblora_pl.quantization.packing import pack_codes
 
 pytestmark = pytest.mark.skipif(
@@ -32,9 +29,9 @@ REL_TOL = 1e-2
 
 @pytest.fixture(autouse=True)
 def _fresh_warnings():
-    groupwise_int._INT4_WARNED.clear()  # one warning per reason per process: reset per test
+    int4_kernel._INT4_WARNED.clear()  # one warning per reason per process: reset per test
     yield
-    groupwise_int._INT4_WARNED.clear()
+    int4_kernel._INT4_WARNED.clear()
 
 
 def _layer(d_in, d_out, group_size=32, bits=4, bias=False, seed=0):

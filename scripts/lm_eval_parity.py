@@ -61,7 +61,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from qblora_pl.evaluation import MMLU, LanguageModelScorer, ZeroShotMultipleChoice  # noqa: E402
-from qblora_pl.evaluation.multiple_choice import LETTERS, format_subject, load_mmlu_split, mmlu_prompt  # noqa: E402
+from qblora_pl.evaluation.mmlu import LETTERS, format_subject, load_mmlu_split, mmlu_prompt  # noqa: E402
 from qblora_pl.paths import EMBEDDED_DATA_DIR, EMBEDDED_MODEL_DIR  # noqa: E402
 
 MULTIPLE_CHOICE_METRICS = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},

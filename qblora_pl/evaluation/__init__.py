@@ -11,7 +11,9 @@ See docs/evaluation.md.
 
 from qblora_pl.evaluation.base import EvaluationDataError, EvaluationTask, read_records
 from qblora_pl.evaluation.instruction import GreedyExactMatch, InstructionPerplexity, normalize_answer
-from qblora_pl.evaluation.multiple_choice import MMLU, RECORD_FORMATS, ZeroShotMultipleChoice
+from qblora_pl.evaluation.mmlu import MMLU
+from qblora_pl.evaluation.record_parsers import RECORD_FORMATS
+from qblora_pl.evaluation.zero_shot import ZeroShotMultipleChoice
 from qblora_pl.evaluation.scoring import LanguageModelScorer, NonFiniteLogitsError
 from qblora_pl.evaluation.suite import TASKS, check_tasks, format_results_table, resolve_tasks, run_tasks, write_report
 

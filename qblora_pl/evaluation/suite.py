@@ -12,7 +12,8 @@ from torch import nn
 
 from qblora_pl.evaluation.base import EvaluationTask
 from qblora_pl.evaluation.instruction import GreedyExactMatch, InstructionPerplexity
-from qblora_pl.evaluation.multiple_choice import MMLU, ZeroShotMultipleChoice
+from qblora_pl.evaluation.mmlu import MMLU
+from qblora_pl.evaluation.zero_shot import ZeroShotMultipleChoice
 from qblora_pl.evaluation.scoring import LanguageModelScorer
 
 TASKS: dict[str, type[EvaluationTask]] = {

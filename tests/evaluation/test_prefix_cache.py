@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from qblora_pl.evaluation import MMLU, LanguageModelScorer, ZeroShotMultipleChoice
-from qblora_pl.evaluation.multiple_choice import mmlu_shots
+from qblora_pl.evaluation.mmlu import mmlu_shots
 from qblora_pl.evaluation.scoring import common_prefix_length, shared_prefix_groups
 from tests.evaluation.test_tasks import mmlu_dir, model_and_tokenizer  # noqa: F401  (fixtures)
 from tests.export.conftest import adapted_module, gqa_model_dir  # noqa: F401  (fixture)

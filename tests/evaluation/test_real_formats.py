@@ -22,7 +22,7 @@ from qblora_pl.evaluation import (
     run_tasks,
 )
 from qblora_pl.evaluation.base import EvaluationDataError
-from qblora_pl.evaluation.multiple_choice import mmlu_prompt
+from qblora_pl.evaluation.mmlu import mmlu_prompt
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

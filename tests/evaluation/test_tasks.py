@@ -17,7 +17,7 @@ from qblora_pl.evaluation import (
     normalize_answer,
     run_tasks,
 )
-from qblora_pl.evaluation.multiple_choice import LETTERS, mmlu_prompt
+from qblora_pl.evaluation.mmlu import LETTERS, mmlu_prompt
 
 
 @pytest.fixture(scope="module")

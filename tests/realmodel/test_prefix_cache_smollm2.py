@@ -34,7 +34,7 @@ def _scorers(model, tokenizer):
 
 def test_mmlu_5_shot_cached_predictions_equal_uncached(smollm2, shared_data):
     from qblora_pl.evaluation import MMLU
-    from qblora_pl.evaluation.multiple_choice import mmlu_shots
+    from qblora_pl.evaluation.mmlu import mmlu_shots
 
     model, tokenizer = smollm2
     task = MMLU(data_path=str(shared_data / "mmlu"), k_shot=5, subjects=SUBJECTS, limit_per_subject=4)

@@ -1,22 +1,20 @@
-"""Multiple-choice tasks: MMLU k-shot (answer-letter logits) and zero-shot choice log-likelihood.
+"""MMLU k-shot multiple choice, scored by the answer letters' logits.
 
-* :class:`MMLU` - Hendrycks et al.'s protocol as QLoRA runs it: a k-shot prompt of dev-split
-  questions of the same subject (``The following are multiple choice questions (with answers)
-  about {subject}.``), the test question, ``Answer:``; the prediction is the answer letter whose
-  next-token logit is highest (one forward pass per question).
-* :class:`ZeroShotMultipleChoice` - lm-evaluation-harness's ``multiple_choice`` output type:
-  the log-likelihood of ``" " + choice`` after the query, ``acc`` = argmax of the sums and
-  ``acc_norm`` = argmax of the sums divided by each choice's length in characters. Record
-  formats for HellaSwag, PIQA, ARC and BoolQ reproduce the harness's prompts.
+:class:`MMLU` - Hendrycks et al.'s protocol as QLoRA runs it: a k-shot prompt of dev-split
+questions of the same subject (``The following are multiple choice questions (with answers)
+about {subject}.``), the test question, ``Answer:``; the prediction is the answer letter whose
+next-token logit is highest (one forward pass per question).
+
+Records come from a local directory (the embedded layout or the original Hendrycks CSVs) or a
+hub dataset such as ``cais/mmlu`` (:func:`load_mmlu_split`).
 """
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torchmetrics import MeanMetric
@@ -29,11 +27,6 @@ from qblora_pl.sources import load_hub_dataset, looks_like_local_path
 
 LETTERS = ("A", "B", "C", "D")
 MMLU_CSV_COLUMNS = ["question", "A", "B", "C", "D", "answer"]
-
-
-# --------------------------------------------------------------------------------------------
-# MMLU
-# --------------------------------------------------------------------------------------------
 
 
 def format_subject(subject: str) -> str:
@@ -330,240 +323,3 @@ class MMLU(EvaluationTask):
         if reduced:
             results["prompts_with_fewer_shots"] = float(reduced)
         return results
-
-
-# --------------------------------------------------------------------------------------------
-# Zero-shot multiple choice
-# --------------------------------------------------------------------------------------------
-
-
-def _hellaswag_preprocess(text: str) -> str:
-    # lm-eval's tasks/hellaswag/utils.py: drop WikiHow artifacts and bracketed markers.
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    return text.replace("  ", " ")
-
-
-def _generic(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-    return row.get("query"), row.get("choices"), row.get("gold")
-
-
-def _hellaswag(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-    ctx = f"{row.get('ctx_a', '')} {str(row.get('ctx_b', '')).capitalize()}"
-    query = _hellaswag_preprocess(f"{row.get('activity_label', '')}: {ctx}")
-    endings = row.get("endings")
-    choices = [_hellaswag_preprocess(e) if isinstance(e, str) else e for e in endings] if isinstance(endings, list) else endings
-    label = row.get("label")
-    return query, choices, int(label) if isinstance(label, str) and label.strip().isdigit() else label
-
-
-def _piqa(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-    return f"Question: {row.get('goal')}\nAnswer:", [row.get("sol1"), row.get("sol2")], row.get("label")
-
-
-def _arc(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-    """ARC in either layout, as lm-eval's ``arc_easy`` / ``arc_challenge`` tasks prompt it.
-
-    * the official AI2 JSONL: ``{"id", "question": {"stem", "choices": [{"text", "label"}, ...]},
-      "answerKey"}``;
-    * the hub's flattened rows (``allenai/ai2_arc``): ``{"id", "question", "choices": {"text": [...],
-      "label": [...]}, "answerKey"}``.
-
-    Labels are letters (``A``..``E``) or digits (``1``..``5``); 3 to 5 choices occur. The gold
-    index is the position of ``answerKey`` among the labels (lm-eval's
-    ``choices.label.index(answerKey)``), so the key must be one of the labels.
-    """
-    question = row.get("question")
-    if isinstance(question, Mapping):  # official layout
-        stem, raw = question.get("stem"), question.get("choices")
-        if not isinstance(raw, list) or not all(isinstance(c, Mapping) for c in raw):
-            raise _RowError(f"'question.choices' must be a list of {{text, label}} objects, got {raw!r:.80}")
-        texts, labels = [c.get("text") for c in raw], [c.get("label") for c in raw]
-        where = "'question.stem'"
-    else:  # hub layout
-        choices = row.get("choices")
-        if not isinstance(choices, Mapping):
-            raise _RowError("neither the official ARC layout ('question' with 'stem' and 'choices') nor the hub "
-                            f"layout ('question' text and 'choices' with 'text' and 'label' lists): got keys {sorted(row)}")
-        stem, texts, labels = question, choices.get("text"), choices.get("label")
-        where = "'question'"
-    if not isinstance(stem, str) or not stem.strip():
-        raise _RowError(f"the question text {where} is missing or empty")
-    if not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() for x in labels):
-        raise _RowError(f"every choice needs a text label (letters or digits), got labels {labels!r:.80}")
-    if not isinstance(texts, list) or len(texts) != len(labels):
-        raise _RowError(f"{len(labels)} labels but choice texts {texts!r:.80}")
-    if len(set(labels)) != len(labels):
-        raise _RowError(f"repeated choice labels {labels}")
-    key = row.get("answerKey")
-    if not isinstance(key, str) or key.strip() not in labels:
-        raise _RowError(f"answerKey {key!r} is not one of the choice labels {', '.join(labels)}")
-    return f"Question: {stem}\nAnswer:", texts, labels.index(key.strip())
-
-
-def _boolq(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-    answer = row.get("answer", row.get("label"))
-    gold = int(answer) if isinstance(answer, bool) else answer
-    return f"{row.get('passage')}\nQuestion: {row.get('question')}?\nAnswer:", ["no", "yes"], gold
-
-
-RECORD_FORMATS: dict[str, Callable[[Mapping[str, Any]], tuple[Any, Any, Any]]] = {
-    "generic": _generic, "hellaswag": _hellaswag, "piqa": _piqa, "arc": _arc, "boolq": _boolq,
-}
-
-#: ``record_format: auto`` picks the first format whose keys the first row has.
-_FORMAT_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("generic", ("query", "choices")), ("arc", ("question", "answerKey")), ("hellaswag", ("ctx_a", "endings")),
-    ("piqa", ("goal", "sol1", "sol2")), ("boolq", ("passage", "question")),
-)
-
-
-class _RowError(Exception):
-    """A record converter's complaint about one row; the caller adds the file and row."""
-
-
-def detect_record_format(row: Mapping[str, Any], where: str) -> str:
-    """The record format of a row, from its keys (``record_format: auto``)."""
-    for name, keys in _FORMAT_KEYS:
-        if all(k in row for k in keys):
-            return name
-    expected = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in _FORMAT_KEYS)
-    raise EvaluationDataError(f"{where}: cannot tell the record format from the keys {sorted(row)}; expected ({expected}) "
-                              "or set record_format")
-
-
-def check_choice_record(query: Any, choices: Any, gold: Any, where: str) -> dict[str, Any]:
-    """Normalize one zero-shot record to ``{query, choices, gold index}``; errors name ``where``."""
-    if not isinstance(query, str) or not query.strip():
-        raise EvaluationDataError(f"{where}: the query/context is missing or empty")
-    if not isinstance(choices, (list, tuple)) or len(choices) < 2:
-        raise EvaluationDataError(f"{where}: 'choices' must be a list of at least 2 strings, got {choices!r:.80}")
-    for j, choice in enumerate(choices):
-        if not isinstance(choice, str) or not choice.strip():
-            raise EvaluationDataError(f"{where}: option {j} ({_letter(j)}) is missing or empty")
-    if isinstance(gold, bool) or gold is None:
-        raise EvaluationDataError(f"{where}: the gold answer is missing (an index 0-{len(choices) - 1} or a letter)")
-    if isinstance(gold, str):
-        letter = gold.strip().upper()
-        if len(letter) == 1 and "A" <= letter <= "Z":
-            gold = ord(letter) - ord("A")
-        elif letter.isdigit():
-            gold = int(letter)
-        else:
-            raise EvaluationDataError(f"{where}: gold answer {gold!r} is neither an index nor a letter")
-    if not isinstance(gold, int) or not 0 <= gold < len(choices):
-        options = ", ".join(_letter(j) for j in range(len(choices)))
-        raise EvaluationDataError(f"{where}: gold answer {gold!r} is outside the {len(choices)} options ({options} / 0-{len(choices) - 1})")
-    return {"query": query, "choices": list(choices), "gold": gold}
-
-
-def _letter(index: int) -> str:
-    return chr(ord("A") + index) if index < 26 else str(index)
-
-
-class ZeroShotMultipleChoice(EvaluationTask):
-    """Zero-shot multiple choice by per-choice log-likelihood; reports ``acc`` and ``acc_norm``.
-
-    ``acc_norm`` divides each choice's log-likelihood by its length in characters before the
-    argmax (lm-evaluation-harness's convention). A ``task`` field in the records adds
-    ``acc/<task>`` and ``acc_norm/<task>``.
-
-    Args:
-        data_path: a local ``.json``/``.jsonl``/``.csv`` file or a hub dataset name
-            (``hellaswag``, ``allenai/ai2_arc``, ``ybisk/piqa``, ``google/boolq``). Default: the
-            embedded ARC-style set built from the instruction test split.
-        record_format: how a row maps to query / choices / gold: ``generic`` (``query``,
-            ``choices``, ``gold`` index or letter), ``hellaswag``, ``piqa``, ``arc`` (the official
-            AI2 JSONL layout or the hub's flattened one), ``boolq``; ``auto`` (default) picks one
-            from the first row's keys.
-        hf_name: hub configuration (``ARC-Easy``).
-        hf_split: hub split (``validation``).
-        target_delimiter: text between the query and each choice (lm-eval's default ``" "``).
-        limit: evaluate only the first ``N`` records in file order (every record is still
-            validated) - the same questions as lm-evaluation-harness's ``--limit N``.
-    """
-
-    default_name = "zero_shot"
-
-    def __init__(self, data_path: str = str(EMBEDDED_DATA_DIR / "zero_shot" / "test.json"),
-                 record_format: Literal["auto", "generic", "hellaswag", "piqa", "arc", "boolq"] = "auto",
-                 hf_name: str | None = None, hf_split: str = "validation", target_delimiter: str = " ",
-                 name: str | None = None, limit: int | None = None) -> None:
-        super().__init__(name, limit)
-        if record_format != "auto" and record_format not in RECORD_FORMATS:
-            raise ValueError(f"record_format={record_format!r} is not one of {['auto', *sorted(RECORD_FORMATS)]}")
-        self.data_path = data_path
-        self.record_format = record_format
-        self.hf_name = hf_name
-        self.hf_split = hf_split
-        self.target_delimiter = target_delimiter
-        self.records: list[dict[str, Any]] = []
-        self.detected_format: str | None = None
-
-    def _load(self) -> None:
-        if looks_like_local_path(self.data_path):
-            rows = read_records(self.data_path)
-            source = str(Path(self.data_path).expanduser())
-        else:
-            rows = load_hub_dataset(self.data_path, self.hf_name, self.hf_split, error=EvaluationDataError)
-            source = f"hub dataset {self.data_path!r} (config={self.hf_name!r}, split={self.hf_split!r})"
-        if not rows:
-            raise EvaluationDataError(f"{source}: no records")
-        fmt = self.record_format
-        if fmt == "auto":
-            fmt = detect_record_format(rows[0], f"{source}: row 0 (0-based)")
-        self.detected_format = fmt
-        convert = RECORD_FORMATS[fmt]
-        records = []
-        for i, row in enumerate(rows):
-            where = f"{source}: row {i} (0-based)"
-            try:
-                fields = convert(row)
-            except _RowError as err:
-                raise EvaluationDataError(f"{where}: {err}") from None
-            record = check_choice_record(*fields, where)
-            task = row.get("task")
-            if isinstance(task, str) and task:
-                record["task"] = task
-            records.append(record)
-        if not records:
-            raise EvaluationDataError(f"{source}: no records")
-        self.records = self._limited(records)
-
-    def num_examples(self) -> int:
-        return len(self.records)
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "data_path": self.data_path, "record_format": self.record_format,
-                "detected_format": self.detected_format,
-                "hf_name": self.hf_name, "hf_split": self.hf_split, "target_delimiter": self.target_delimiter}
-
-    def requests(self, scorer: LanguageModelScorer) -> list[tuple[list[int], list[int]]]:
-        return [scorer.encode_pair(r["query"], self.target_delimiter + c) for r in self.records for c in r["choices"]]
-
-    def choice_loglikelihoods(self, scorer: LanguageModelScorer) -> list[list[float]]:
-        """Per record, the log-likelihood of each choice (the numbers both accuracies are taken from)."""
-        flat = scorer.loglikelihoods(self.requests(scorer), desc=f"{self.name} (choices)")
-        out, start = [], 0
-        for record in self.records:
-            n = len(record["choices"])
-            out.append([ll for ll, _ in flat[start: start + n]])
-            start += n
-        return out
-
-    def _evaluate(self, scorer: LanguageModelScorer) -> dict[str, float]:
-        metrics: dict[str, MeanMetric] = defaultdict(lambda: MeanMetric(sync_on_compute=False))
-        hits: dict[str, list[float]] = {"acc": [], "acc_norm": []}
-        for record, lls in zip(self.records, self.choice_loglikelihoods(scorer)):
-            lls_t = torch.tensor(lls, dtype=torch.float64)
-            lengths = torch.tensor([float(len(c)) for c in record["choices"]], dtype=torch.float64)
-            hit = float(int(lls_t.argmax()) == record["gold"])
-            hit_norm = float(int((lls_t / lengths).argmax()) == record["gold"])
-            hits["acc"].append(hit)
-            hits["acc_norm"].append(hit_norm)
-            for suffix in ("", f"/{record['task']}") if "task" in record else ("",):
-                metrics["acc" + suffix].update(hit)
-                metrics["acc_norm" + suffix].update(hit_norm)
-        self.per_example = {metric: outcomes(values) for metric, values in hits.items()}
-        order = sorted(metrics, key=lambda k: (k.count("/"), k))
-        return {k: float(metrics[k].compute()) for k in order}

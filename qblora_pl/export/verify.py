@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qblora_pl.export.gguf_writer import llama_unpermute_rows
+from qblora_pl.export.gguf_tensors import llama_unpermute_rows
 
 IGNORE_INDEX = -100
 

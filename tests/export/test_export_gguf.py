@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qblora_pl.export import export_module, llama_permute_rows, pack_q4_1
-from qblora_pl.export.gguf_writer import llama_unpermute_rows
+from qblora_pl.export.gguf_tensors import llama_unpermute_rows
 from qblora_pl.export.verify import fixed_token_batch, load_gguf, load_gguf_with_reader
 from qblora_pl.merging import merged
 
@@ -220,7 +220,7 @@ def test_int8_falls_back_to_f16_and_says_why(wide_chat_model_dir, tmp_path):
 
 def test_a_group_that_is_not_a_multiple_of_32_has_no_exact_q4_1_form():
     # GroupwiseInt refuses g16 today; the writer still names the reason should such parts reach it.
-    from qblora_pl.export.gguf_writer import q4_1_exact_parts, q4_1_inexact_reason
+    from qblora_pl.export.gguf_tensors import q4_1_exact_parts, q4_1_inexact_reason
     from qblora_pl.export.snapshot import QuantizedParts
 
     codes = torch.zeros(2, 64, dtype=torch.uint8)
@@ -238,7 +238,7 @@ def test_a_group_that_is_not_a_multiple_of_32_has_no_exact_q4_1_form():
 
 
 def test_auto_embedding_is_q8_0_when_lossless_else_f16():
-    from qblora_pl.export.gguf_writer import _dense_array
+    from qblora_pl.export.gguf_tensors import _dense_array
 
     g = torch.Generator().manual_seed(0)
     Q8_0 = gguf.GGMLQuantizationType.Q8_0
@@ -348,7 +348,7 @@ def test_tokenizer_settings_of_a_gguf_source_are_carried_over(wide_chat_model_di
 def test_sentencepiece_settings_follow_the_model_and_its_config():
     from sentencepiece import sentencepiece_model_pb2
 
-    from qblora_pl.export.gguf_writer import tokenizer_settings
+    from qblora_pl.export.gguf_vocab import tokenizer_settings
     from qblora_pl.paths import EMBEDDED_MODEL_DIR
 
     proto = sentencepiece_model_pb2.ModelProto()
@@ -359,7 +359,7 @@ def test_sentencepiece_settings_follow_the_model_and_its_config():
 
 
 def test_a_gguf_source_with_another_tokenizer_kind_is_not_copied(wide_chat_model_dir, tmp_path):
-    from qblora_pl.export.gguf_writer import tokenizer_settings
+    from qblora_pl.export.gguf_vocab import tokenizer_settings
 
     # SentencePiece ("llama") settings would not fit the BPE vocabulary we write
     converted, _ = _converted_from_gguf(wide_chat_model_dir, tmp_path, add_tokenizer_model="llama",
@@ -374,7 +374,7 @@ def test_embedding_keeps_the_source_gguf_type_when_it_holds_the_values(wide_chat
 
     from transformers import LlamaForCausalLM
 
-    from qblora_pl.export.gguf_writer import _dense_array
+    from qblora_pl.export.gguf_tensors import _dense_array
     from tests.export.conftest import adapted_module
 
     # A model "converted" from a GGUF file whose token_embd is Q5_0: our float32 embedding is

@@ -182,20 +182,21 @@ def test_the_tolerance_catches_a_wrong_file(mistake, qablora_export, spm_model_d
     import_llama_cpp()  # skips without llama-cpp-python
     import sentencepiece as spm
 
+    import qblora_pl.export.gguf_tensors as gguf_tensors
     import qblora_pl.export.gguf_writer as gguf_writer
 
     module = qablora_export[0]
     if mistake == "nibbles_swapped":
-        pack = gguf_writer.pack_q4_1
+        pack = gguf_tensors.pack_q4_1
 
         def swapped(codes, d, m):
             rows, n = codes.shape
             q = codes.reshape(rows, -1, 32)
             return pack(torch.cat([q[..., 16:], q[..., :16]], dim=-1).reshape(rows, n), d, m)
 
-        monkeypatch.setattr(gguf_writer, "pack_q4_1", swapped)
+        monkeypatch.setattr(gguf_tensors, "pack_q4_1", swapped)  # used by its _linear_to_gguf
     else:
-        monkeypatch.setattr(gguf_writer, "llama_permute_rows", lambda t, n_head, n_head_kv=None: t)
+        monkeypatch.setattr(gguf_writer, "llama_permute_rows", lambda t, n_head, n_head_kv=None: t)  # used by write_gguf
     export_module(module, tmp_path, formats=["gguf"], verify=False, log=lambda _: None)
     sp = spm.SentencePieceProcessor(model_file=str(Path(spm_model_dir) / "tokenizer.model"))
     prompts_ids = [[sp.bos_id(), *sp.encode(p)] for p in PROMPTS[:2]]

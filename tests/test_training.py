@@ -10,7 +10,8 @@ import torch
 
 from qblora_pl.adapters import LoRA, QABLoRA, QALoRA, QBLoRA
 from qblora_pl.data.instruction import InstructionDataModule
-from qblora_pl.module import AdapterCheckpointMismatch, QuantizedCausalLM
+from qblora_pl.checkpoints import AdapterCheckpointMismatch
+from qblora_pl.module import QuantizedCausalLM
 from qblora_pl.quantization import NF4, GroupwiseInt
 
 METHODS = {

@@ -21,7 +21,8 @@ from qblora_pl.evaluation import (
     run_tasks,
 )
 from qblora_pl.merging import merged
-from qblora_pl.module import AdapterCheckpointMismatch, QuantizedCausalLM
+from qblora_pl.checkpoints import AdapterCheckpointMismatch
+from qblora_pl.module import QuantizedCausalLM
 from qblora_pl.quantization import GroupwiseInt
 from tests.evaluation.test_tasks import mmlu_dir  # noqa: F401  (fixture)
 from tests.export.conftest import adapted_module

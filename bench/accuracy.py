@@ -369,7 +369,7 @@ def learning_rate(settings: dict, method: str) -> float:
 
 
 def make_data(args, seed: int):
-    from qblora_pl.data.instruction import InstructionDataModule
+    from qblora_pl.data.datamodule import InstructionDataModule
 
     return InstructionDataModule(
         args.data, tokenizer_name_or_path=args.model_dir, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,

@@ -235,7 +235,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    from qblora_pl.data.instruction import InstructionDataModule
+    from qblora_pl.data.datamodule import InstructionDataModule
     from qblora_pl.paths import EMBEDDED_DATA_DIR, EMBEDDED_MODEL_DIR
     from qblora_pl.sources import pretrained_name_or_path
 

@@ -32,7 +32,7 @@ def child(args: argparse.Namespace) -> None:
     from torch.distributed.tensor import DTensor
 
     from qblora_pl.adapters import QABLoRA, QBLoRA
-    from qblora_pl.data.instruction import InstructionDataModule
+    from qblora_pl.data.datamodule import InstructionDataModule
     from qblora_pl.distributed import FSDP2Strategy, base_weight_bytes, is_sharded
     from qblora_pl.module import QuantizedCausalLM
     from qblora_pl.paths import EMBEDDED_MODEL_DIR

@@ -165,7 +165,7 @@ def train_or_load(args):
     import lightning.pytorch as pl
 
     from qblora_pl.adapters import QABLoRA
-    from qblora_pl.data.instruction import InstructionDataModule
+    from qblora_pl.data.datamodule import InstructionDataModule
     from qblora_pl.module import QuantizedCausalLM
     from qblora_pl.quantization import GroupwiseInt
 

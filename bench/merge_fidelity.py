@@ -62,7 +62,7 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor], batches) -> float:
 def main() -> None:
     import lightning.pytorch as pl
 
-    from qblora_pl.data.instruction import InstructionDataModule
+    from qblora_pl.data.datamodule import InstructionDataModule
     from qblora_pl.merging import merge_adapters, requantize_merged, unmerge_adapters
     from qblora_pl.module import QuantizedCausalLM
     from qblora_pl.paths import EMBEDDED_DATA_DIR, EMBEDDED_MODEL_DIR

@@ -130,7 +130,7 @@ def run_method(method: str, args: argparse.Namespace, logdir: Path) -> dict:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from qblora_pl.adapters import LoRA, QBLoRA
-    from qblora_pl.data.instruction import InstructionDataModule
+    from qblora_pl.data.datamodule import InstructionDataModule
     from qblora_pl.module import QuantizedCausalLM
     from qblora_pl.quantization import NF4, NoQuantization
 

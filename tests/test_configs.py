@@ -10,7 +10,7 @@ import pytest
 
 from qblora_pl.adapters import LoRA, QABLoRA, QALoRA, QBLoRA
 from qblora_pl.cli import QBLoRACLI
-from qblora_pl.data.instruction import InstructionDataModule
+from qblora_pl.data.datamodule import InstructionDataModule
 from qblora_pl.module import QuantizedCausalLM
 from qblora_pl.quantization import NF4, GroupwiseInt
 

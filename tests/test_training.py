@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qblora_pl.adapters import LoRA, QABLoRA, QALoRA, QBLoRA
-from qblora_pl.data.instruction import InstructionDataModule
+from qblora_pl.data.datamodule import InstructionDataModule
 from qblora_pl.checkpoints import AdapterCheckpointMismatch
 from qblora_pl.module import QuantizedCausalLM
 from qblora_pl.quantization import NF4, GroupwiseInt

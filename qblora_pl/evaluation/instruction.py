@@ -2,7 +2,7 @@
 
 Both read Alpaca-style records (``instruction``, optional ``input``, ``output``; an optional
 ``task`` field gives per-task breakdowns) and build prompts exactly as training does
-(:func:`qblora_pl.data.instruction.tokenize_records`: BOS, the prompt template, the response,
+(:func:`qblora_pl.data.tokenization.tokenize_records`: BOS, the prompt template, the response,
 EOS), so the numbers are comparable with the training run's ``val/loss``.
 """
 
@@ -18,7 +18,7 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from qblora_pl.data.instruction import IGNORE_INDEX, InstructionCollator, tokenize_records
+from qblora_pl.data.tokenization import IGNORE_INDEX, InstructionCollator, tokenize_records
 from qblora_pl.data.prompts import get_template
 from qblora_pl.evaluation.base import EvaluationDataError, EvaluationTask, read_records, require_text
 from qblora_pl.evaluation.scoring import LanguageModelScorer

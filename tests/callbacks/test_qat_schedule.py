@@ -9,7 +9,7 @@ import torch
 from callbacks.qat_schedule import QATPhase, QATSchedule
 from qblora_pl.adapters import LoRA, QABLoRA, QBLoRA
 from qblora_pl.adapters.injection import adapted_layers
-from qblora_pl.data.instruction import InstructionDataModule
+from qblora_pl.data.datamodule import InstructionDataModule
 from qblora_pl.merging import merge_adapters, requantize_merged
 from qblora_pl.module import QuantizedCausalLM
 from qblora_pl.qat import MergedOffsetFakeQuant, MergedWeightFakeQuant

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from callbacks.rank_balance import RankBalanceDiagnostics, spectrum_statistics
 from qblora_pl.adapters import LoRA, QABLoRA, QALoRA, QBLoRA
-from qblora_pl.data.instruction import InstructionDataModule
+from qblora_pl.data.datamodule import InstructionDataModule
 from qblora_pl.module import QuantizedCausalLM
 from qblora_pl.quantization import GroupwiseInt, NoQuantization
 from qblora_pl.quantization.base_layers import dequantized_weight

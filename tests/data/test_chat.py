@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qblora_pl.data.instruction import IGNORE_INDEX, InstructionDataModule, tokenize_records
+from qblora_pl.data.datamodule import InstructionDataModule
+from qblora_pl.data.tokenization import IGNORE_INDEX, tokenize_records
 from qblora_pl.data.tokenization import render_conversation
 
 try:  # importable both as a package module and from pytest's rootdir-less sys.path insertion

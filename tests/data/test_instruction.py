@@ -9,12 +9,10 @@ import datasets
 import pytest
 import torch
 
-from qblora_pl.data.instruction import (
-    IGNORE_INDEX,
-    InstructionDataModule,
-    LengthGroupedSampler,
-    split_indices,
-)
+from qblora_pl.data.datamodule import InstructionDataModule
+from qblora_pl.data.records import split_indices
+from qblora_pl.data.sampler import LengthGroupedSampler
+from qblora_pl.data.tokenization import IGNORE_INDEX
 from qblora_pl.data.prompts import format_prompt
 
 try:  # importable both as a package module and from pytest's rootdir-less sys.path insertion

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from qblora_pl.data.instruction import InstructionDataModule, split_indices
+from qblora_pl.data.datamodule import InstructionDataModule
+from qblora_pl.data.records import split_indices
 from qblora_pl.data.records import load_record_splits, read_json_rows, validate_records
 
 try:  # importable both as a package module and from pytest's rootdir-less sys.path insertion

@@ -18,7 +18,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 from qblora_pl.adapters import LoRA, QABLoRA, QALoRA, QBLoRA  # noqa: E402
-from qblora_pl.data.instruction import InstructionDataModule  # noqa: E402
+from qblora_pl.data.datamodule import InstructionDataModule  # noqa: E402
 from qblora_pl.distributed import FSDP2Strategy, base_weight_bytes, is_sharded  # noqa: E402
 from qblora_pl.module import QuantizedCausalLM  # noqa: E402
 from qblora_pl.quantization import NF4, GroupwiseInt  # noqa: E402

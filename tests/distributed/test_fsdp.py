@@ -210,7 +210,7 @@ def test_fsdp1_strategy_is_refused_and_named():
 
 
 def test_global_batch_split_names_batch_and_world_size(tiny_model_dir, tiny_data_dir):
-    from qblora_pl.data.instruction import InstructionDataModule
+    from qblora_pl.data.datamodule import InstructionDataModule
 
     data = InstructionDataModule(str(tiny_data_dir), tokenizer_name_or_path=str(tiny_model_dir), batch_size=8)
     strategy = type("S", (), {"splits_global_batch": True})()
@@ -224,7 +224,7 @@ def test_global_batch_split_names_batch_and_world_size(tiny_model_dir, tiny_data
 
 
 def test_rank_share_sampler_splits_each_global_batch_in_one_device_order():
-    from qblora_pl.data.instruction import LengthGroupedSampler, RankShareSampler
+    from qblora_pl.data.sampler import LengthGroupedSampler, RankShareSampler
 
     lengths = [5, 9, 2, 7, 3, 8, 1, 6, 4, 10, 11, 12]
     order = LengthGroupedSampler(lengths, batch_size=4, seed=3).order(epoch=1)

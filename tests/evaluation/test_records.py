@@ -136,7 +136,7 @@ def test_unknown_task_name_and_duplicates():
 
 def test_unknown_task_class_path_is_rejected_by_the_cli(tmp_path, monkeypatch, capsys):
     from qblora_pl.cli import QBLoRACLI
-    from qblora_pl.data.instruction import InstructionDataModule
+    from qblora_pl.data.datamodule import InstructionDataModule
     from qblora_pl.module import QuantizedCausalLM
 
     monkeypatch.chdir(tmp_path)

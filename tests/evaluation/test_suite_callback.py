@@ -10,7 +10,7 @@ import torch
 
 from callbacks.evaluation import EvaluationSuite
 from qblora_pl.adapters import QABLoRA
-from qblora_pl.data.instruction import InstructionDataModule
+from qblora_pl.data.datamodule import InstructionDataModule
 from qblora_pl.evaluation import (
     MMLU,
     EvaluationDataError,

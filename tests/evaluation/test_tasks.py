@@ -104,7 +104,7 @@ def test_zero_shot_acc_and_acc_norm_conventions(tmp_path, monkeypatch):
 
 
 def test_instruction_response_loss_equals_the_training_loss(model_and_tokenizer, tiny_data_dir):
-    from qblora_pl.data.instruction import InstructionCollator, tokenize_records
+    from qblora_pl.data.tokenization import InstructionCollator, tokenize_records
 
     model, tokenizer = model_and_tokenizer
     task = InstructionPerplexity(data_path=str(tiny_data_dir), split="train", limit=12)

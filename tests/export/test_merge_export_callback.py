@@ -10,7 +10,7 @@ import torch
 
 from callbacks.merge_export import MergeExport
 from qblora_pl.adapters import QABLoRA
-from qblora_pl.data.instruction import InstructionDataModule
+from qblora_pl.data.datamodule import InstructionDataModule
 from qblora_pl.export import export_from_checkpoint, load_native
 from qblora_pl.module import QuantizedCausalLM
 from qblora_pl.quantization import GroupwiseInt

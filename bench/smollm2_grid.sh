@@ -15,7 +15,7 @@
 #   bash bench/smollm2_grid.sh step5      # 5. budget rank 9, the paper's geometry (accuracy_smollm2_r9.json; ALPHA=18: _r9_a18)
 #   bash bench/smollm2_grid.sh sweep_base # issue 32: QA-* LRs on a calibrated base (BASE=gptq|mse, BITS=3|2; val split)
 #   bash bench/smollm2_grid.sh step6      # issue 32: QA-* on a calibrated base, test split (accuracy_smollm2_$BASE.json)
-#   bash bench/smollm2_grid.sh report     #    tables + plots, and README's grid block
+#   bash bench/smollm2_grid.sh report     #    tables + plots, and docs/results/README.md's grid block
 #
 # THREADS (default 1) sets OMP_NUM_THREADS: two stages may share the 2 cores of this machine.
 # SEEDS (default "0 1 2") sets the seeds of steps 2-5, e.g. `SEEDS=0 bash bench/smollm2_grid.sh step2`
@@ -113,6 +113,6 @@ case "${1:?stage: sweep | lrs | sweep_int2 | int2_lrs | int2 | sweep_qat_int2 | 
   report)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2 --bits 3 2 \
         --group-sizes 32 --report-only --markdown
-    python bench/smollm2_grid_table.py > /dev/null ;;   # README's grid block
+    python bench/smollm2_grid_table.py > /dev/null ;;   # docs/results/README.md's grid block
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

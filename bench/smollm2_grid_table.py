@@ -1,6 +1,6 @@
-"""Write the issue-13 test-split grid (bench/results/accuracy_smollm2.json) into README.md.
+"""Write the SmolLM2 test-split grid (bench/results/accuracy_smollm2.json) into docs/results/README.md.
 
-    python bench/smollm2_grid_table.py            # prints the tables, rewrites README's grid block and its plots
+    python bench/smollm2_grid_table.py            # prints the tables, rewrites the results file's grid block and its plots
 
 One table of every stored configuration (trainable parameters, test loss, ARC-Easy acc / acc_norm, MMLU acc; mean ±
 std over the seeds stored so far, with their count), how much of steps 1-3 is stored and the CPU time
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from bench.accuracy import (  # noqa: E402
 )
 
 RESULTS = ROOT / "bench" / "results" / "accuracy_smollm2.json"
+RESULTS_DOC = ROOT / "docs" / "results" / "README.md"  # the block between its grid markers is rewritten
 STEP1 = ["--seeds", "0", "1", "2", "--bits", "3", "2", "--group-sizes", "32", "--reference"]
 LATER_STEPS = (  # bench/smollm2_grid.sh step2 / step3 at all three seeds
     (2, "INT4 g32 / g64", ["--seeds", "0", "1", "2", "--bits", "4", "--group-sizes", "32", "64", "--reference"]),
@@ -65,6 +67,11 @@ PLOTS = (("arc_acc", "ARC-Easy acc"), ("loss", "test loss"))  # what carries the
 
 def plot_path(metric: str, results_path: Path = RESULTS) -> Path:
     return results_path.with_name(f"{results_path.stem}_{metric}.png")
+
+
+def plot_link(metric: str) -> str:
+    """The plot's path as a link from the results file (``../../bench/results/...png``)."""
+    return Path(os.path.relpath(plot_path(metric), RESULTS_DOC.parent)).as_posix()
 
 
 def write_plots(results: dict[str, dict], results_path: Path = RESULTS) -> list[Path]:
@@ -116,10 +123,15 @@ def progress(results: dict[str, dict]) -> str:
         f"; to go: {', '.join(missing)}" if missing else " (step 1 complete)")
 
 
-def per_seed(args, runs: list[tuple], done: list[tuple]) -> list[str]:
-    """``seed 0 4 of 6``: how many of each seed's planned ``runs`` are ``done``."""
-    return [f"seed {seed} {sum(r in done for r in runs if r[1] == seed)} of {sum(r[1] == seed for r in runs)}"
-            for seed in args.seeds]
+def per_seed(args, runs: list[tuple], done: list[tuple]) -> str:
+    """``1 of 3 seeds so far (seed 0: 6 of 6 runs, seed 1: 4 of 6 runs, seed 2: 0 of 6 runs)``: how many of
+    each seed's planned ``runs`` are ``done``; ``all 3 seeds (6 runs each)`` once every one is."""
+    counts = [(seed, sum(r in done for r in runs if r[1] == seed), sum(r[1] == seed for r in runs)) for seed in args.seeds]
+    complete = sum(stored == planned for _, stored, planned in counts)
+    if complete == len(counts) and len({planned for _, _, planned in counts}) == 1:
+        return f"all {len(counts)} seeds ({counts[0][2]} runs each)"
+    return (f"{complete} of {len(counts)} seeds so far ("
+            + ", ".join(f"seed {seed}: {stored} of {planned} runs" for seed, stored, planned in counts) + ")")
 
 
 def later_steps(results: dict[str, dict]) -> str:
@@ -133,7 +145,7 @@ def later_steps(results: dict[str, dict]) -> str:
             lines.append(f"step {step} ({what}): not started")
             continue
         counts = [f"references {sum(r in done for r in refs)} of {len(refs)}"] if refs else []
-        lines.append(f"step {step} ({what}): " + ", ".join(counts + per_seed(args, runs, done)))
+        lines.append(f"step {step} ({what}): " + ", ".join(counts + [per_seed(args, runs, done)]))
     return "; ".join(lines)
 
 
@@ -158,12 +170,11 @@ def block(results: dict[str, dict]) -> str:
         "Q-BLoRA trained with QAT for INT3 / INT2 g32; the LRs chosen on the validation split below; 200 steps, batch 4;\n"
         "test loss on 250 chat Alpaca records; ARC-Easy test, first 1,000 questions, 0-shot; MMLU 5-shot, first 10\n"
         "test questions of each subject = 570; `bash bench/smollm2_grid.sh step1` (`step2`, `step3`; `SEEDS=2` for one\n"
-        "seed first), run by two workers, fills `bench/results/accuracy_smollm2.json`; `python bench/smollm2_grid_table.py`\n"
+        "seed first) fills `bench/results/accuracy_smollm2.json`; `python bench/smollm2_grid_table.py`\n"
         f"rewrites this block). {progress(results)}; {later_steps(results)}.\n\n"
         + compute_time(results).replace("\n", "; ") + "." + (f" {note}" if note else "") + "\n\n"
         + results_table(results) + "\n\n"
-        + " ".join(f"![{label} of the deployed models]({plot_path(metric).relative_to(ROOT).as_posix()})"
-                   for metric, label in PLOTS) + "\n\n"
+        + " ".join(f"![{label} of the deployed models]({plot_link(metric)})" for metric, label in PLOTS) + "\n\n"
         "One seed has no spread, so its cells show the value alone. Every method is at budget rank 8: QA-BLoRA's\n"
         "`k_out` is the smallest that keeps it within LoRA-8's count, and QA-LoRA's A is only d_in / g wide, so\n"
         "QA-BLoRA trains more parameters than QA-LoRA and fewer than QLoRA / Q-BLoRA. " + chance_note(results) + "\n\n"
@@ -213,10 +224,10 @@ def rank_file(rank: int, alpha: float | None = None, results_path: Path = RESULT
 
 
 def stored_per_seed(argv: list[str], results: dict[str, dict]) -> str:
-    """``seed 0 2 of 6, seed 1 0 of 6, ...``: how much of the runs ``argv`` plans ``results`` holds."""
+    """``0 of 3 seeds so far (seed 0: 2 of 6 runs, ...)``: how much of the runs ``argv`` plans ``results`` holds."""
     args = parse_args(argv)
     runs = planned_runs(args)
-    return ", ".join(per_seed(args, runs, [r for r in runs if is_done(args, r, results)]))
+    return per_seed(args, runs, [r for r in runs if is_done(args, r, results)])
 
 
 def rank_progress(rank: int, alpha: float | None, results: dict[str, dict]) -> str:
@@ -299,7 +310,7 @@ def int2_lr_block(tuned: dict[str, dict], results: dict[str, dict], sweep: list[
     lrs = [f"{method_name(method)} {lr:g}" for method, lr in (method_lr or {}).items()]
     baselines = {k: row for k, row in results.items()
                  if config_of(k).split("|")[1] == "int2_g32" and not k.startswith(("qalora|", "qablora|"))}
-    return (head + f"Test runs stored: {stored}" + (f" (LR: {', '.join(lrs)})" if lrs else "") + ".\n\n"
+    return (head + f"Test runs stored: {stored}" + (f"; LR: {', '.join(lrs)}" if lrs else "") + ".\n\n"
             + results_table(tuned) + "\n\n"
             "QA-BLoRA vs QA-LoRA at INT3's LR (step 1) and at INT2's own, on the same seeds:\n\n"
             + qa_pair_comparison(results, tuned, "INT3's LR", "INT2's LR") + "\n\n"
@@ -320,11 +331,10 @@ def main() -> None:
     text += "\n\n" + int2_lr_block(stored["runs"], results, int2_sweep_files(), stored["settings"].get("method_lr"))
     text += "\n\n" + qat_int2_sweep_block(qat_int2_sweep_files())
     print(text)
-    readme = ROOT / "README.md"
-    s = readme.read_text()
+    s = RESULTS_DOC.read_text()
     start = s.index("<!-- grid:start -->\n") + len("<!-- grid:start -->\n")
     end = s.index("\n<!-- grid:end -->", start)
-    readme.write_text(s[:start] + text + s[end:])
+    RESULTS_DOC.write_text(s[:start] + text + s[end:])
     for path in write_plots(results):
         print(f"wrote {path.relative_to(ROOT)}")
 

@@ -1,6 +1,6 @@
-"""Write the issue-13 learning-rate sweep (bench/results/accuracy_smollm2_val_lr*.json) into README.md.
+"""Write the SmolLM2 learning-rate sweep (bench/results/accuracy_smollm2_val_lr*.json) into docs/results/README.md.
 
-    python bench/smollm2_sweep_table.py            # prints the table and rewrites README's sweep block
+    python bench/smollm2_sweep_table.py            # prints the table and rewrites the results file's sweep block
 
 Rows: every method at every LR swept so far, sorted by method then LR; the lowest validation loss
 of each method in bold (deployed loss; for QLoRA / Q-BLoRA both the trained NF4 + adapter loss and
@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 from bench.accuracy import DENSE_MERGE, LABEL, best_lr, chosen_lrs, learning_rate, lr_sweep, method_lr_option  # noqa: E402
 
 SWEEP_FILES = str(ROOT / "bench" / "results" / "accuracy_smollm2_val_lr*.json")
+RESULTS_DOC = ROOT / "docs" / "results" / "README.md"  # the block between its sweep markers is rewritten
 
 
 def sweep_rows() -> dict[str, dict[float, dict]]:
@@ -64,12 +65,11 @@ def main() -> None:
     chosen = method_lr_option(chosen_lrs(trained))
     edges = [method for method, means in trained.items() if best_lr(means)[1]]
     print(text)
-    readme = ROOT / "README.md"
-    s = readme.read_text()
+    s = RESULTS_DOC.read_text()
     start = s.index("<!-- sweep:start -->\n") + len("<!-- sweep:start -->\n")
     end = s.index("\n<!-- sweep:end -->", start)
     block = (
-        "The paper's method comparison on this model is issue 13's grid (`bash bench/smollm2_grid.sh sweep | lrs | step1 ...`;\n"
+        "The paper's method comparison on this model is the test-split grid above (`bash bench/smollm2_grid.sh sweep | lrs | step1 ...`;\n"
         "`bench/accuracy.py` docstring and `docs/benchmarks.md` give the commands). Its first stage, the learning-rate\n"
         "sweep on the **validation** split (INT3 g32, 1 seed, 200 steps, batch 4, chat Alpaca), gave these runs\n"
         "(`python bench/smollm2_sweep_table.py` rewrites this table; best per method and column in bold):\n\n"
@@ -82,7 +82,7 @@ def main() -> None:
         "`python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_lr*.json` "
         f"chooses `{chosen}`" + (f"; still at an end of the grid: {', '.join(edges)}" if edges else "") + "."
     )
-    readme.write_text(s[:start] + block + s[end:])
+    RESULTS_DOC.write_text(s[:start] + block + s[end:])
 
 
 if __name__ == "__main__":

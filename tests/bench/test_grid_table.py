@@ -1,4 +1,4 @@
-"""bench/smollm2_grid_table.py: the README block of the issue-13 grid, on a partly filled grid."""
+"""bench/smollm2_grid_table.py: the grid block of docs/results/README.md, on a partly filled grid."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def test_the_mmlu_note_measures_the_unmodified_model_against_chance():
 def test_the_block_shows_the_plots_that_main_writes(tmp_path):
     text = grid.block(RESULTS)
     for metric, _ in grid.PLOTS:
-        assert f"(bench/results/accuracy_smollm2_{metric}.png)" in text
+        assert f"(../../bench/results/accuracy_smollm2_{metric}.png)" in text  # relative to docs/results/README.md
+        assert (grid.RESULTS_DOC.parent / grid.plot_link(metric)).resolve() == grid.plot_path(metric).resolve()
     results_path = tmp_path / "accuracy_smollm2.json"
     written = grid.write_plots(RESULTS, results_path)
     assert [p.name for p in written] == [f"accuracy_smollm2_{metric}.png" for metric, _ in grid.PLOTS]
@@ -128,8 +129,10 @@ def test_later_steps_count_what_each_seed_has_stored():
                "qlora+qat|int3_g32|seed0": _row("qlora+qat", 0, "int3_g32", 2.4, 0.5, "1100")}
     text = grid.later_steps(results)
     # step 2 per seed: qlora, qblora (one run each for both widths) + qalora / qablora at INT4 g32 and g64
-    assert text.startswith("step 2 (INT4 g32 / g64): references 2 of 3, seed 0 0 of 6, seed 1 0 of 6, seed 2 1 of 6; ")
-    assert text.endswith("step 3 (QAT QLoRA / Q-BLoRA, INT3 / INT2 g32): seed 0 1 of 4, seed 1 0 of 4, seed 2 0 of 4")
+    assert text.startswith("step 2 (INT4 g32 / g64): references 2 of 3, 0 of 3 seeds so far (seed 0: 0 of 6 runs, "
+                           "seed 1: 0 of 6 runs, seed 2: 1 of 6 runs); ")
+    assert text.endswith("step 3 (QAT QLoRA / Q-BLoRA, INT3 / INT2 g32): 0 of 3 seeds so far (seed 0: 1 of 4 runs, "
+                         "seed 1: 0 of 4 runs, seed 2: 0 of 4 runs)")
     assert "step 2 (INT4 g32 / g64): references 2 of 3" in grid.block(results)
 
 
@@ -141,7 +144,7 @@ def test_a_rank_step_sets_qablora_vs_qalora_beside_rank_8_on_its_seeds():
     step, rank, alpha, why = next(s for s in grid.RANK_STEPS if s[1] == 9 and s[2] is None)
     text = grid.rank_block(step, rank, alpha, why, ranked, RESULTS)
     assert "**Step 5: budget rank 9**" in text and "bench/results/accuracy_smollm2_r9.json" in text
-    assert "Stored: seed 0 2 of 6, seed 1 0 of 6, seed 2 0 of 6." in text
+    assert "Stored: 0 of 3 seeds so far (seed 0: 2 of 6 runs, seed 1: 0 of 6 runs, seed 2: 0 of 6 runs)." in text
     # rank 8 on seed 0 alone: QA-BLoRA 1100 vs QA-LoRA 1000 -> +0.25; rank 9: +0.5; losses 2.0 - 2.3, 2.0 - 2.5
     assert "| INT3 g32 | 0 | +0.250 (+1.00) | +0.500 (+1.73) | -0.3000 | -0.5000 |" in text
     # a seed only QA-LoRA has stored so far does not enter the side-by-side (it would pair seed 0 with 0-1)
@@ -195,7 +198,8 @@ def test_int2_at_its_own_lr_sets_the_pair_beside_step_1_and_reads_the_claims_wit
     assert "the unmodified model's test loss: INT3 g32 3.40, INT2 g32 12.51" not in text  # 12.50: computed
     assert "the unmodified model's test loss: INT3 g32 3.40, INT2 g32 12.50" in text
     assert "for the test runs: --method-lr qalora=0.01 qablora=0.01" in text  # the sweep's own report
-    assert "Test runs stored: seed 0 2 of 2, seed 1 0 of 2, seed 2 0 of 2 (LR: QA-LoRA 0.01, QA-BLoRA 0.01)." in text
+    assert ("Test runs stored: 1 of 3 seeds so far (seed 0: 2 of 2 runs, seed 1: 0 of 2 runs, seed 2: 0 of 2 runs); "
+            "LR: QA-LoRA 0.01, QA-BLoRA 0.01.") in text
     # seed 0: step 1 QA-BLoRA 1000 vs QA-LoRA 1100 -> -0.25, loss 4.3 - 4.2; INT2's LR 1110 vs 1100 -> +0.25, -0.1
     assert "| INT2 g32 | 0 | -0.250 (-1.00) | +0.250 (+1.00) | +0.1000 | -0.1000 |" in text
     # the claims: tuned QA-BLoRA against step 1's QLoRA + RTN (0000) and tuned QA-LoRA; INT3 rows left out
@@ -230,3 +234,21 @@ def test_qlora_qat_s_own_int2_sweep_chooses_by_the_deployed_loss_and_skips_unfin
     assert "trained model's" not in text  # --bench-trained none: no section without scores
     assert grid.qat_int2_sweep_block(files[:1]).endswith("Not started.")
     assert grid.qat_int2_sweep_block([]).endswith("Not started.")
+
+
+def test_a_seed_count_says_how_many_seeds_are_complete():
+    from bench.accuracy import parse_args
+    args = parse_args(["--seeds", "0", "1", "2"])
+    runs = [("m", seed, i) for seed in (0, 1, 2) for i in range(2)]
+    assert grid.per_seed(args, runs, runs) == "all 3 seeds (2 runs each)"
+    assert grid.per_seed(args, runs, runs[:3]) == ("1 of 3 seeds so far (seed 0: 2 of 2 runs, seed 1: 1 of 2 runs, "
+                                                    "seed 2: 0 of 2 runs)")
+
+
+def test_the_generators_write_the_results_file_and_leave_the_readme_alone():
+    from bench import smollm2_sweep_table as sweep
+    for module, marker in ((grid, "grid"), (sweep, "sweep")):
+        assert module.RESULTS_DOC == grid.ROOT / "docs" / "results" / "README.md"
+        text = module.RESULTS_DOC.read_text(encoding="utf-8")
+        assert f"<!-- {marker}:start -->\n" in text and f"\n<!-- {marker}:end -->" in text
+        assert f"<!-- {marker}:" not in (grid.ROOT / "README.md").read_text(encoding="utf-8")

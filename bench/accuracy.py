@@ -414,7 +414,7 @@ def train_one(args, method: str, seed: int, bits: int | None, group_size: int | 
         progress.retrained = True
     callbacks = []
     if qat_bits is not None:
-        from callbacks.qat_schedule import QATSchedule
+        from qblora_pl.callbacks.qat_schedule import QATSchedule
 
         callbacks.append(QATSchedule(start_step=args.qat_start, ramp_steps=args.qat_ramp, bits=qat_bits, group_size=qat_group_size))
     trainer = pl.Trainer(

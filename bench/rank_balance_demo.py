@@ -8,7 +8,7 @@ Trains LoRA (r) and Q-BLoRA (r, k_in = k_out = m = 2) for the same number of opt
 from the same seed, on the same batches, with the same learning rate and base quantization,
 and prints, side by side, their trainable parameter counts (equal by construction, docs/method.md
 section 2) and the mean effective / stable rank of their updates as measured by
-``callbacks.rank_balance.RankBalanceDiagnostics`` - the paper's thesis in two numbers.
+``qblora_pl.callbacks.RankBalanceDiagnostics`` - the paper's thesis in two numbers.
 
 It also times the diagnostics callback inside those runs (every hook it runs, TensorBoard
 histograms and figure included) against the training loop, which is how docs/rank_balance.md
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-from callbacks.rank_balance import RankBalanceDiagnostics  # noqa: E402
+from qblora_pl.callbacks.rank_balance import RankBalanceDiagnostics  # noqa: E402
 
 
 class TimedRankBalance(RankBalanceDiagnostics):

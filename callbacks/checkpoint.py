@@ -1,8 +1,9 @@
 """Lightning's ModelCheckpoint, made safe for interrupted and diverged runs.
 
-``main.py`` uses this class wherever a config names ``lightning.pytorch.callbacks.ModelCheckpoint``
-(same arguments, same checkpoint files, same callback state key), so the shipped configs do
-not change. What it adds:
+Configs name it (``class_path: qblora_pl.callbacks.AdapterCheckpoint``) with Lightning's
+``ModelCheckpoint`` arguments; it writes the same checkpoint files under the same callback state
+key, and ``main.py`` refuses a plain ``ModelCheckpoint`` and adds ``AdapterCheckpoint()`` where
+Lightning would add its default one. What it adds:
 
 * **No bad adapters over good ones.** A save whose adapters are NaN / inf or come from a diverged
   run (the module refuses to write them: :class:`~qblora_pl.checkpoints.NonFiniteAdapterError`)

@@ -4,7 +4,7 @@ Add to a config::
 
     trainer:
       callbacks:
-        - class_path: callbacks.evaluation.EvaluationSuite
+        - class_path: qblora_pl.callbacks.EvaluationSuite
           init_args:
             batch_size: 16
             tasks:
@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from qblora_pl.evaluation.base import EvaluationTask
 from qblora_pl.evaluation.suite import check_tasks, format_results_table, resolve_tasks, run_tasks, write_report
-from qblora_pl.quantization.groupwise_int import dequantized_weight_cache
+from qblora_pl.quantization.int_layer import dequantized_weight_cache
 
 
 class EvaluationSuite(pl.Callback):
@@ -56,7 +56,7 @@ class EvaluationSuite(pl.Callback):
         progress_bar: show a tqdm bar per task.
         cache_dequantized_weights: while the tasks run, each INT-b (``GroupwiseIntLinear``) layer
             keeps its unpacked weight instead of unpacking it on every forward
-            (``qblora_pl.quantization.groupwise_int.dequantized_weight_cache``): the same scores,
+            (``qblora_pl.quantization.int_layer.dequantized_weight_cache``): the same scores,
             by what unpacking costs faster (1.06x for SmolLM2 INT3 on a CPU, docs/evaluation.md),
             for one dense float32 copy of every INT-b weight in memory. Off by default (a low-bit model is low-bit to
             save that memory); for one process, not a sharded model.

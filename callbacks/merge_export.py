@@ -4,7 +4,7 @@ Add to a config::
 
     trainer:
       callbacks:
-        - class_path: callbacks.merge_export.MergeExport
+        - class_path: qblora_pl.callbacks.MergeExport
           init_args:
             output_dir: exports          # relative to the run's log dir: runs/<name>/version_N/exports
             formats: [native, gguf, hf]  # project INT-b checkpoint, llama.cpp GGUF, dense HF dir
@@ -16,8 +16,9 @@ merges are exact (QA-LoRA / QA-BLoRA on INT4 g32k: native and GGUF Q4_1) and whi
 re-quantizations (LoRA / Q-BLoRA), and what the verification measures.
 
 Each run exports into its own directory (a relative ``output_dir`` lives in the run's log dir).
-A format whose packages are missing (``mlx`` without mlx-lm) or an ``output_dir`` that cannot be
-written stops ``fit`` before the model loads (:mod:`qblora_pl.export.preflight`). A path the user
+A format whose packages are missing (``mlx`` without mlx-lm), a format that cannot write the model
+(``gguf`` for a non-Llama architecture) or an ``output_dir`` that cannot be written stops ``fit``
+before the model loads (:mod:`qblora_pl.export.preflight`). A path the user
 names may hold an export of another run: that is refused when ``fit`` starts (before any
 training), unless ``overwrite: true``. A resumed run keeps its run id (the callback's
 checkpointed state), so it may replace its own export. Exports are staged and appear whole or
@@ -34,7 +35,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from qblora_pl.distributed import is_sharded, unsharded_copy
-from qblora_pl.export.exporter import EXPORT_FORMATS, check_export_destination, check_formats, export_module
+from qblora_pl.export.exporter import EXPORT_FORMATS, check_export_destination, export_module, export_plan
+from qblora_pl.export.formats import ExportOptions, UnsupportedExportFormat, check_formats, check_model_support
 from qblora_pl.export.preflight import (
     ExportDestinationNotWritable,
     MissingExportDependency,
@@ -67,6 +69,8 @@ class MergeExport(pl.Callback):
         round_zero_points: ``compressed-tensors`` stores integer zero points; round the merged offsets to
             them (lossy, measured by the verification) instead of refusing a model whose offsets are not
             integer multiples of its scales. Not needed after ``QATSchedule(zero_point: integer)``.
+        format_options: settings of formats registered beyond the built-in ones, by format name
+            (``{my-format: {level: 3}}``; docs/extending.md).
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class MergeExport(pl.Callback):
         native_group_size: int = 32,
         overwrite: bool = False,
         round_zero_points: bool = False,
+        format_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.output_dir = output_dir
@@ -92,6 +97,10 @@ class MergeExport(pl.Callback):
         self.native_bits = native_bits
         self.native_group_size = native_group_size
         self.round_zero_points = round_zero_points
+        self.format_options = dict(format_options or {})
+        self.options = ExportOptions(native_bits=native_bits, native_group_size=native_group_size,
+                                     gguf_fallback=gguf_fallback, dense_dtype=dense_dtype,
+                                     round_zero_points=round_zero_points, format_options=self.format_options)
         self.report: dict[str, Any] | None = None
 
     def resolve_output_dir(self, trainer: pl.Trainer) -> Path:
@@ -124,7 +133,9 @@ class MergeExport(pl.Callback):
             try:
                 check_export_requirements(self.formats, self.verify)
                 check_writable_destination(output_dir, "MergeExport output_dir")
-            except (MissingExportDependency, ExportDestinationNotWritable) as err:
+                check_model_support(self.formats, export_plan(pl_module, self.native_bits, self.native_group_size),
+                                    self.options)
+            except (MissingExportDependency, ExportDestinationNotWritable, UnsupportedExportFormat) as err:
                 problem = err
         problem = trainer.strategy.broadcast(problem)
         if problem is not None:
@@ -160,6 +171,7 @@ class MergeExport(pl.Callback):
             native_bits=self.native_bits,
             native_group_size=self.native_group_size,
             round_zero_points=self.round_zero_points,
+            format_options=self.format_options,
             run=record,
             overwrite=self.overwrite,
             log=rank_zero_info,

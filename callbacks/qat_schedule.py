@@ -1,4 +1,4 @@
-"""QAT fake-quantization schedule (METHOD.md section 5).
+"""QAT fake-quantization schedule (docs/method.md section 5).
 
 Turns fake quantization on after a warm-up, ramps its strength, optionally anneals the bit
 width (e.g. 8 -> 6 -> 4), and logs the current bits, strength and quantization error:
@@ -65,7 +65,7 @@ class QATSchedule(pl.Callback):
         scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16",
         log_every_n_steps: int = 10,
     ) -> None:
-        from qblora_pl.quantization.groupwise_int import GroupwiseIntQuantizer
+        from qblora_pl.quantization.int_quantizer import GroupwiseIntQuantizer
 
         GroupwiseIntQuantizer(bits, group_size)  # the export's width must be packable
         for bits_value in anneal_bits or []:

@@ -1,6 +1,6 @@
 """Rank-balance diagnostics: how much rank each adapter's update actually uses.
 
-The paper's thesis (METHOD.md, opening and section 2): at a fixed parameter budget, LoRA's
+The paper's thesis (docs/method.md, opening and section 2): at a fixed parameter budget, LoRA's
 update is stuck at rank ``r`` while Q-BLoRA / QA-BLoRA simplify the adapter's input and
 output and spend the freed parameters on rank. This callback measures that during training.
 For every adapted layer it reads the spectrum of the dense update ``dW`` from the adapter's

@@ -14,9 +14,11 @@ On top of Lightning's CLI:
 * ``--ckpt_path last`` is the newest ``last*.ckpt`` of this config's earlier runs
   (``<save_dir>/<name>/version_*/checkpoints/``); with none it stops instead of training anew.
 * A checkpoint file that cannot be read is named (:class:`~qblora_pl.checkpoints.UnreadableCheckpoint`).
-* ``lightning.pytorch.callbacks.ModelCheckpoint`` in a config becomes
-  :class:`callbacks.checkpoint.AdapterCheckpoint` (same arguments and files): it never writes
-  non-finite adapters and stops on Ctrl-C at a step boundary.
+* Checkpoints are written by :class:`qblora_pl.callbacks.AdapterCheckpoint` (Lightning's
+  ``ModelCheckpoint`` arguments and files; it never writes non-finite adapters and stops on Ctrl-C at
+  a step boundary). Configs name it; a plain ``ModelCheckpoint`` is refused with that advice, and a
+  run that names no checkpoint callback gets ``AdapterCheckpoint()`` where Lightning would add its
+  default ``ModelCheckpoint()`` (said in one line; ``trainer.enable_checkpointing: false`` for none).
 * A run that fails before its first step and wrote no checkpoint leaves no ``version_N``; each
   run claims its ``version_N`` exclusively (two runs started together never share one), and
   ``--trainer.default_root_dir`` moves the configs' relative logger ``save_dir`` under it.
@@ -39,7 +41,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from qblora_pl.checkpoints import read_checkpoint, same_setting
-from qblora_pl.data.instruction import InstructionDataModule
+from qblora_pl.data.datamodule import InstructionDataModule
 from qblora_pl.errors import configuration_error, exit_on_error
 from qblora_pl.module import QuantizedCausalLM
 from qblora_pl.paths import portable_model_reference, resolve_model_reference
@@ -49,12 +51,37 @@ IDENTITY_ARGS = ("model_name_or_path", "quantization", "adapter", "target_module
 #: Model arguments a resumed run may change (the config's value is used and the change logged).
 CHANGEABLE_ARGS = ("learning_rate", "warmup_steps", "weight_decay", "optimizer", "gradient_checkpointing",
                    "divergence_patience")
-_LIGHTNING_CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
-_SAFE_CHECKPOINT = "callbacks.checkpoint.AdapterCheckpoint"
+_SAFE_CHECKPOINT = "qblora_pl.callbacks.AdapterCheckpoint"
 
 
 class ResumeConfigError(ValueError):
     """``--ckpt_path`` and the configuration disagree on something a checkpoint cannot change."""
+
+
+class CheckpointCallbackError(ValueError):
+    """A config names a checkpoint callback that is not :class:`~qblora_pl.callbacks.AdapterCheckpoint`."""
+
+
+def _plain_model_checkpoint(class_path: Any) -> bool:
+    """Whether ``class_path`` names Lightning's ``ModelCheckpoint`` (or a subclass) but not ``AdapterCheckpoint``.
+
+    Such a callback crashes the run the first time the adapters go non-finite (the module refuses to
+    write them) and leaves Ctrl-C mid-step.
+    """
+    import importlib
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from qblora_pl.callbacks.checkpoint import AdapterCheckpoint
+
+    if not isinstance(class_path, str):
+        return False
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name or "lightning.pytorch.callbacks"), name)
+    except (ImportError, AttributeError, ValueError):
+        return False  # jsonargparse names the unknown class itself
+    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint) and not issubclass(cls, AdapterCheckpoint)
 
 
 def default_precision() -> str:
@@ -199,18 +226,27 @@ class QBLoRACLI(LightningCLI):
                 "(1 = an optimizer step per batch)"
             )
         _logs_under_default_root_dir(trainer)
-        for callback in (trainer.get("callbacks") or []) if trainer is not None else []:
-            if hasattr(callback, "get") and callback.get("class_path") == _LIGHTNING_CHECKPOINT:
-                callback["class_path"] = _SAFE_CHECKPOINT  # same arguments; see callbacks/checkpoint.py
+        for index, callback in enumerate((trainer.get("callbacks") or []) if trainer is not None else []):
+            if hasattr(callback, "get") and _plain_model_checkpoint(callback.get("class_path")):
+                raise CheckpointCallbackError(
+                    f"trainer.callbacks[{index}]: class_path {callback.get('class_path')} is not supported: it "
+                    f"crashes the run when the adapters go non-finite and leaves Ctrl-C mid-step. Use class_path: "
+                    f"{_SAFE_CHECKPOINT} (the same init_args and files)"
+                )
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
-        from lightning.pytorch.callbacks import ProgressBar
+        from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 
-        from callbacks.progress import StepProgressBar
+        from qblora_pl.callbacks import AdapterCheckpoint, StepProgressBar
 
         configured = [*(config.get("callbacks") or []), *callbacks]
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in configured):
             callbacks = [*callbacks, StepProgressBar()]  # "Epoch 0", not Lightning's "Epoch 0/-2"
+        if config.get("enable_checkpointing", True) is not False and not any(
+                isinstance(c, ModelCheckpoint) for c in configured):
+            rank_zero_info(f"trainer.callbacks names no checkpoint callback: using {_SAFE_CHECKPOINT}() (Lightning "
+                           "would add ModelCheckpoint()); trainer.enable_checkpointing: false writes none")
+            callbacks = [*callbacks, AdapterCheckpoint()]
         return super()._instantiate_trainer(config, callbacks)
 
     # ------------------------------------------------------------------ failed runs

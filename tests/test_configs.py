@@ -31,6 +31,13 @@ def test_every_config_is_covered():
     assert shipped - set(METHOD_CONFIGS) <= {"fsdp", "smollm2", "eval_real"}, "a new config needs a parse test"
 
 
+def test_every_part_is_included_by_a_method_config():
+    """configs/parts/*.yaml hold what the method configs share; each is named (relative path) by one of them."""
+    parts = sorted(p.name for p in (CONFIG_DIR / "parts").glob("*.yaml"))
+    texts = "".join((CONFIG_DIR / f"{name}.yaml").read_text() for name in METHOD_CONFIGS)
+    assert parts and all(f"parts/{part}" in texts for part in parts), parts
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 def test_config_starts_with_its_command(name):
     first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0]
@@ -110,7 +117,7 @@ def test_real_model_overlay_composes_with_every_method(tmp_path, monkeypatch):
 
 
 def test_real_benchmark_overlay_names_arc_and_mmlu(tmp_path, monkeypatch):
-    from callbacks.evaluation import EvaluationSuite
+    from qblora_pl.callbacks.evaluation import EvaluationSuite
     from qblora_pl.evaluation import MMLU, ZeroShotMultipleChoice
 
     monkeypatch.chdir(tmp_path)

@@ -1,6 +1,6 @@
 """Evaluation after fine-tuning: MMLU k-shot, zero-shot multiple choice, perplexity, exact match.
 
-Used by ``python main.py test`` through :class:`callbacks.evaluation.EvaluationSuite`, or
+Used by ``python main.py test`` through :class:`qblora_pl.callbacks.EvaluationSuite`, or
 directly::
 
     from qblora_pl.evaluation import MMLU, run_tasks

@@ -122,7 +122,7 @@ def test_bad_option_value_is_one_clean_error(args, expected, tiny_model_dir, tin
 def test_bad_evaluation_task_option_names_where_it_sits(tiny_model_dir, tiny_data_dir, tmp_path):
     config = run_config(tiny_model_dir, tiny_data_dir)
     config["trainer"]["callbacks"].append({
-        "class_path": "callbacks.evaluation.EvaluationSuite",
+        "class_path": "qblora_pl.callbacks.EvaluationSuite",
         "init_args": {"tasks": [{"class_path": "qblora_pl.evaluation.MMLU", "init_args": {"limit_per_subject": 0}}]},
     })
     done = main_py(tmp_path, "test", config=config)

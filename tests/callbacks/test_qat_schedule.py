@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from callbacks.qat_schedule import QATPhase, QATSchedule
+from qblora_pl.callbacks.qat_schedule import QATPhase, QATSchedule
 from qblora_pl.adapters import LoRA, QABLoRA, QBLoRA
 from qblora_pl.adapters.injection import adapted_layers
 from qblora_pl.data.datamodule import InstructionDataModule

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
-from callbacks.rank_balance import RankBalanceDiagnostics, spectrum_statistics
+from qblora_pl.callbacks.rank_balance import RankBalanceDiagnostics, spectrum_statistics
 from qblora_pl.adapters import LoRA, QABLoRA, QALoRA, QBLoRA
 from qblora_pl.data.datamodule import InstructionDataModule
 from qblora_pl.module import QuantizedCausalLM
@@ -208,7 +208,7 @@ def test_configurable_from_yaml_through_the_cli(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rank.yaml").write_text(
-        "trainer:\n  callbacks:\n    - class_path: callbacks.rank_balance.RankBalanceDiagnostics\n"
+        "trainer:\n  callbacks:\n    - class_path: qblora_pl.callbacks.RankBalanceDiagnostics\n"
         "      init_args:\n        every_n_steps: 25\n        log_images: false\n"
     )
     with mock.patch.object(sys, "argv", ["main.py"]):

@@ -114,7 +114,7 @@ def build(spec: dict) -> tuple[QuantizedCausalLM, InstructionDataModule, pl.Trai
     recorder = Recorder()
     callbacks = [recorder, SavedTensorProbe()]
     if spec.get("export_dir"):
-        from callbacks.merge_export import MergeExport
+        from qblora_pl.callbacks.merge_export import MergeExport
 
         callbacks.append(MergeExport(output_dir=spec["export_dir"], formats=spec.get("export_formats", ["native"]), verify=True))
     devices = spec.get("devices", 2)

@@ -253,10 +253,10 @@ def test_composed_cli_config_trains_checkpoints_resumes_and_exports_on_two_proce
     override.write_text(
         "trainer:\n  max_steps: 4\n  val_check_interval: 2\n  limit_val_batches: 1\n  log_every_n_steps: 1\n"
         "  callbacks:\n"
-        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args: {save_last: true, every_n_train_steps: 2}\n"
-        "    - class_path: callbacks.rank_balance.RankBalanceDiagnostics\n      init_args: {every_n_steps: 1}\n"
-        "    - class_path: callbacks.qat_schedule.QATSchedule\n      init_args: {start_step: 1, ramp_steps: 1, log_every_n_steps: 1}\n"
-        "    - class_path: callbacks.merge_export.MergeExport\n      init_args: {output_dir: exports, formats: [native, gguf, hf]}\n"
+        "    - class_path: qblora_pl.callbacks.AdapterCheckpoint\n      init_args: {save_last: true, every_n_train_steps: 2}\n"
+        "    - class_path: qblora_pl.callbacks.RankBalanceDiagnostics\n      init_args: {every_n_steps: 1}\n"
+        "    - class_path: qblora_pl.callbacks.QATSchedule\n      init_args: {start_step: 1, ramp_steps: 1, log_every_n_steps: 1}\n"
+        "    - class_path: qblora_pl.callbacks.MergeExport\n      init_args: {output_dir: exports, formats: [native, gguf, hf]}\n"
     )
     base = [sys.executable, str(REPO / "main.py"), "fit", "--config", str(REPO / "configs/qablora.yaml"),
             "--config", str(REPO / "configs/fsdp.yaml"), "--config", str(override), "--trainer.devices", "2",

@@ -141,7 +141,7 @@ def test_unknown_task_class_path_is_rejected_by_the_cli(tmp_path, monkeypatch, c
 
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "eval.yaml"
-    config.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.evaluation.EvaluationSuite\n      init_args:\n"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: qblora_pl.callbacks.EvaluationSuite\n      init_args:\n"
                       "        tasks:\n          - class_path: qblora_pl.evaluation.NoSuchTask\n")
     with mock.patch.object(sys, "argv", ["main.py"]), pytest.raises(SystemExit):
         QBLoRACLI(QuantizedCausalLM, InstructionDataModule, run=False, args=["--config", str(config)])

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from callbacks.evaluation import EvaluationSuite
+from qblora_pl.callbacks.evaluation import EvaluationSuite
 from qblora_pl.adapters import QABLoRA
 from qblora_pl.data.datamodule import InstructionDataModule
 from qblora_pl.evaluation import (

@@ -50,7 +50,7 @@ def run_config(model_dir, data_dir, *, callbacks=(), max_steps=12, dropout=0.05,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "t"}},
             "callbacks": [
                 {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "class_path": "qblora_pl.callbacks.AdapterCheckpoint",
                     "init_args": {
                         "filename": "step{step:06d}-val{val/loss:.4f}",
                         "auto_insert_metric_name": False,
@@ -353,7 +353,7 @@ def test_an_unwritable_export_folder_stops_fit_before_the_model_loads(tiny_model
     writes through chmod: the folder is made unwritable by a file in its path.)"""
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    export = {"class_path": "callbacks.merge_export.MergeExport",
+    export = {"class_path": "qblora_pl.callbacks.MergeExport",
               "init_args": {"output_dir": str(blocker / "exports"), "formats": ["native"], "verify": False}}
     done = main_py(tmp_path, "fit", config=run_config(tiny_model_dir, tiny_data_dir, callbacks=[export]))
     assert done.returncode == 2, done.stderr[-3000:]

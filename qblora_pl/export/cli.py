@@ -22,12 +22,8 @@ import signal
 import sys
 import threading
 
-from qblora_pl.export.exporter import (
-    EXPORT_FORMATS,
-    ON_REQUEST_FORMATS,
-    default_checkpoint_export_dir,
-    export_from_checkpoint,
-)
+from qblora_pl.export.exporter import EXPORT_FORMATS, default_checkpoint_export_dir, export_from_checkpoint
+from qblora_pl.export.formats import check_formats, registered_formats
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,9 +34,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_dir", default=None,
                         help="default: <run>/exports_<name> for <run>/checkpoints/<name>.ckpt, else <name>_export beside it")
     parser.add_argument("--formats", nargs="+", default=list(EXPORT_FORMATS),
-                        choices=list(EXPORT_FORMATS) + list(ON_REQUEST_FORMATS),
-                        help="default: native gguf hf; on request mlx (verifying it needs mlx-lm: pip install -e '.[mlx]') "
-                             "and compressed-tensors for vLLM / SGLang (pip install -e '.[vllm]')")
+                        help=f"any of {' '.join(registered_formats())}, or the import path of an ExportFormat class "
+                             "(docs/extending.md). Default: native gguf hf; mlx's verification needs mlx-lm "
+                             "(pip install -e '.[mlx]'), compressed-tensors' (vLLM / SGLang) compressed-tensors "
+                             "(pip install -e '.[vllm]')")
     parser.add_argument("--round_zero_points", action="store_true",
                         help="compressed-tensors: round merged offsets to integer zero points (lossy, measured)")
     parser.add_argument("--overwrite", action="store_true", help="replace an export of another checkpoint in output_dir")
@@ -57,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     output_dir = args.output_dir or default_checkpoint_export_dir(args.ckpt_path)
     try:
+        args.formats = check_formats(args.formats)
         check_export_requirements(args.formats, verify=not args.no_verify)
         check_writable_destination(output_dir, "--output_dir" if args.output_dir else "the default --output_dir")
         with _sigterm_stops_the_export():

@@ -4,7 +4,7 @@ Three entry points, from the most to the least general:
 
 * :func:`export_merged` - any Hugging Face causal LM carrying :class:`AdaptedLinear` layers;
 * :func:`export_module` - a configured :class:`~qblora_pl.module.QuantizedCausalLM` (what the
-  :class:`callbacks.merge_export.MergeExport` callback calls at the end of ``fit``);
+  :class:`qblora_pl.callbacks.MergeExport` callback calls at the end of ``fit``);
 * :func:`export_from_checkpoint` - an adapter checkpoint written by the Lightning trainer,
   with or without the module it came from (it can rebuild the module from the checkpoint).
 
@@ -24,8 +24,6 @@ finite (:class:`ExportVerificationError`).
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -36,33 +34,37 @@ import torch
 from torch import nn
 
 from qblora_pl.export.atomic import atomic_directory, atomic_file
-from qblora_pl.export.gguf_writer import GGUFFallback, write_gguf
-from qblora_pl.export.compressed_tensors_writer import CT_CLIENT, load_compressed_tensors, write_compressed_tensors
-from qblora_pl.export.hf_dense import write_hf_dense
-from qblora_pl.export.mlx_loader import MLX_CLIENT, load_mlx
-from qblora_pl.export.mlx_writer import write_mlx
-from qblora_pl.export.native import load_native, write_native
+from qblora_pl.export.formats import (
+    ExportContext,
+    ExportOptions,
+    ExportPlan,
+    check_formats,
+    check_model_support,
+    default_formats,
+    export_format,
+    registered_formats,
+)
+from qblora_pl.export.gguf_writer import GGUFFallback
 from qblora_pl.export.preflight import check_export_requirements, check_writable_destination
 from qblora_pl.export.snapshot import dtype_from_name, snapshot_merged_model
-from qblora_pl.export.verify import (
-    compare_logits,
-    fixed_token_batch,
-    load_gguf,
-    load_hf_dense,
-    logits_and_perplexity,
-    validation_batch,
+from qblora_pl.export.verify import compare_logits, fixed_token_batch, logits_and_perplexity, validation_batch
+from qblora_pl.export.checkpoint_source import (  # noqa: F401 - module_from_checkpoint is patched in tests
+    checkpoint_calibration_source,
+    held_out_batch,
+    module_from_checkpoint,
 )
 from qblora_pl.merging import merge_adapters, unmerge_adapters
-from qblora_pl.paths import portable_model_reference, resolve_data_reference, resolve_model_reference
-from qblora_pl.sources import looks_like_local_path, pretrained_name_or_path
+from qblora_pl.paths import resolve_model_reference
+from qblora_pl.sources import pretrained_name_or_path
 
-EXPORT_FORMATS = ("native", "gguf", "hf")
-# Written only when named (formats: [..., mlx]): verifying mlx needs mlx-lm (pip install -e ".[mlx]"),
-# compressed-tensors (vLLM / SGLang) needs compressed-tensors (pip install -e ".[vllm]").
-ON_REQUEST_FORMATS = ("mlx", "compressed-tensors")
-MLX_DIR = "mlx"
-CT_DIR = "compressed-tensors"
-NATIVE_DIR, GGUF_FILE, HF_DIR, REPORT_FILE = "native", "model.gguf", "hf", "export_report.json"
+#: The formats written when none are named (qblora_pl.export.formats: native, gguf, hf).
+EXPORT_FORMATS = tuple(default_formats())
+#: Built-in formats written only when named (formats: [..., mlx]): their verification needs an optional
+#: package (mlx-lm: pip install -e ".[mlx]"; compressed-tensors: pip install -e ".[vllm]").
+ON_REQUEST_FORMATS = tuple(f for f in registered_formats() if f not in EXPORT_FORMATS)
+NATIVE_DIR, GGUF_FILE, HF_DIR = (export_format(f).location for f in ("native", "gguf", "hf"))
+MLX_DIR, CT_DIR = export_format("mlx").location, export_format("compressed-tensors").location
+REPORT_FILE = "export_report.json"
 
 
 def export_merged(
@@ -80,6 +82,7 @@ def export_merged(
     gguf_dense_type: str = "auto",
     dense_dtype: str = "float16",
     round_zero_points: bool = False,
+    format_options: dict[str, dict[str, Any]] | None = None,
     method: dict[str, Any] | None = None,
     run: dict[str, Any] | None = None,
     overwrite: bool = False,
@@ -100,17 +103,16 @@ def export_merged(
     """
     formats = check_formats(formats)
     check_export_requirements(formats, verify)
-    dense = dtype_from_name(dense_dtype)
+    dtype_from_name(dense_dtype)  # a bad name fails here, before the merge
+    options = ExportOptions(native_bits=native_bits, native_group_size=native_group_size, gguf_fallback=gguf_fallback,
+                            gguf_dense_type=gguf_dense_type, dense_dtype=dense_dtype,
+                            round_zero_points=round_zero_points, format_options=dict(format_options or {}))
     output_dir = Path(output_dir)
     check_export_destination(output_dir, run, overwrite)
     check_writable_destination(output_dir, "export output_dir")
     with staged_export(output_dir) as stage:
-        report = _export_into(
-            model, stage, tokenizer_source, formats=formats, verify=verify, batch=batch, batch_source=batch_source,
-            native_bits=native_bits, native_group_size=native_group_size, gguf_fallback=gguf_fallback,
-            gguf_dense_type=gguf_dense_type, dense=dense, round_zero_points=round_zero_points, method=method,
-            run=run, log=log,
-        )
+        report = _export_into(model, stage, tokenizer_source, formats=formats, verify=verify, batch=batch,
+                              batch_source=batch_source, options=options, method=method, run=run, log=log)
         report = _relocate(report, str(stage), str(output_dir))
         with atomic_file(stage / REPORT_FILE) as tmp:
             tmp.write_text(json.dumps(report, indent=2, default=str))
@@ -119,9 +121,8 @@ def export_merged(
     return report
 
 
-def _export_into(model, output_dir: Path, tokenizer_source, *, formats, verify, batch, batch_source, native_bits,
-                 native_group_size, gguf_fallback, gguf_dense_type, dense, round_zero_points, method, run,
-                 log) -> dict[str, Any]:
+def _export_into(model, output_dir: Path, tokenizer_source, *, formats, verify, batch, batch_source,
+                 options: ExportOptions, method, run, log) -> dict[str, Any]:
     """Write and verify every format under ``output_dir`` (the staging directory); return the report."""
     was_training = model.training
     model.eval()
@@ -137,28 +138,11 @@ def _export_into(model, output_dir: Path, tokenizer_source, *, formats, verify, 
                 batch, batch_source = fixed_token_batch(vocab_size), "fixed_tokens"
             reference, reference_ppl = logits_and_perplexity(model, batch)
             require_finite_logits(reference, "the in-memory merged model")
-        writers = {
-            "native": lambda: write_native(
-                snapshot, output_dir / NATIVE_DIR, tokenizer_source,
-                bits=native_bits, group_size=native_group_size, method=method,
-            ),
-            "gguf": lambda: write_gguf(
-                snapshot, output_dir / GGUF_FILE, tokenizer_source,
-                fallback=gguf_fallback, dense_type=gguf_dense_type,
-                name=str((method or {}).get("adapter", {}).get("class", "qblora-export")),
-            ),
-            "hf": lambda: write_hf_dense(snapshot, output_dir / HF_DIR, tokenizer_source, dense),
-            "mlx": lambda: write_mlx(snapshot, output_dir / MLX_DIR, tokenizer_source),
-            "compressed-tensors": lambda: write_compressed_tensors(
-                snapshot, output_dir / CT_DIR, tokenizer_source,
-                # dense merges (LoRA / Q-BLoRA) are re-quantized like the native export's, by RTN
-                fallback="requantize", bits=native_bits, group_size=native_group_size,
-                round_zero_points=round_zero_points or trained_integer_zero_points,
-                rounding_reason="trained with QATSchedule zero_point: integer" if trained_integer_zero_points else None,
-            ),
-        }
+        context = ExportContext(snapshot=snapshot, export_dir=output_dir, tokenizer_source=tokenizer_source,
+                                options=options, method=method,
+                                trained_with_integer_zero_points=trained_integer_zero_points)
         for fmt in formats:
-            report["formats"][fmt] = writers[fmt]()
+            report["formats"][fmt] = export_format(fmt).write(context)
             log(f"export: wrote {fmt} -> {report['formats'][fmt]['path']}")
         report["merge"] = {"layers": len(merge_how), "how": sorted(set(merge_how.values()))}
     finally:
@@ -175,15 +159,8 @@ def _export_into(model, output_dir: Path, tokenizer_source, *, formats, verify, 
             "merged_vs_unmerged": compare_logits(reference, unmerged, batch),
         }
         require_finite_logits(unmerged, "the unmerged (trained) model")
-        loaders = {
-            "native": lambda: (load_native(output_dir / NATIVE_DIR), "qblora_pl.export.load_native"),
-            "gguf": lambda: load_gguf(output_dir / GGUF_FILE),
-            "hf": lambda: (load_hf_dense(output_dir / HF_DIR), "transformers AutoModelForCausalLM (float32 compute)"),
-            "mlx": lambda: (load_mlx(output_dir / MLX_DIR), MLX_CLIENT),
-            "compressed-tensors": lambda: (load_compressed_tensors(output_dir / CT_DIR), CT_CLIENT),
-        }
         for fmt in formats:
-            loaded, client = loaders[fmt]()
+            loaded, client = export_format(fmt).load(output_dir / export_format(fmt).location)
             logits, ppl = logits_and_perplexity(loaded, batch)
             require_finite_logits(logits, f"the {fmt} export as loaded by {client}")
             result = {"client": client, "ppl": ppl, **compare_logits(reference, logits, batch)}
@@ -364,6 +341,8 @@ def export_from_checkpoint(
                                     "refusing to export them. Use a checkpoint written before the run diverged")
     if module is None:
         module = module_from_checkpoint(checkpoint, model_name_or_path)
+    check_model_support(formats, export_plan(module, kwargs.get("native_bits", 4), kwargs.get("native_group_size", 32)),
+                        ExportOptions())  # before the model loads
     if module.calibration_source is None:
         module.calibration_source = checkpoint_calibration_source(checkpoint, data_path, model_name_or_path)
     module.configure_model()
@@ -400,127 +379,16 @@ def default_checkpoint_export_dir(ckpt_path: str | Path) -> Path:
     return path.with_name(f"{path.stem}_export")
 
 
-def held_out_batch(checkpoint: dict[str, Any], data_path: str | None = None, records: int = 8,
-                   log: Callable[[str], None] = print,
-                   model_name_or_path: str | None = None) -> tuple[dict[str, torch.Tensor], str] | None:
-    """The first ``records`` validation records of the data the checkpoint was trained on.
+def export_plan(module, native_bits: int = 4, native_group_size: int = 32) -> ExportPlan:
+    """What an export of ``module`` (a :class:`~qblora_pl.module.QuantizedCausalLM`) will hold, from its
+    configuration and its model's ``config.json`` alone: checked by every format before training."""
+    from transformers import AutoConfig
 
-    The data module is rebuilt from the checkpoint's ``datamodule_hyper_parameters`` (Lightning
-    stores them), ``data_path`` replacing the recorded path when the data moved. Returns None
-    (with a log line saying why) when the checkpoint recorded no data or it cannot be read.
-    Recorded paths that moved with the checkout are re-resolved; the tokenizer follows the model
-    being exported (``model_name_or_path``) when the run used the model's own tokenizer, or when
-    the recorded tokenizer folder is gone.
-    """
-    hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    if not hparams and data_path is None:
-        log("export verify: the checkpoint records no training data; verifying on fixed sample texts")
-        return None
     try:
-        datamodule = checkpoint_datamodule(checkpoint, data_path, model_name_or_path, eval_batch_size=records)
-        datamodule.setup("validate")
-        batch = next(iter(datamodule.val_dataloader()))
-    except Exception as err:  # noqa: BLE001 - moved or unreadable data: say so, verify on sample texts
-        hint = "" if data_path is not None else " (pass --data_path to use the run's held-out records)"
-        log(f"export verify: the run's data {_recorded_data_path(checkpoint, data_path)!r} could not be read "
-            f"({type(err).__name__}: {err}); verifying on fixed sample texts{hint}")
-        return None
-    batch = {k: v[:records] for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    return batch, f"validation split of {datamodule.data_path} (first {len(batch['input_ids'])} records)"
-
-
-def _recorded_data_path(checkpoint: dict[str, Any], data_path: str | None) -> str:
-    if data_path is not None:
-        return data_path
-    return resolve_data_reference((checkpoint.get("datamodule_hyper_parameters") or {}).get("data_path", ""))
-
-
-def checkpoint_datamodule(checkpoint: dict[str, Any], data_path: str | None = None,
-                          model_name_or_path: str | None = None, **overrides: Any):
-    """The :class:`~qblora_pl.data.datamodule.InstructionDataModule` the checkpoint was trained with (not set up).
-
-    Rebuilt from the checkpoint's ``datamodule_hyper_parameters`` (Lightning stores them),
-    ``data_path`` replacing the recorded path when the data moved; recorded paths that moved with the
-    checkout are re-resolved, and the tokenizer follows ``model_name_or_path`` when the run used the
-    model's own tokenizer or the recorded tokenizer folder is gone.
-    """
-    from qblora_pl.data.datamodule import InstructionDataModule
-
-    hparams = {k: v for k, v in dict(checkpoint.get("datamodule_hyper_parameters") or {}).items()
-               if not k.startswith("_")}
-    hparams["data_path"] = _recorded_data_path(checkpoint, data_path)
-    if model_name_or_path is not None:
-        hparams["tokenizer_name_or_path"] = _tokenizer_for_export(
-            hparams.get("tokenizer_name_or_path"), (checkpoint.get("hyper_parameters") or {}).get("model_name_or_path"),
-            model_name_or_path)
-    accepted = inspect.signature(InstructionDataModule.__init__).parameters
-    hparams = {k: v for k, v in {**hparams, **overrides}.items() if k in accepted}
-    return InstructionDataModule(**hparams)
-
-
-def checkpoint_calibration_source(checkpoint: dict[str, Any], data_path: str | None = None,
-                                  model_name_or_path: str | None = None):
-    """``(records, seq_len) -> CalibrationSet`` from the training split the checkpoint was trained on.
-
-    Used by a calibrated base (``GroupwiseInt(init='gptq')``) that is not in the cache; the data
-    is read only when it is called.
-    """
-    def calibration_set(records: int, seq_len: int):
-        return checkpoint_datamodule(checkpoint, data_path, model_name_or_path).calibration_set(records, seq_len)
-
-    return calibration_set
-
-
-def _tokenizer_for_export(recorded: str | None, recorded_model: str | None, model_name_or_path: str) -> str:
-    """The tokenizer to verify with: the recorded one, unless it was the model's or its folder is gone."""
-    if not recorded:
-        return model_name_or_path
-    resolved = resolve_model_reference(recorded)
-    was_the_models = recorded_model is not None and portable_model_reference(resolved) == portable_model_reference(
-        resolve_model_reference(recorded_model))
-    if was_the_models or (looks_like_local_path(resolved) and not Path(resolved).exists()):
-        return model_name_or_path
-    return resolved
-
-
-def module_from_checkpoint(checkpoint: dict[str, Any], model_name_or_path: str | None = None):
-    """Rebuild the :class:`~qblora_pl.module.QuantizedCausalLM` an adapter checkpoint came from.
-
-    The recorded base (``embedded:tiny-llama`` or a path / hub name) is used unless
-    ``model_name_or_path`` names another location of it.
-    """
-    from qblora_pl.module import QuantizedCausalLM
-    from qblora_pl.quantization import backends
-
-    spec = checkpoint.get("adapter_spec")
-    hparams = checkpoint.get("hyper_parameters", {})
-    if spec is None:
-        raise ValueError("checkpoint has no adapter_spec: it was not written by qblora_pl")
-    quant = dict(spec["quantization"])
-    backend_cls = getattr(backends, quant.pop("backend"))
-    strategy_module, _, strategy_name = spec["strategy"].rpartition(".")
-    if not strategy_module.startswith("qblora_pl."):
-        raise ValueError(f"refusing to import adapter strategy {spec['strategy']!r} from outside qblora_pl")
-    strategy_cls = getattr(importlib.import_module(strategy_module), strategy_name)
-    backend = backend_cls(**_accepted(backend_cls, quant))
-    if hasattr(backend, "expect_calibration"):  # a calibrated base: find the one the run trained on
-        backend.expect_calibration(quant.get("calibration_digest"))
-    return QuantizedCausalLM(
-        model_name_or_path=model_name_or_path or spec["model_name_or_path"],
-        quantization=backend,
-        adapter=strategy_cls(**_accepted(strategy_cls, spec["strategy_hparams"])),
-        target_modules=hparams.get("target_modules", sorted({n.rsplit(".", 1)[-1] for n in spec["layers"]})),
-    )
-
-
-def _accepted(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
-    params = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
-def check_formats(formats: Sequence[str]) -> list[str]:
-    formats = list(dict.fromkeys(formats))
-    unknown = [f for f in formats if f not in EXPORT_FORMATS + ON_REQUEST_FORMATS]
-    if unknown or not formats:
-        raise ValueError(f"export formats {unknown or formats} are not among {list(EXPORT_FORMATS + ON_REQUEST_FORMATS)}")
-    return formats
+        config = AutoConfig.from_pretrained(pretrained_name_or_path(resolve_model_reference(module.model_name_or_path)))
+    except Exception:  # noqa: BLE001 - unreadable here (an offline hub name): the model load will say why
+        config = None
+    quantization = module.quantization
+    merges = bool(getattr(module.adapter, "requires_offsets", False)) and hasattr(quantization, "group_size")
+    low_bit = (quantization.bits, quantization.group_size) if merges else (native_bits, native_group_size)
+    return ExportPlan(model_config=config, low_bit=low_bit, merges_into_offsets=merges)

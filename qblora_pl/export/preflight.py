@@ -2,7 +2,7 @@
 
 A run learns at its end, after hours of training, that ``formats: [..., mlx]`` cannot be verified
 without mlx-lm or that ``output_dir`` cannot be written; these checks say so when ``fit`` starts
-(:class:`callbacks.merge_export.MergeExport` ``setup``, before ``configure_model`` loads the model)
+(:class:`qblora_pl.callbacks.MergeExport` ``setup``, before ``configure_model`` loads the model)
 and when ``main.py export`` starts, each in one line naming the option, the value and the fix.
 """
 
@@ -34,26 +34,17 @@ class Requirement:
     verify_only: bool  # needed only to load the export back for verification
 
 
-#: What each format imports beyond the core dependencies. native and hf need nothing more; llama.cpp
-#: (llama-cpp-python) is a test and bench client, not the exporter's: it verifies GGUF with the gguf package.
-FORMAT_REQUIREMENTS: dict[str, tuple[Requirement, ...]] = {
-    "gguf": (Requirement("gguf", "gguf", 'pip install -e . (or pip install "gguf>=0.10")', verify_only=False),),
-    # Importing mlx_lm imports mlx.core, so a missing MLX (or MLX without its CPU backend) fails it too.
-    "mlx": (Requirement("mlx_lm", "mlx-lm", 'pip install -e ".[mlx]"', verify_only=True),),
-    "compressed-tensors": (Requirement("compressed_tensors", "compressed-tensors", 'pip install -e ".[vllm]"',
-                                       verify_only=True),),
-}
-
-
 def check_export_requirements(formats: Sequence[str], verify: bool = True) -> None:
     """Raise :class:`MissingExportDependency` naming every format whose packages do not import.
 
     Imports them rather than looking them up: an installed package that fails to import (MLX
     without its CPU backend on Linux) fails the export just the same.
     """
+    from qblora_pl.export.formats import export_format  # each format lists its requirements
+
     missing, verify_only = [], True
     for fmt in formats:
-        for need in FORMAT_REQUIREMENTS.get(fmt, ()):
+        for need in export_format(fmt).requirements:
             if need.verify_only and not verify:
                 continue
             problem = _import_problem(need.module)

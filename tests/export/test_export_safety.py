@@ -56,7 +56,7 @@ def test_failed_write_leaves_no_partial_export_and_keeps_the_previous_one(qablor
 
 def test_a_failing_format_leaves_the_previous_export_whole(qablora_module, tmp_path, monkeypatch):
     """native and GGUF written, then hf fails: neither new file may appear beside the old report."""
-    import qblora_pl.export.exporter as exporter
+    import qblora_pl.export.formats.hf as hf_format
 
     out = tmp_path / "exports"
     export_module(qablora_module, out, formats=["native", "gguf", "hf"], verify=False, run=RUN, log=_quiet)
@@ -67,7 +67,7 @@ def test_a_failing_format_leaves_the_previous_export_whole(qablora_module, tmp_p
         written.extend(p.name for p in Path(args[1]).parent.iterdir())
         raise OSError("hf writer failed (injected)")
 
-    monkeypatch.setattr(exporter, "write_hf_dense", broken_hf)
+    monkeypatch.setattr(hf_format, "write_hf_dense", broken_hf)
     with torch.no_grad():  # a different model, so a mixed export would show
         next(p for p in qablora_module.parameters() if p.requires_grad).add_(0.5)
     try:
@@ -130,9 +130,9 @@ def test_non_finite_logits_fail_the_export_and_write_nothing(tiny_model_dir, tmp
 
 def test_a_poisoned_file_fails_verification(qablora_module, tmp_path, monkeypatch):
     """The in-memory model is fine but the file, as its runtime loads it, gives NaN: refused."""
-    import qblora_pl.export.exporter as exporter
+    import qblora_pl.export.formats.native as native_format
 
-    real = exporter.load_native
+    real = native_format.load_native
 
     def poisoned(path):
         model = real(path)
@@ -140,7 +140,7 @@ def test_a_poisoned_file_fails_verification(qablora_module, tmp_path, monkeypatc
             model.model.norm.weight.fill_(float("nan"))
         return model
 
-    monkeypatch.setattr(exporter, "load_native", poisoned)
+    monkeypatch.setattr(native_format, "load_native", poisoned)
     with pytest.raises(ExportVerificationError, match="the native export as loaded by"):
         export_module(qablora_module, tmp_path / "out", formats=["native"], log=_quiet)
     assert list(tmp_path.iterdir()) == []

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from callbacks.merge_export import MergeExport
+from qblora_pl.callbacks.merge_export import MergeExport
 from qblora_pl.adapters import QABLoRA
 from qblora_pl.data.datamodule import InstructionDataModule
 from qblora_pl.export import export_from_checkpoint, load_native
@@ -236,10 +236,10 @@ def test_sigterm_during_a_checkpoint_export_removes_its_staging_folder(saved_che
     import signal
     import time
 
-    import qblora_pl.export.exporter as exporter
+    import qblora_pl.export.formats.native as native_format
     from qblora_pl.export.cli import main as export_main
 
-    real_write_native = exporter.write_native
+    real_write_native = native_format.write_native
 
     def terminated_while_writing(*args, **kwargs):
         info = real_write_native(*args, **kwargs)
@@ -250,7 +250,7 @@ def test_sigterm_during_a_checkpoint_export_removes_its_staging_folder(saved_che
     def default_action(signum, frame):  # stands in for SIG_DFL, which would end pytest itself
         raise AssertionError("SIGTERM reached the default action: the export would die leaving its staging folder")
 
-    monkeypatch.setattr(exporter, "write_native", terminated_while_writing)
+    monkeypatch.setattr(native_format, "write_native", terminated_while_writing)
     previous = signal.signal(signal.SIGTERM, default_action)
     try:
         with pytest.raises(SystemExit) as exited:

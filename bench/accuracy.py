@@ -467,7 +467,7 @@ class RunProgress:
             self.clear()
 
     def _start(self) -> None:
-        from qblora_pl.export.atomic import atomic_file
+        from qblora_pl.atomic import atomic_file
 
         if not (self.directory / "settings.json").is_file():
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -489,7 +489,7 @@ class RunProgress:
         return self.adapter_path() is not None
 
     def save_adapter(self, module, seconds: float) -> None:
-        from qblora_pl.export.atomic import atomic_file
+        from qblora_pl.atomic import atomic_file
 
         self._start()
         state = {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad}
@@ -531,7 +531,7 @@ class RunProgress:
 
     def scored(self, part: str, evaluate, model, **kwargs) -> dict:
         """``evaluate(model, **kwargs)``, or the scores an earlier attempt stored for ``part``."""
-        from qblora_pl.export.atomic import atomic_file
+        from qblora_pl.atomic import atomic_file
 
         done = self.scores()
         if part in done:
@@ -1452,7 +1452,7 @@ class ResultsStore:
         return {key: pid for key, pid in claims.items() if pid == os.getpid() or _alive(pid)}
 
     def _write(self, path: Path, payload: dict) -> None:
-        from qblora_pl.export.atomic import atomic_file
+        from qblora_pl.atomic import atomic_file
 
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(payload, indent=1))

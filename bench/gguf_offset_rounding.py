@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qblora_pl.export.native import load_native  # noqa: E402
+from qblora_pl.quantization.native_checkpoint import load_native  # noqa: E402
 from qblora_pl.export.verify import compare_logits, load_gguf_with_reader, logits_and_perplexity, text_batch  # noqa: E402
 from qblora_pl.quantization.int_layer import GroupwiseIntLinear  # noqa: E402
 

@@ -121,7 +121,8 @@ def main() -> None:
 
     from qblora_pl.export.mlx_loader import load_mlx
     from qblora_pl.export.mlx_writer import write_mlx
-    from qblora_pl.export.native import load_native, write_native
+    from qblora_pl.export.native import write_native
+    from qblora_pl.quantization.native_checkpoint import load_native
     from qblora_pl.export.snapshot import snapshot_merged_model
     from qblora_pl.export.verify import SAMPLE_TEXTS
     from qblora_pl.merging import merged

@@ -23,7 +23,7 @@ from qblora_pl.checkpoints import (
     check_adapter_spec,
     non_finite_entries,
 )
-from qblora_pl.export.native import is_native_export
+from qblora_pl.quantization.native_checkpoint import is_native_export
 from qblora_pl.paths import portable_model_reference
 
 

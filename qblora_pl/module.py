@@ -22,7 +22,7 @@ from qblora_pl.adapters.injection import (
 )
 from qblora_pl.adapters.lora import LoRA
 from qblora_pl.checkpoint_hooks import AdapterCheckpointHooks
-from qblora_pl.export.native import is_native_export, load_native
+from qblora_pl.quantization.native_checkpoint import is_native_export, load_native
 from qblora_pl.checkpoints import NonFiniteAdapterError, non_finite_entries
 from qblora_pl.paths import EMBEDDED_MODEL, portable_model_reference, resolve_model_reference
 from qblora_pl.quantization.backends import NF4, QuantizationBackend

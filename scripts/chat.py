@@ -4,7 +4,7 @@
     python scripts/chat.py --model $(python scripts/fetch_smollm2.py --quiet) "What is 2 + 2?"
 
 ``--model`` is a merged native low-bit export (``MergeExport``'s ``native`` dir, loaded with
-:func:`qblora_pl.export.native.load_native`: the INT-b weights as trained), a ``.gguf`` file, a
+:func:`qblora_pl.quantization.native_checkpoint.load_native`: the INT-b weights as trained), a ``.gguf`` file, a
 Hugging Face model directory or a hub name. Prints each question and the model's answer.
 """
 
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def load(model_path: str):
-    from qblora_pl.export.native import is_native_export, load_native
+    from qblora_pl.quantization.native_checkpoint import is_native_export, load_native
     from qblora_pl.sources import load_causal_lm, load_tokenizer
 
     if is_native_export(model_path):

@@ -213,7 +213,7 @@ def load_model(path: str):
     """Our side's model (float32, eval mode) and tokenizer, from any model source or a native export."""
     import torch
 
-    from qblora_pl.export.native import load_native
+    from qblora_pl.quantization.native_checkpoint import load_native
     from qblora_pl.sources import load_causal_lm, load_tokenizer
 
     model = load_native(path) if is_native(path) else load_causal_lm(path, dtype=torch.float32)
@@ -226,7 +226,7 @@ def load_model(path: str):
 
 
 def is_native(model_path: str) -> bool:
-    from qblora_pl.export.native import is_native_export
+    from qblora_pl.quantization.native_checkpoint import is_native_export
 
     return Path(model_path).is_dir() and is_native_export(model_path)
 

@@ -14,7 +14,8 @@ from qblora_pl.export.gguf_tensors import llama_permute_rows, pack_q4_1
 from qblora_pl.export.gguf_writer import write_gguf
 from qblora_pl.export.hf_dense import write_hf_dense
 from qblora_pl.export.mlx_writer import write_mlx
-from qblora_pl.export.native import load_native, write_native
+from qblora_pl.export.native import write_native
+from qblora_pl.quantization.native_checkpoint import load_native
 from qblora_pl.export.snapshot import ExportFallbackWarning, ModelSnapshot, snapshot_merged_model
 
 __all__ = [

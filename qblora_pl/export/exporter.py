@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qblora_pl.export.atomic import atomic_directory, atomic_file
+from qblora_pl.atomic import atomic_directory, atomic_file
 from qblora_pl.export.formats import (
     ExportContext,
     ExportOptions,
@@ -46,7 +46,8 @@ from qblora_pl.export.formats import (
 )
 from qblora_pl.export.gguf_writer import GGUFFallback
 from qblora_pl.export.preflight import check_export_requirements, check_writable_destination
-from qblora_pl.export.snapshot import dtype_from_name, snapshot_merged_model
+from qblora_pl.dtypes import dtype_from_name
+from qblora_pl.export.snapshot import snapshot_merged_model
 from qblora_pl.export.verify import compare_logits, fixed_token_batch, logits_and_perplexity, validation_batch
 from qblora_pl.export.checkpoint_source import (  # noqa: F401 - module_from_checkpoint is patched in tests
     checkpoint_calibration_source,

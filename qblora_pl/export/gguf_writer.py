@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from qblora_pl.export.atomic import atomic_file
+from qblora_pl.atomic import atomic_file
 from qblora_pl.export.gguf_tensors import (
     EMBEDDING_TENSORS,
     QK4_1,

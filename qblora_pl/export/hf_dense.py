@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from qblora_pl.export.atomic import atomic_directory
-from qblora_pl.export.snapshot import ModelSnapshot, dtype_name
+from qblora_pl.atomic import atomic_directory
+from qblora_pl.dtypes import dtype_name
+from qblora_pl.export.snapshot import ModelSnapshot
 from qblora_pl.export.tokenizer_files import copy_tokenizer_files
 
 

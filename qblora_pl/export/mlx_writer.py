@@ -45,15 +45,14 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 
-from qblora_pl.export.atomic import atomic_directory
+from qblora_pl.atomic import atomic_directory
+from qblora_pl.dtypes import dtype_from_name, dtype_name
 from qblora_pl.export.snapshot import (
     FROZEN_DENSE,
     ExportFallbackWarning,
     ModelSnapshot,
     QuantizedParts,
     check_finite_tensors,
-    dtype_from_name,
-    dtype_name,
     requantize_linear,
 )
 from qblora_pl.export.tokenizer_files import copy_tokenizer_files

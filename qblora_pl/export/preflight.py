@@ -12,8 +12,9 @@ import importlib
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from qblora_pl.export.formats import export_format  # each format lists the packages it needs
 
 
 class MissingExportDependency(ImportError):
@@ -24,24 +25,12 @@ class ExportDestinationNotWritable(PermissionError):
     """The export's ``output_dir`` cannot be created or written (a read-only folder, a file in its path)."""
 
 
-@dataclass(frozen=True)
-class Requirement:
-    """A module an export format imports, the distribution that installs it and how to install it."""
-
-    module: str
-    distribution: str
-    install: str
-    verify_only: bool  # needed only to load the export back for verification
-
-
 def check_export_requirements(formats: Sequence[str], verify: bool = True) -> None:
     """Raise :class:`MissingExportDependency` naming every format whose packages do not import.
 
     Imports them rather than looking them up: an installed package that fails to import (MLX
     without its CPU backend on Linux) fails the export just the same.
     """
-    from qblora_pl.export.formats import export_format  # each format lists its requirements
-
     missing, verify_only = [], True
     for fmt in formats:
         for need in export_format(fmt).requirements:

@@ -167,14 +167,3 @@ def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str = "export")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise FloatingPointError(f"tensor {key} has {bad} non-finite values; {what} aborted")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{name!r} is not a torch dtype name")
-    return dtype

@@ -4,7 +4,7 @@ Each exported model runs one validation batch; we record the largest absolute lo
 from the in-memory merged model, the share of positions whose greedy (argmax) token agrees, and
 both perplexities (response tokens only when the batch has ``labels``). The clients:
 
-* native: :func:`qblora_pl.export.native.load_native`;
+* native: :func:`qblora_pl.quantization.native_checkpoint.load_native`;
 * hf: ``AutoModelForCausalLM.from_pretrained`` (computed in float32, so only the weight rounding
   to ``dense_dtype`` shows);
 * gguf: transformers' GGUF loader (``from_pretrained(dir, gguf_file=...)``, which dequantizes

@@ -102,7 +102,7 @@ def save_base(model: nn.Module, directory: Path, key: dict[str, Any], info: dict
     """Write ``model``'s quantized layers as the entry ``directory`` (atomically)."""
     from safetensors.torch import save_file
 
-    from qblora_pl.export.atomic import atomic_directory
+    from qblora_pl.atomic import atomic_directory
     from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, GroupwiseIntLinear)}

@@ -15,13 +15,10 @@ reordering: groups stay contiguous, so QA-LoRA / QA-BLoRA merges into the offset
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from qblora_pl.quantization.int_quantizer import GroupwiseIntQuantizer
 
 __all__ = ["HessianAccumulator", "gptq_quantize"]
 
@@ -51,7 +48,7 @@ class HessianAccumulator:
 
 @torch.no_grad()
 def gptq_quantize(
-    quantizer: GroupwiseIntQuantizer,
+    quantizer: Any,  # a GroupwiseIntQuantizer (which imports this module for its quantize_gptq)
     weight: Tensor,
     hessian: Tensor,
     damp: float = 0.01,

@@ -14,13 +14,9 @@ in :mod:`qblora_pl.quantization.int_layer`.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
 __all__ = ["INT4_KERNEL_GROUP_SIZES", "Int4KernelFallbackWarning", "Int4KernelPath"]
 
@@ -86,7 +82,7 @@ class Int4KernelPath:
             return f"device type {device.type!r} (the kernel runs on cpu and cuda)"
         return None
 
-    def use_int4_kernel(self, enabled: bool = True) -> GroupwiseIntLinear:
+    def use_int4_kernel(self, enabled: bool = True) -> Int4KernelPath:
         """Opt in to (or out of) torch's weight-only INT4 kernel for inference forwards.
 
         When enabled, ``forward`` under ``torch.no_grad()`` / ``torch.inference_mode()`` calls

@@ -185,7 +185,7 @@ def test_adapted_native_and_grouped_query_models_cache_like_the_plain_path(
 
     from qblora_pl.adapters.base import AdaptedLinear
     from qblora_pl.export import export_module
-    from qblora_pl.export.native import load_native
+    from qblora_pl.quantization.native_checkpoint import load_native
     from qblora_pl.quantization.int_layer import GroupwiseIntLinear
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -31,7 +31,8 @@ import torch
 from qblora_pl.adapters import QABLoRA
 from qblora_pl.export.hf_dense import write_hf_dense
 from qblora_pl.export.mlx_writer import pack_mlx_codes, write_mlx
-from qblora_pl.export.native import load_native, write_native
+from qblora_pl.export.native import write_native
+from qblora_pl.quantization.native_checkpoint import load_native
 from qblora_pl.export.snapshot import FROZEN_DENSE, QuantizedParts, snapshot_merged_model
 from qblora_pl.export.verify import load_hf_dense
 from qblora_pl.merging import merged

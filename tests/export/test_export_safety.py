@@ -213,9 +213,9 @@ def test_unknown_format_is_named(qablora_module, tmp_path):
 
 
 # ---------------------------------------------------------------- interrupted exports (issue 35)
-_ATOMIC = Path(__file__).resolve().parents[2] / "qblora_pl" / "export" / "atomic.py"
+_ATOMIC = Path(__file__).resolve().parents[2] / "qblora_pl" / "atomic.py"
 
-# A writer process using qblora_pl/export/atomic.py (loaded by path: no torch import, starts in ms).
+# A writer process using qblora_pl/atomic.py (loaded by path: no torch import, starts in ms).
 _WRITER = """
 import importlib.util, os, shutil, signal, sys, time
 spec = importlib.util.spec_from_file_location("atomic", sys.argv[1])
@@ -285,7 +285,7 @@ def test_the_next_export_keeps_a_running_exports_staging_folder(qablora_module, 
 
 
 def test_the_next_file_write_removes_a_killed_writes_temporary_file(tmp_path):
-    from qblora_pl.export.atomic import atomic_file
+    from qblora_pl.atomic import atomic_file
 
     final = tmp_path / "model.gguf"
     assert _writer(final, "file").wait(timeout=60) == -9

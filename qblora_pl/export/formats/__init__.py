@@ -9,6 +9,7 @@ from qblora_pl.export.formats.base import (
     ExportFormat,
     ExportOptions,
     ExportPlan,
+    Requirement,
     UnsupportedExportFormat,
     check_formats,
     check_model_support,
@@ -26,6 +27,6 @@ from qblora_pl.export.formats.compressed_tensors import CompressedTensorsFormat
 
 __all__ = [
     "CompressedTensorsFormat", "ExportContext", "ExportFormat", "ExportOptions", "ExportPlan", "GGUFFormat",
-    "HFDenseFormat", "MLXFormat", "NativeFormat", "UnsupportedExportFormat", "check_formats", "check_model_support",
+    "HFDenseFormat", "MLXFormat", "NativeFormat", "Requirement", "UnsupportedExportFormat", "check_formats", "check_model_support",
     "default_formats", "export_format", "register_export_format", "registered_formats", "unregister_export_format",
 ]

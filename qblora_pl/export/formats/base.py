@@ -23,7 +23,16 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from qblora_pl.export.preflight import Requirement
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A module an export format imports, the distribution that installs it and how to install it."""
+
+    module: str
+    distribution: str
+    install: str
+    verify_only: bool  # needed only to load the export back for verification
 
 
 class UnsupportedExportFormat(ValueError):

@@ -16,6 +16,7 @@ from qblora_pl.export.compressed_tensors_writer import (
     write_compressed_tensors,
 )
 from qblora_pl.export.formats.base import (
+    Requirement,
     ExportContext,
     ExportFormat,
     ExportOptions,
@@ -23,7 +24,6 @@ from qblora_pl.export.formats.base import (
     UnsupportedExportFormat,
     register_export_format,
 )
-from qblora_pl.export.preflight import Requirement
 
 
 @register_export_format

@@ -7,9 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from qblora_pl.export.formats.base import ExportContext, ExportFormat, register_export_format
+from qblora_pl.export.formats.base import ExportContext, ExportFormat, Requirement, register_export_format
 from qblora_pl.export.gguf_writer import write_gguf
-from qblora_pl.export.preflight import Requirement
 from qblora_pl.export.verify import load_gguf
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from qblora_pl.export.formats.base import ExportContext, ExportFormat, register_export_format
 from qblora_pl.export.hf_dense import write_hf_dense
-from qblora_pl.export.snapshot import dtype_from_name
+from qblora_pl.dtypes import dtype_from_name
 from qblora_pl.export.verify import load_hf_dense
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from qblora_pl.export.formats.base import (
+    Requirement,
     ExportContext,
     ExportFormat,
     ExportOptions,
@@ -18,7 +19,6 @@ from qblora_pl.export.formats.base import (
 )
 from qblora_pl.export.mlx_loader import MLX_CLIENT, load_mlx
 from qblora_pl.export.mlx_writer import MLX_AFFINE_BITS, MLX_AFFINE_GROUP_SIZES, MLX_MODEL_TYPES, write_mlx
-from qblora_pl.export.preflight import Requirement
 
 
 @register_export_format

@@ -8,7 +8,8 @@ from typing import Any
 from torch import nn
 
 from qblora_pl.export.formats.base import ExportContext, ExportFormat, register_export_format
-from qblora_pl.export.native import load_native, write_native
+from qblora_pl.export.native import write_native
+from qblora_pl.quantization.native_checkpoint import load_native
 
 
 @register_export_format

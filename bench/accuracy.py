@@ -255,10 +255,10 @@ def scored_part(config: str) -> str:
 
 
 def build(method: str, rank: int, bits: int | None, group_size: int | None, alpha: float | None = None,
-          base: dict | None = None):
+          base: dict | None = None, scale_rank: int = 0):
     """(quantization backend, adapter strategy) of a method at one budget rank, dropout 0; ``alpha``
     None keeps each strategy's default (16: scaling ``s = 16 / rank``); ``base``: the INT-b base's
-    ``init`` / calibration arguments (:func:`base_args`)."""
+    ``init`` / calibration arguments (:func:`base_args`); ``scale_rank``: QA-* learned group scales."""
     from qblora_pl.adapters import LoRA, QABLoRA, QALoRA, QBLoRA
     from qblora_pl.quantization import NF4, GroupwiseInt
 
@@ -269,9 +269,9 @@ def build(method: str, rank: int, bits: int | None, group_size: int | None, alph
         return NF4(), QBLoRA(r=rank, dropout=0.0, **scale)
     base = GroupwiseInt(bits=bits, group_size=group_size, **(base or {}))
     if method == "qalora":
-        return base, QALoRA(r=rank, dropout=0.0, **scale)
+        return base, QALoRA(r=rank, dropout=0.0, scale_rank=scale_rank, **scale)
     if method == "qablora":
-        return base, QABLoRA(budget_rank=rank, dropout=0.0, **scale)
+        return base, QABLoRA(budget_rank=rank, dropout=0.0, scale_rank=scale_rank, **scale)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
@@ -400,7 +400,8 @@ def train_one(args, method: str, seed: int, bits: int | None, group_size: int | 
     from qblora_pl.module import QuantizedCausalLM
 
     pl.seed_everything(seed, verbose=False)
-    quantization, adapter = build(method, args.rank, bits, group_size, args.alpha, base_args(args))
+    quantization, adapter = build(method, args.rank, bits, group_size, args.alpha, base_args(args),
+                                  getattr(args, "scale_rank", 0))
     lr = learning_rate(vars(args), method)
     module = QuantizedCausalLM(args.model_dir, quantization=quantization, adapter=adapter, learning_rate=lr, warmup_steps=args.warmup)
     data = make_data(args, seed)
@@ -1321,6 +1322,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--rank", type=int, default=8, help="budget rank: every method trains LoRA r=RANK's parameter count")
+    parser.add_argument("--scale-rank", type=int, default=0,
+                        help="QA-LoRA / QA-BLoRA also learn their group scales at this rank (docs/method.md section 7); "
+                             "use its own --tag")
     parser.add_argument("--alpha", type=float, default=None,
                         help="scaling numerator, s = ALPHA / RANK (default: each strategy's 16); keep ALPHA / RANK "
                              "fixed when comparing ranks - with Adam a single-matrix adapter's step in dW scales with s")

@@ -13,7 +13,8 @@
 #   bash bench/smollm2_grid.sh step3      # 3. QLoRA / Q-BLoRA trained with QAT, INT3 / INT2 g32 (same file)
 #   bash bench/smollm2_grid.sh step4      # 4. budget rank 32 (accuracy_smollm2_r32.json; ALPHA=64: _r32_a64)
 #   bash bench/smollm2_grid.sh step5      # 5. budget rank 9, the paper's geometry (accuracy_smollm2_r9.json; ALPHA=18: _r9_a18)
-#   bash bench/smollm2_grid.sh sweep_base # issue 32: QA-* LRs on a calibrated base (BASE=gptq|mse, BITS=3|2; val split)
+#   bash bench/smollm2_grid.sh sweep_base # issue 32: QA-* LRs on a calibrated base (BASE=gptq|mse, BITS=3|2; val split;
+#                                         #   SCALE_RANK=4: with learned group scales, in files of their own)
 #   bash bench/smollm2_grid.sh step6      # issue 32: QA-* on a calibrated base, test split (accuracy_smollm2_$BASE.json)
 #   bash bench/smollm2_grid.sh report     #    tables + plots, and docs/results/README.md's grid block
 #
@@ -103,9 +104,9 @@ case "${1:?stage: sweep | lrs | sweep_int2 | int2_lrs | int2 | sweep_qat_int2 | 
     for lr in ${LRS:-3e-3 1e-3 1e-2}; do
       python bench/accuracy.py "${COMMON[@]}" --eval-split val --seeds 0 --bits "${BITS:-3}" --group-sizes 32 \
           "${METHOD_ARGS[@]}" --base-init "${BASE:-gptq}" --qa-lr "$lr" --bench-trained none \
-          --tag "smollm2_val_${BASE:-gptq}_int${BITS:-3}_qa$lr"
+          ${SCALE_RANK:+--scale-rank "$SCALE_RANK"} --tag "smollm2_val_${BASE:-gptq}_int${BITS:-3}${SCALE_RANK:+_s$SCALE_RANK}_qa$lr"
     done
-    python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_${BASE:-gptq}_int${BITS:-3}_qa*.json ;;
+    python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_${BASE:-gptq}_int${BITS:-3}${SCALE_RANK:+_s$SCALE_RANK}_qa*.json ;;
   step6)   # issue 32: QA-LoRA / QA-BLoRA on a calibrated base (and the references on it); LRs from sweep_base
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" ${QA_LRS:?set QA_LRS to sweep_base\'s --method-lr line} \
         --tag "smollm2_${BASE:-gptq}" --seeds $SEEDS "${METHOD_ARGS[@]}" --base-init "${BASE:-gptq}" \

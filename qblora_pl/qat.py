@@ -63,10 +63,16 @@ class MergedOffsetFakeQuant:
     zero_point: Literal["integer", "float16"] = "integer"
     strength: float = 1.0
 
+    @staticmethod
+    def _scales(layer) -> torch.Tensor:
+        """The scales the export stores: the base's, or with the adapter's learned update (``scale_rank``)."""
+        trained = layer.trained_scales()
+        return layer.base_layer.scales if trained is None else trained
+
     def _offsets(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
         base: GroupwiseIntLinear = layer.base_layer
         merged = base.offsets.float() + layer.adapter.group_offset_delta(base.group_size).float()
-        scales = base.scales.float()
+        scales = self._scales(layer).float()
         if self.zero_point == "integer":
             _, rounded = base.quantizer.integer_zero_points(scales, merged)
         else:
@@ -77,12 +83,13 @@ class MergedOffsetFakeQuant:
         base: GroupwiseIntLinear = layer.base_layer
         merged, rounded = self._offsets(layer)
         offsets = merged + self.strength * (straight_through(merged, rounded) - merged)
-        return base.quantizer.dequantize(base.codes(), base.scales, offsets)
+        return base.quantizer.dequantize(base.codes(), self._scales(layer), offsets)
 
     @torch.no_grad()
     def relative_error(self, layer) -> float:
         merged, rounded = self._offsets(layer)
         base = layer.base_layer
-        exact = base.quantizer.dequantize(base.codes(), base.scales, merged)
-        fake = base.quantizer.dequantize(base.codes(), base.scales, rounded)
+        scales = self._scales(layer)
+        exact = base.quantizer.dequantize(base.codes(), scales, merged)
+        fake = base.quantizer.dequantize(base.codes(), scales, rounded)
         return float((fake - exact).norm() / exact.norm().clamp_min(1e-12))

@@ -82,6 +82,32 @@ class GroupConstantAdapter(AdapterModule):
     """
 
     pool_window: int
+    #: rank of the learned update of the base's group scales; 0: the scales stay frozen (:meth:`learn_scales`)
+    scale_rank: int = 0
+
+    def learn_scales(self, d_out: int, n_groups: int, rank: int) -> None:
+        """Also train the base's group scales: ``s' = s * (1 + B_s A_s)`` (docs/method.md section 7).
+
+        ``B_s: d_out x rank`` starts at zero (so ``s' = s`` at first) and ``A_s: rank x n_groups``
+        like LoRA's ``A``: ``rank * (d_out + n_groups)`` parameters. The update is relative, so one
+        learning rate suits scales of any magnitude; it merges exactly into the scales.
+        """
+        self.scale_rank = rank
+        if rank:
+            self.scale_B = nn.Parameter(torch.zeros(d_out, rank))
+            self.scale_A = nn.Parameter(kaiming_uniform_(torch.empty(rank, n_groups)))
+
+    def trained_scales(self, scales: torch.Tensor) -> torch.Tensor | None:
+        """The base's ``scales`` with the learned update, or None without one.
+
+        Rounded to the scales' stored dtype (float16 by default) in the forward pass, with the
+        gradient passed straight through, so the merged scales the exports store are the ones trained.
+        """
+        if not self.scale_rank:
+            return None
+        trained = scales.float() * (1.0 + self.scale_B @ self.scale_A)
+        stored = trained.detach().to(scales.dtype).float()
+        return trained + (stored - trained).detach()
 
     @abstractmethod
     def window_delta(self) -> torch.Tensor:
@@ -219,6 +245,13 @@ def require_positive(method: str, **values: float | None) -> None:
             raise AdapterConfigError(f"{method} {key}={value} must be positive{why}")
 
 
+def require_non_negative(method: str, **values: int) -> None:
+    """Raise AdapterConfigError naming the method and value for each value that is not an integer >= 0."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise AdapterConfigError(f"{method} {key}={value!r} must be an integer >= 0 (0 turns it off)")
+
+
 def require_divisible(layer_name: str, dim_name: str, dim: int, factor_name: str, factor: int) -> None:
     """Raise AdapterConfigError naming the layer and numbers when ``dim % factor != 0``."""
     if factor <= 0:
@@ -268,7 +301,7 @@ class AdaptedLinear(nn.Module):
         # Set by the QAT schedule: an object whose .weight(self) is the fake-quantized merged
         # weight the export will hold (qblora_pl.qat); None trains the plain adapter.
         self.fake_quant = None
-        # What merge() replaced (original offsets or the original base module). A plain list,
+        # What merge() replaced ((offsets, scales) or the original base module). A plain list,
         # so nn.Module does not register the stashed base as a submodule of its own.
         self._unmerged_stash: list[nn.Module | torch.Tensor] = []
         d_out, d_in = linear_shape(base_layer)
@@ -281,10 +314,17 @@ class AdaptedLinear(nn.Module):
             weight = self.fake_quant.weight(self)
             bias = self.base_bias
             return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-        result = self.base_layer(x)
+        scales = None if self.merged else self.trained_scales()
+        result = self.base_layer(x) if scales is None else self.base_layer(x, scales=scales)
         if self.merged:
             return result
         return self.adapter.add_delta(result, self.dropout(x).to(self.adapter.dtype))
+
+    def trained_scales(self) -> torch.Tensor | None:
+        """The base's group scales with the adapter's learned update (``scale_rank``), or None."""
+        if not isinstance(self.adapter, GroupConstantAdapter) or not self.adapter.scale_rank:
+            return None
+        return self.adapter.trained_scales(self.base_layer.scales)
 
     @property
     def merges_into_offsets(self) -> bool:
@@ -297,7 +337,12 @@ class AdaptedLinear(nn.Module):
         """``W_hat + dW`` as a dense matrix (for 16-bit export or re-quantization)."""
         if self.merged:
             return dequantized_weight(self.base_layer, torch.float32).to(dtype)
-        weight = dequantized_weight(self.base_layer, torch.float32)
+        scales = self.trained_scales()
+        if scales is None:
+            weight = dequantized_weight(self.base_layer, torch.float32)
+        else:
+            base = self.base_layer
+            weight = base.quantizer.dequantize(base.codes(), scales, base.offsets)
         return (weight + self.adapter.delta_weight().float()).to(dtype)
 
     @torch.no_grad()
@@ -309,8 +354,13 @@ class AdaptedLinear(nn.Module):
             delta = self.adapter.group_offset_delta(base.group_size).float()
             new_offsets = base.offsets.float() + delta
             _check_finite(new_offsets, name, "merged offsets")
-            self._unmerged_stash.append(base.offsets)
+            scales = self.trained_scales()
+            if scales is not None:
+                _check_finite(scales, name, "merged scales")
+            self._unmerged_stash.append((base.offsets, base.scales))
             base.offsets = new_offsets
+            if scales is not None:  # already a value of the stored dtype: the cast is exact
+                base.scales = scales.to(base.scales.dtype)
         else:
             weight = self.merged_dense_weight(torch.float32)
             _check_finite(weight, name, "merged weight")
@@ -329,8 +379,8 @@ class AdaptedLinear(nn.Module):
         if not self.merged:
             return
         original = self._unmerged_stash.pop()
-        if isinstance(original, torch.Tensor):
-            self.base_layer.offsets = original
+        if isinstance(original, tuple):
+            self.base_layer.offsets, self.base_layer.scales = original
         else:
             self.base_layer = original
         self.merged = False

@@ -12,8 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qblora_pl.adapters.base import AdapterStrategy, GroupConstantAdapter, add_repeated, require_divisible, require_positive
-from qblora_pl.adapters.budget import choose_k_out
+from qblora_pl.adapters.base import (
+    AdapterStrategy,
+    GroupConstantAdapter,
+    add_repeated,
+    require_divisible,
+    require_non_negative,
+    require_positive,
+)
+from qblora_pl.adapters.budget import choose_k_out, scale_update_parameter_count
 from qblora_pl.adapters.qalora import resolve_pool_window
 
 
@@ -51,6 +58,10 @@ class QABLoRA(AdapterStrategy):
         k_out: output repeat factor; ``None`` lets the budget helper choose it per layer.
         pool_window: input pooling window; ``None`` uses the base's quantization group size.
         dropout: dropout on the adapter's input.
+        scale_rank: also train the base's group scales by a rank-``scale_rank`` relative update,
+            ``s' = s * (1 + B_s A_s)``, merged exactly into the scales (0: scales frozen). Its
+            ``scale_rank * (d_out + d_in / group_size)`` parameters count in the budget: the
+            automatic ``k_out`` is chosen for what remains.
     """
 
     name = "qablora"
@@ -63,13 +74,20 @@ class QABLoRA(AdapterStrategy):
         k_out: int | None = None,
         pool_window: int | None = None,
         dropout: float = 0.05,
+        scale_rank: int = 0,
     ) -> None:
         super().__init__(dropout)
         require_positive("QA-BLoRA", budget_rank=budget_rank, alpha=alpha, k_out=k_out, pool_window=pool_window)
+        require_non_negative("QA-BLoRA", scale_rank=scale_rank)
         self.budget_rank, self.alpha, self.k_out, self.pool_window = budget_rank, alpha, k_out, pool_window
+        self.scale_rank = scale_rank
 
     def build_adapter(self, layer_name, base, d_in, d_out) -> QABLoRAAdapter:
         window = resolve_pool_window(layer_name, base, self.pool_window, d_in)
-        k_out = self.k_out if self.k_out is not None else choose_k_out(d_in, d_out, window, self.budget_rank)
+        n_groups = d_in // base.group_size
+        reserved = scale_update_parameter_count(d_out, n_groups, self.scale_rank)
+        k_out = self.k_out if self.k_out is not None else choose_k_out(d_in, d_out, window, self.budget_rank, reserved)
         require_divisible(layer_name, "d_out", d_out, "k_out", k_out)
-        return QABLoRAAdapter(d_in, d_out, k_out, window, self.alpha / self.budget_rank)
+        adapter = QABLoRAAdapter(d_in, d_out, k_out, window, self.alpha / self.budget_rank)
+        adapter.learn_scales(d_out, n_groups, self.scale_rank)
+        return adapter

@@ -18,6 +18,7 @@ from qblora_pl.adapters.base import (
     kaiming_uniform_,
     low_rank_singular_values,
     require_divisible,
+    require_non_negative,
     require_positive,
 )
 from qblora_pl.quantization.int_layer import GroupwiseIntLinear
@@ -62,16 +63,24 @@ class QALoRA(AdapterStrategy):
         pool_window: input pooling window; ``None`` uses the base's quantization group size.
             Must be a multiple of the group size.
         dropout: dropout on the adapter's input.
+        scale_rank: also train the base's group scales by a rank-``scale_rank`` relative update,
+            ``s' = s * (1 + B_s A_s)``, merged exactly into the scales (0: scales frozen;
+            ``min(d_out, d_in / group_size)`` or more: every group scale free). Adds
+            ``scale_rank * (d_out + d_in / group_size)`` parameters per layer.
     """
 
     name = "qalora"
     requires_offsets = True
 
-    def __init__(self, r: int = 8, alpha: float = 16.0, pool_window: int | None = None, dropout: float = 0.05) -> None:
+    def __init__(self, r: int = 8, alpha: float = 16.0, pool_window: int | None = None, dropout: float = 0.05,
+                 scale_rank: int = 0) -> None:
         super().__init__(dropout)
         require_positive("QA-LoRA", r=r, alpha=alpha, pool_window=pool_window)
-        self.r, self.alpha, self.pool_window = r, alpha, pool_window
+        require_non_negative("QA-LoRA", scale_rank=scale_rank)
+        self.r, self.alpha, self.pool_window, self.scale_rank = r, alpha, pool_window, scale_rank
 
     def build_adapter(self, layer_name, base, d_in, d_out) -> QALoRAAdapter:
         window = resolve_pool_window(layer_name, base, self.pool_window, d_in)
-        return QALoRAAdapter(d_in, d_out, self.r, window, self.alpha / self.r)
+        adapter = QALoRAAdapter(d_in, d_out, self.r, window, self.alpha / self.r)
+        adapter.learn_scales(d_out, d_in // base.group_size, self.scale_rank)
+        return adapter

@@ -16,9 +16,10 @@ block, not the whole layer in float32 and again in 16 bits. Backward multiplies 
 in the same row blocks (accumulating in float32 when there is more than one), so its transient
 is one block; a layer of one block takes the plain path's single matmul.
 
-The frozen base has no gradient of its own: codes, scales and offsets never train. A layer whose
-scales or offsets do require a gradient is left on the plain autograd path by
-:meth:`GroupwiseIntLinear.forward`.
+The base's codes and offsets never train. Its group scales may (an adapter's learned scales,
+``scale_rank``): then the scales passed in carry a gradient, ``dL/ds[o, G] = sum_{i in G} q[o, i]
+(dL/dy^T x)[o, i]``, computed in backward from the same row blocks (one block of ``dL/dW`` at a time,
+never the whole layer) and ``x``, which is saved for it.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def dequantize_packed(
 class DequantizingLinear(torch.autograd.Function):
     """``y = x W_hat^T + b`` that saves ``(packed codes, scales, offsets)`` for backward, not ``W_hat``.
 
-    ``apply(x, packed, scales, offsets, bias, quantizer, in_features)``. Only ``x`` gets a
-    gradient; the quantized tensors and the bias are frozen.
+    ``apply(x, packed, scales, offsets, bias, quantizer, in_features)``. ``x`` gets a gradient, and
+    ``scales`` when they require one (learned scales); codes, offsets and the bias are frozen.
     """
 
     @staticmethod
@@ -111,27 +112,49 @@ class DequantizingLinear(torch.autograd.Function):
         in_features: int,
     ) -> Tensor:
         weight = dequantize_packed(quantizer, packed, scales, offsets, in_features, x.dtype)
-        ctx.save_for_backward(packed, scales, offsets)
+        ctx.learns_scales = bool(ctx.needs_input_grad[2])
+        ctx.save_for_backward(packed, scales, offsets, *((x,) if ctx.learns_scales else ()))
         ctx.quantizer = quantizer
         ctx.in_features = in_features
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None, None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None
-        packed, scales, offsets = ctx.saved_tensors
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None, None, None]:
+        packed, scales, offsets, *saved_x = ctx.saved_tensors
         quantizer, in_features = ctx.quantizer, ctx.in_features
-        out_features = packed.shape[0]
-        rows = row_block(out_features, in_features)
-        if rows >= out_features:
-            weight = _dequantize_rows(quantizer, packed, scales, offsets, in_features).to(grad_out.dtype)
-            return grad_out.matmul(weight), None, None, None, None, None, None
-        grad_2d = grad_out.reshape(-1, out_features)
-        grad_x = torch.zeros(grad_2d.shape[0], in_features, dtype=torch.float32, device=grad_out.device)
-        for start in range(0, out_features, rows):
-            stop = min(start + rows, out_features)
-            block = _dequantize_rows(quantizer, packed[start:stop], scales[start:stop], offsets[start:stop], in_features)
-            grad_x.addmm_(grad_2d[:, start:stop].float(), block)
-        grad_x = grad_x.to(grad_out.dtype).reshape(*grad_out.shape[:-1], in_features)
-        return grad_x, None, None, None, None, None, None
+        grad_x = _input_grad(quantizer, packed, scales, offsets, in_features, grad_out) if ctx.needs_input_grad[0] else None
+        grad_scales = _scale_grad(quantizer, packed, in_features, grad_out, saved_x[0]).to(scales.dtype) \
+            if ctx.learns_scales else None
+        return grad_x, None, grad_scales, None, None, None, None
+
+
+def _input_grad(quantizer: Any, packed: Tensor, scales: Tensor, offsets: Tensor, in_features: int,
+                grad_out: Tensor) -> Tensor:
+    """``dL/dx = dL/dy W_hat``, ``W_hat`` rebuilt in row blocks (one matmul for a layer of one block)."""
+    out_features = packed.shape[0]
+    rows = row_block(out_features, in_features)
+    if rows >= out_features:
+        return grad_out.matmul(_dequantize_rows(quantizer, packed, scales, offsets, in_features).to(grad_out.dtype))
+    grad_2d = grad_out.reshape(-1, out_features)
+    grad_x = torch.zeros(grad_2d.shape[0], in_features, dtype=torch.float32, device=grad_out.device)
+    for start in range(0, out_features, rows):
+        stop = min(start + rows, out_features)
+        block = _dequantize_rows(quantizer, packed[start:stop], scales[start:stop], offsets[start:stop], in_features)
+        grad_x.addmm_(grad_2d[:, start:stop].float(), block)
+    return grad_x.to(grad_out.dtype).reshape(*grad_out.shape[:-1], in_features)
+
+
+def _scale_grad(quantizer: Any, packed: Tensor, in_features: int, grad_out: Tensor, x: Tensor) -> Tensor:
+    """``dL/ds[o, G] = sum_{i in G} q[o, i] (dL/dy^T x)[o, i]`` in float32, one row block of ``dL/dW`` at a time."""
+    out_features = packed.shape[0]
+    grad_2d = grad_out.reshape(-1, out_features).float()
+    x_2d = x.reshape(-1, in_features).float()
+    n_groups, group_size = quantizer.num_groups(in_features), quantizer.group_size
+    grad_scales = torch.empty(out_features, n_groups, dtype=torch.float32, device=grad_out.device)
+    rows = row_block(out_features, in_features)
+    for start in range(0, out_features, rows):
+        stop = min(start + rows, out_features)
+        grad_weight = grad_2d[:, start:stop].T @ x_2d  # (rows, d_in): this block of dL/dW
+        codes = unpack_codes(packed[start:stop], quantizer.bits, in_features).float()
+        grad_scales[start:stop] = (grad_weight * codes).view(stop - start, n_groups, group_size).sum(-1)
+    return grad_scales

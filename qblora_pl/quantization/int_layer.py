@@ -191,12 +191,21 @@ class GroupwiseIntLinear(Int4KernelPath, nn.Module):
             self.quantizer, self.packed_codes, self.scales, self.offsets, self.in_features, dtype or torch.float32
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, scales: Tensor | None = None) -> Tensor:
         """``y = x W_hat^T + b`` with ``W_hat`` dequantized on the fly in ``x.dtype``.
 
+        ``scales`` replaces the layer's own group scales for this call (an adapter's learned scales,
+        which get their gradient through it); the codes and offsets are the layer's.
         With :meth:`use_int4_kernel` enabled and autograd off, torch's INT4 kernel instead
         (bfloat16 compute, not bit-exact; see :meth:`use_int4_kernel`).
         """
+        if scales is not None:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            if torch.is_grad_enabled():
+                return DequantizingLinear.apply(x, self.packed_codes, scales, self.offsets, bias, self.quantizer,
+                                                self.in_features)
+            weight = dequantize_packed(self.quantizer, self.packed_codes, scales, self.offsets, self.in_features, x.dtype)
+            return F.linear(x, weight, bias)
         if getattr(self, "_int4_kernel", False):
             reason = self._int4_runtime_reason(x)
             if reason is None:

@@ -167,7 +167,7 @@ BENCH_METRICS = ("arc_acc", "arc_acc_norm", "mmlu_acc")
 # so the files made before them (bench/results/) still match and resume.
 NEW_OPTION_DEFAULTS = {"prompt_template": "alpaca", "arc": None, "arc_limit": None, "mmlu_dir": None,
                        "mmlu_limit_per_subject": None, "mmlu_k_shot": 5, "method_lr": None, "alpha": None,
-                       "base_init": "rtn", "calibration_records": 128, "calibration_seq_len": 512}
+                       "base_init": "rtn", "calibration_records": 128, "calibration_seq_len": 512, "scale_rank": 0}
 
 
 MATRIX_ISA = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")  # what CPU kernels dispatch on

@@ -20,6 +20,9 @@ Sections:
   loading; on CPU the growth of the process's peak RSS), and each case's ratios to PEFT's QLoRA.
 * ``int4_kernel_parity`` - ``GroupwiseIntLinear`` with torch's INT4 kernel vs the exact dequantize
   path on the device, for group sizes 32 / 64 / 128 at the 1B model's shapes: max relative error.
+* ``vllm`` - vLLM (its own environment: ``VLLM_PYTHON``; skipped where vllm does not import) serves the
+  compressed-tensors INT4 g128 export of the 1B model (QA-BLoRA with integer zero points): its prompt
+  log-probs and greedy tokens against ours, within ``--vllm-tolerance`` nats (float16 kernels).
 * ``decode`` - greedy decode tokens/s, batch 1, of the native INT4 export of the 1B model
   (QA-BLoRA merged into its offsets, loaded with ``load_native(fast_int4=True)``) against the same
   model dense in bf16, plus their greedy agreement.
@@ -326,6 +329,71 @@ def decode(model_dir: str, args: argparse.Namespace, export_root: Path) -> dict:
     return result
 
 
+def vllm_serving(model_dir: str, args: argparse.Namespace, export_root: Path) -> dict:
+    """vLLM on the compressed-tensors INT4 g128 export vs our model: prompt log-probs and greedy tokens.
+
+    QA-BLoRA trains (here: random adapters) with integer zero points (``QATSchedule(zero_point:
+    integer)``), so the export is the trained model exactly; vLLM's Marlin / Machete kernels then compute
+    in float16 and are not bit-exact, so the check is a tolerance (``--vllm-tolerance`` nats). vLLM runs
+    in its own environment (``VLLM_PYTHON``, default this Python): skipped where it does not import.
+    """
+    import os
+
+    python = os.environ.get("VLLM_PYTHON", sys.executable)
+    probe = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return {"status_reason": "skipped", "skipped": f"vllm does not import in {python} (pip install vllm in its own "
+                f"venv, then VLLM_PYTHON=that/python): {probe.stderr.strip().splitlines()[-1:]}"}
+    import torch
+
+    from qblora_pl.adapters import QABLoRA
+    from qblora_pl.adapters.injection import adapted_layers
+    from qblora_pl.export import export_module
+    from qblora_pl.module import QuantizedCausalLM
+    from qblora_pl.qat import MergedOffsetFakeQuant
+    from qblora_pl.quantization import GroupwiseInt
+
+    module = QuantizedCausalLM(model_dir, quantization=GroupwiseInt(bits=4, group_size=128),
+                               adapter=QABLoRA(budget_rank=8, dropout=0.0))
+    module.configure_model()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for layer in adapted_layers(module.model).values():
+            for p in layer.adapter.parameters():
+                p.normal_(0, 0.01)
+            layer.fake_quant = MergedOffsetFakeQuant()  # integer zero points at full strength, as trained
+    generator = torch.Generator().manual_seed(4)
+    vocab = module.model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (args.prompt_len,), generator=generator).tolist() for _ in range(4)]
+    ours = []
+    module.model.eval()
+    with torch.no_grad():
+        for ids in prompts:
+            logits = module.model(input_ids=torch.tensor([ids])).logits[0].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            ours.append({"prompt_logprobs": [float(logprobs[t - 1, ids[t]]) for t in range(1, len(ids))],
+                         "greedy_next": int(logits[-1].argmax())})
+    export_module(module, export_root, formats=["compressed-tensors"], verify=False, log=lambda _: None)
+    del module
+    _free()
+    prompts_file, out_file = export_root / "prompts.json", export_root / "vllm.json"
+    prompts_file.write_text(json.dumps(prompts))
+    cmd = [python, str(ROOT / "scripts" / "vllm_logprobs.py"), "--model", str(export_root / "compressed-tensors"),
+           "--prompts", str(prompts_file), "--out", str(out_file)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.vllm_timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vLLM failed (rc {proc.returncode}): {proc.stderr[-3000:]}")
+    theirs = json.loads(out_file.read_text())["results"]
+    diffs = [abs(a - b) for o, t in zip(ours, theirs) for a, b in zip(o["prompt_logprobs"], t["prompt_logprobs"])]
+    greedy = sum(o["greedy_next"] == t["greedy_next"] for o, t in zip(ours, theirs)) / len(ours)
+    result = {"bits": 4, "group_size": 128, "prompts": len(prompts), "positions": len(diffs),
+              "max_abs_logprob_diff": max(diffs), "mean_abs_logprob_diff": sum(diffs) / len(diffs),
+              "greedy_agreement": greedy, "tolerance_nats": args.vllm_tolerance}
+    if result["max_abs_logprob_diff"] > args.vllm_tolerance:
+        result["failed_cases"] = [f"max |log-prob diff| {result['max_abs_logprob_diff']:.3g} > {args.vllm_tolerance}"]
+    return result
+
+
 # ------------------------------------------------------------------------------ driver
 def run_section(report: dict, name: str, deadline: float, fn, *fn_args) -> None:
     """Run one section into ``report`` and rewrite the JSON file, so a killed run still leaves one."""
@@ -336,6 +404,8 @@ def run_section(report: dict, name: str, deadline: float, fn, *fn_args) -> None:
     try:
         result = fn(*fn_args)
         status = "failed" if isinstance(result, dict) and result.get("failed_cases") else "ok"
+        if isinstance(result, dict) and result.pop("status_reason", None) == "skipped":
+            status = "skipped"
         report["sections"][name] = {"status": status, **result}
     except Exception as error:  # noqa: BLE001 - the report says what failed; the other sections still run
         report["sections"][name] = {"status": "failed", "reason": f"{type(error).__name__}: {error}",
@@ -354,6 +424,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--skip", nargs="*", default=[], help="sections not to run (e.g. gpu_tests)")
+    parser.add_argument("--vllm-tolerance", type=float, default=0.1,
+                        help="vllm section: max |log-prob difference| (nats) of vLLM's float16 kernels from our model")
+    parser.add_argument("--vllm-timeout-s", type=float, default=300.0)
     args = parser.parse_args(argv)
 
     import torch
@@ -391,6 +464,8 @@ def main(argv: list[str] | None = None) -> dict:
             run_section(report, "int4_kernel_parity", deadline, int4_kernel_parity, big_shape, device)
         if "decode" not in args.skip and built:
             run_section(report, "decode", deadline, decode, str(big_dir), args, Path(tmp) / "export")
+        if "vllm" not in args.skip and built:
+            run_section(report, "vllm", deadline, vllm_serving, str(big_dir), args, Path(tmp) / "export_vllm")
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["ok"] = all(s["status"] in ("ok", "skipped") for s in report["sections"].values())
     Path(args.out).write_text(json.dumps(report, indent=2))

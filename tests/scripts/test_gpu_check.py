@@ -32,7 +32,7 @@ def test_dry_run_trains_every_method_checks_the_int4_kernel_and_decodes(tmp_path
     out = tmp_path / "report.json"
     report = gpu_check.main(["--dry-run", "--skip", "gpu_tests", "methods_embedded", "--out", str(out)])
     assert json.loads(out.read_text())["ok"] is report["ok"] is True, json.dumps(report["sections"], indent=1)[-3000:]
-    assert set(report["sections"]) == {"build_llama_1b", "methods_llama_1b", "int4_kernel_parity", "decode"}
+    assert set(report["sections"]) == {"build_llama_1b", "methods_llama_1b", "int4_kernel_parity", "decode", "vllm"}
 
     cases = report["sections"]["methods_llama_1b"]["cases"]
     available = {c for c, (_, _, _, needs) in gpu_check.CASES.items() if not gpu_check.missing_packages(needs)}
@@ -73,3 +73,50 @@ def test_shell_entry_point_runs_the_driver(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["ok"] and report["sections"]["build_llama_1b"]["num_hidden_layers"] == 2
+
+
+#: A stand-in for vLLM's offline API as scripts/vllm_logprobs.py uses it (LLM.generate with prompt
+#: log-probs), computing with transformers' compressed-tensors load: it checks the section's plumbing
+#: (export, prompts, JSON, comparison), not vLLM.
+FAKE_VLLM = """
+import types, torch
+from qblora_pl.export.compressed_tensors_writer import load_compressed_tensors
+
+class SamplingParams:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+class LLM:
+    def __init__(self, model, **kwargs):
+        self.model = load_compressed_tensors(model)
+
+    def generate(self, prompts, params):
+        outputs = []
+        for prompt in prompts:
+            ids = prompt["prompt_token_ids"]
+            with torch.no_grad():
+                logprobs = torch.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            per_position = [None] + [{ids[t]: types.SimpleNamespace(logprob=float(logprobs[t - 1, ids[t]]))}
+                                     for t in range(1, len(ids))]
+            completion = types.SimpleNamespace(token_ids=[int(logprobs[-1].argmax())])
+            outputs.append(types.SimpleNamespace(prompt_logprobs=per_position, outputs=[completion]))
+        return outputs
+"""
+
+
+def test_the_vllm_section_compares_served_log_probs_with_ours(tmp_path, monkeypatch):
+    pytest.importorskip("compressed_tensors")
+    fake = tmp_path / "fake_vllm"
+    (fake / "vllm").mkdir(parents=True)
+    (fake / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    python = tmp_path / "vllm_python"
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={fake}:{REPO} exec {os.sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    monkeypatch.setenv("VLLM_PYTHON", str(python))
+    report = _gpu_check().main(["--dry-run", "--skip", "gpu_tests", "methods_embedded", "methods_llama_1b",
+                                "int4_kernel_parity", "decode", "--out", str(tmp_path / "report.json")])
+    section = report["sections"]["vllm"]
+    assert section["status"] == "ok", json.dumps(section, indent=1)[-3000:]
+    assert section["positions"] == 4 * 7 and section["greedy_agreement"] == 1.0
+    assert section["max_abs_logprob_diff"] < 1e-4  # the export is the trained model (integer zero points)
+

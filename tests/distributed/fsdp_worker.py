@@ -28,6 +28,7 @@ ADAPTERS = {
     "qblora": lambda: QBLoRA(r=4, dropout=0.0),
     "qalora": lambda: QALoRA(r=4, dropout=0.0),
     "qablora": lambda: QABLoRA(budget_rank=4, dropout=0.0),
+    "qablora_scales": lambda: QABLoRA(budget_rank=4, dropout=0.0, scale_rank=2),  # learned group scales
 }
 BACKENDS = {
     "int4": lambda: GroupwiseInt(bits=4, group_size=32),

@@ -145,7 +145,8 @@ def test_fsdp_checkpoints_resume_at_the_same_and_a_larger_world_size(tiny_model_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,grad_ckpt", [("qablora", True), ("lora", False), ("qalora", False), ("qblora", True)])
+@pytest.mark.parametrize("method,grad_ckpt", [("qablora", True), ("lora", False), ("qalora", False), ("qblora", True),
+                                              ("qablora_scales", True)])
 def test_fsdp_parity_for_each_method_and_with_activation_checkpointing(method, grad_ckpt, tiny_model_dir, tiny_data_dir, tmp_path):
     common = {"model_dir": str(tiny_model_dir), "data_dir": str(tiny_data_dir), "method": method,
               "lr": 1e-2 if method.startswith("qa") else 3e-3, "max_epochs": 1}

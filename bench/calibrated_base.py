@@ -47,7 +47,7 @@ def datamodule(args):
 def held_out_loss(model, dm, records: int) -> float:
     """Mean loss over the response tokens of the first ``records`` validation examples
     (``bench/accuracy.py``'s token-weighted ``score``)."""
-    from bench.accuracy import score
+    from bench.accuracy_lib.evaluation import score
 
     batches, seen = [], 0
     for batch in dm.val_dataloader():

@@ -152,15 +152,15 @@ def qablora_settings(config_path: Path) -> dict:
 def run_one(args, settings: dict, bits: int, group_size: int, data, prompts_ids, out_dir: Path) -> dict:
     import lightning.pytorch as pl
 
-    from qblora_pl.adapters import QABLoRA
+    from bench.accuracy_lib.methods import from_config
     from qblora_pl.export import export_module
     from qblora_pl.module import QuantizedCausalLM
-    from qblora_pl.quantization import GroupwiseInt
 
     pl.seed_everything(args.seed)
+    quantization, adapter = from_config(Path(args.config), quantization={"bits": bits, "group_size": group_size},
+                                        adapter={"dropout": settings["adapter"]["dropout"]})
     module = QuantizedCausalLM(
-        args.model, quantization=GroupwiseInt(bits=bits, group_size=group_size, scale_dtype=settings["scale_dtype"]),
-        adapter=QABLoRA(**settings["adapter"]), learning_rate=settings["learning_rate"],
+        args.model, quantization=quantization, adapter=adapter, learning_rate=settings["learning_rate"],
         warmup_steps=settings["warmup_steps"],
     )
     started = time.perf_counter()

@@ -48,6 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 from qblora_pl.export.verify import open_llama_cpp  # noqa: E402
 
+INT4_G32 = {"bits": 4, "group_size": 32}  # configs/qablora.yaml's base and adapter at this width
+
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\nGive the word that is defined as follows.\n\n### Response:\n"
@@ -164,10 +166,9 @@ class LlamaCppDecoder:
 def train_or_load(args):
     import lightning.pytorch as pl
 
-    from qblora_pl.adapters import QABLoRA
+    from bench.accuracy_lib.methods import from_config
     from qblora_pl.data.datamodule import InstructionDataModule
     from qblora_pl.module import QuantizedCausalLM
-    from qblora_pl.quantization import GroupwiseInt
 
     data = InstructionDataModule(
         args.data, tokenizer_name_or_path=args.model, batch_size=8, eval_batch_size=args.eval_batch_size,
@@ -198,9 +199,9 @@ def train_or_load(args):
         return module, val_batches, base, {"ckpt": args.ckpt}
 
     pl.seed_everything(args.seed)
+    quantization, adapter = from_config("qablora", quantization=INT4_G32, adapter={"budget_rank": args.rank})
     module = QuantizedCausalLM(
-        args.model, quantization=GroupwiseInt(bits=4, group_size=32),
-        adapter=QABLoRA(budget_rank=args.rank, alpha=16, dropout=0.05), learning_rate=args.lr, warmup_steps=10,
+        args.model, quantization=quantization, adapter=adapter, learning_rate=args.lr, warmup_steps=10,
     )
     module.configure_model()
     base = torch_perplexity(module.model, val_batches)  # QA-BLoRA starts at a zero update: the INT4 base
@@ -221,9 +222,8 @@ def synthetic_module(args):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qblora_pl.adapters import QABLoRA
+    from bench.accuracy_lib.methods import from_config
     from qblora_pl.module import QuantizedCausalLM
-    from qblora_pl.quantization import GroupwiseInt
 
     hidden, intermediate, layers, heads = (int(v) for v in args.synthetic.split(","))
     source = Path(args.model)
@@ -240,9 +240,8 @@ def synthetic_module(args):
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
         if (source / name).is_file():
             shutil.copy(source / name, directory / name)
-    module = QuantizedCausalLM(
-        str(directory), quantization=GroupwiseInt(bits=4, group_size=32), adapter=QABLoRA(budget_rank=args.rank, alpha=16, dropout=0.0),
-    )
+    quantization, adapter = from_config("qablora", quantization=INT4_G32, adapter={"budget_rank": args.rank, "dropout": 0.0})
+    module = QuantizedCausalLM(str(directory), quantization=quantization, adapter=adapter)
     module.configure_model()
     with torch.no_grad():
         for name, p in module.model.named_parameters():

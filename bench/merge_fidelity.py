@@ -29,15 +29,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def build_methods(rank: int, bits: int, group_size: int) -> dict:
-    from qblora_pl.adapters import LoRA, QABLoRA, QALoRA, QBLoRA
-    from qblora_pl.quantization import NF4, GroupwiseInt
+    """The four methods of configs/<method>.yaml at budget rank ``rank``, dropout 0 (bench/accuracy_lib/methods.py)."""
+    from bench.accuracy_lib.methods import build
 
-    return {
-        "qlora": (NF4(), LoRA(r=rank, dropout=0.0)),
-        "qblora": (NF4(), QBLoRA(r=rank, dropout=0.0)),
-        "qalora": (GroupwiseInt(bits=bits, group_size=group_size), QALoRA(r=rank, dropout=0.0)),
-        "qablora": (GroupwiseInt(bits=bits, group_size=group_size), QABLoRA(budget_rank=rank, dropout=0.0)),
-    }
+    return {method: build(method, rank, bits, group_size) for method in ("qlora", "qblora", "qalora", "qablora")}
 
 
 @torch.no_grad()

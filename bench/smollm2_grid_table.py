@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.accuracy import (  # noqa: E402
+from bench.accuracy_lib import (  # noqa: E402
     NOISE_Z, REFERENCE, _order, arc_delta_cell, claims_markdown, claims_reading, compute_time, config_of, format_name,
     format_order, is_done, loss_difference, lr_report, mean_pm_std, method_name, paired_difference, parse_args,
     planned_runs, plot, reference_runs, retrained_note, run_key, scored_part, summarize,

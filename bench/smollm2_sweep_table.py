@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.accuracy import DENSE_MERGE, LABEL, best_lr, chosen_lrs, learning_rate, lr_sweep, method_lr_option  # noqa: E402
+from bench.accuracy_lib import DENSE_MERGE, LABEL, best_lr, chosen_lrs, learning_rate, lr_sweep, method_lr_option  # noqa: E402
 
 SWEEP_FILES = str(ROOT / "bench" / "results" / "accuracy_smollm2_val_lr*.json")
 RESULTS_DOC = ROOT / "docs" / "results" / "README.md"  # the block between its sweep markers is rewritten
@@ -70,7 +70,7 @@ def main() -> None:
     end = s.index("\n<!-- sweep:end -->", start)
     block = (
         "The paper's method comparison on this model is the test-split grid above (`bash bench/smollm2_grid.sh sweep | lrs | step1 ...`;\n"
-        "`bench/accuracy.py` docstring and `docs/benchmarks.md` give the commands). Its first stage, the learning-rate\n"
+        "`bench/smollm2_grid.sh` and `docs/benchmarks.md` give the commands). Its first stage, the learning-rate\n"
         "sweep on the **validation** split (INT3 g32, 1 seed, 200 steps, batch 4, chat Alpaca), gave these runs\n"
         "(`python bench/smollm2_sweep_table.py` rewrites this table; best per method and column in bold):\n\n"
         + text + "\n\n"

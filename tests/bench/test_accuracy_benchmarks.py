@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
-from bench import accuracy
+from bench import accuracy_lib as accuracy
 from qblora_pl.paths import EMBEDDED_DATA_DIR, EMBEDDED_MODEL_DIR
 
-RESULTS = Path(accuracy.__file__).resolve().parent / "results"
+RESULTS = accuracy.ROOT / "bench" / "results"
 TINY = ["--steps", "2", "--warmup", "1", "--test-batches", "1", "--eval-batch-size", "8", "--seeds", "0",
         "--group-sizes", "32", "--arc", str(EMBEDDED_DATA_DIR / "zero_shot" / "test.json"), "--arc-limit", "4",
         "--mmlu-dir", str(EMBEDDED_DATA_DIR / "mmlu"), "--mmlu-k-shot", "1", "--mmlu-limit-per-subject", "1"]

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from bench.accuracy import score
+from bench.accuracy_lib.evaluation import score
 
 
 def _batch_from(prompts: torch.Tensor, responses: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bench import accuracy
+from bench import accuracy_lib as accuracy
 
 QA_RUN = ("qalora", 0, 2, 32, False)  # a QA-* run: done exactly when its row is stored
 OTHER_RUN = ("qablora", 0, 2, 32, False)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import accuracy
+from bench import accuracy_lib as accuracy
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench import smollm2_grid_table as grid
-from bench.accuracy import mean_pm_std
+from bench.accuracy_lib.stats import mean_pm_std
 
 
 def _row(method, seed, base, loss, arc, hits, part="low_bit"):
@@ -63,7 +63,7 @@ def test_the_block_shows_the_plots_that_main_writes(tmp_path):
 
 
 def test_each_claim_reading_follows_the_stated_rule():
-    from bench.accuracy import verdict
+    from bench.accuracy_lib.claims import verdict
     assert verdict(1, None) == "**reproduced**"  # ARC decides; a one-seed loss is not judged
     assert verdict(1, 0) == "**reproduced**"
     assert verdict(-1, None) == "**not reproduced**: A is worse"
@@ -81,7 +81,7 @@ def _seeds(method, fmt, runs):
 
 
 def test_the_claims_are_read_from_hand_computed_differences():
-    from bench.accuracy import claims_reading
+    from bench.accuracy_lib.claims import claims_reading
     # INT3: per question A = 1 1 1 1 .5 0 0 0, B = 0 0 0 0 .5 0 0 0 -> differences 1 1 1 1 0 0 0 0:
     # mean .5, SE sqrt(2/7)/sqrt(8) = .18898, z = 2.65. Loss: A 2.1 ± .1414, B 2.6 ± .1414 over 2 seeds
     # -> Δ -0.5, SE sqrt(.02/2 + .02/2) = .14142, z = -3.54 (A better).
@@ -105,7 +105,7 @@ def test_the_claims_are_read_from_hand_computed_differences():
 
 
 def test_the_gap_is_followed_down_each_group_size_even_with_other_groups_stored():
-    from bench.accuracy import widening
+    from bench.accuracy_lib.claims import widening
     # per question A - B: INT4 g32 0 0 0 0, INT3 g32 1 1 0 0, INT2 g32 1 1 1 1; INT4 g64 sits between INT4 g32 and
     # INT3 g32 in the width order but belongs to another group, so g32 is followed INT4 -> INT3 -> INT2.
     results = {**_seeds("qablora", "int4_g32", [(2.0, "0000")]), **_seeds("qalora", "int4_g32", [(2.0, "0000")]),
@@ -168,7 +168,7 @@ def test_a_fair_scaling_rank_step_has_its_own_file_title_and_command():
 
 
 def test_step_3s_qat_rows_are_compared_with_qablora_and_with_each_other():
-    from bench.accuracy import claims_markdown, claims_reading
+    from bench.accuracy_lib.claims import claims_markdown, claims_reading
     # INT2, one seed each: QA-BLoRA 1100, QLoRA + QAT 1000, Q-BLoRA + QAT 0000
     results = {**_seeds("qablora", "int2_g32", [(4.3, "1100")]), **_seeds("qlora+qat", "int2_g32", [(3.9, "1000")]),
                **_seeds("qblora+qat", "int2_g32", [(4.0, "0000")])}
@@ -237,7 +237,7 @@ def test_qlora_qat_s_own_int2_sweep_chooses_by_the_deployed_loss_and_skips_unfin
 
 
 def test_a_seed_count_says_how_many_seeds_are_complete():
-    from bench.accuracy import parse_args
+    from bench.accuracy_lib.cli import parse_args
     args = parse_args(["--seeds", "0", "1", "2"])
     runs = [("m", seed, i) for seed in (0, 1, 2) for i in range(2)]
     assert grid.per_seed(args, runs, runs) == "all 3 seeds (2 runs each)"

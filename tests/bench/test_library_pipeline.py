@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench import accuracy, library_pipeline
+from bench import accuracy_lib as accuracy
+from bench import library_pipeline
 
 
 def test_library_rows_are_planned_only_when_asked_and_count_for_done():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The issue-13 grid on SmolLM2-135M-Instruct, one stage per call; every stage resumes (finished
-# runs are stored in bench/results/*.json and skipped). See bench/accuracy.py's docstring.
+# The SmolLM2-135M-Instruct grid, one stage per call; every stage resumes (finished runs are stored
+# in bench/results/*.json and skipped). What each option and stored field is: docs/benchmarks.md, part (a).
 #
 #   bash bench/smollm2_grid.sh sweep      # 0. learning rates on the validation split
 #   bash bench/smollm2_grid.sh lrs        #    print the chosen LRs (--lr-report)
@@ -16,6 +16,8 @@
 #   bash bench/smollm2_grid.sh sweep_base # issue 32: QA-* LRs on a calibrated base (BASE=gptq|mse, BITS=3|2; val split;
 #                                         #   SCALE_RANK=4: with learned group scales, in files of their own)
 #   bash bench/smollm2_grid.sh step6      # issue 32: QA-* on a calibrated base, test split (accuracy_smollm2_$BASE.json)
+#   bash bench/smollm2_grid.sh step7      # the users' pipeline: QLoRA -> merge -> llm-compressor GPTQ (qlora+libgptq
+#                                         #   rows, accuracy_smollm2_libgptq.json; needs scripts/setup_library_gptq_venv.sh)
 #   bash bench/smollm2_grid.sh report     #    tables + plots, and docs/results/README.md's grid block
 #
 # THREADS (default 1) sets OMP_NUM_THREADS: two stages may share the 2 cores of this machine.
@@ -111,6 +113,9 @@ case "${1:?stage: sweep | lrs | sweep_int2 | int2_lrs | int2 | sweep_qat_int2 | 
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" ${QA_LRS:?set QA_LRS to sweep_base\'s --method-lr line} \
         --tag "smollm2_${BASE:-gptq}" --seeds $SEEDS "${METHOD_ARGS[@]}" --base-init "${BASE:-gptq}" \
         --bits ${BITS:-3 2} --group-sizes 32 --reference --bench-trained none ;;
+  step7)   # QLoRA at the grid's LR, merged, then quantized by llm-compressor's GPTQ at INT3 g32 (and by RTN)
+    python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2_libgptq --seeds $SEEDS \
+        --methods qlora --library-gptq --bits ${BITS:-3} --group-sizes 32 --bench-trained none ;;
   report)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2 --bits 3 2 \
         --group-sizes 32 --report-only --markdown

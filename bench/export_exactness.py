@@ -22,6 +22,11 @@ Runtimes (add one by adding an entry to :data:`RUNTIMES`):
 * ``transformers-gguf`` - transformers' GGUF loader (float32 evaluation of the file's weights:
   only the fp16 rounding of the merged offsets shows, and that of the embedding / head, F16
   under the default ``--gguf-dense-type auto`` for this float32 model; ``f32`` keeps them);
+* ``transformers-ct`` - transformers + compressed-tensors on the ``compressed-tensors/`` export (the layout
+  vLLM / SGLang serve, with integer zero points), dequantized to float32 on CPU. Its model is a second
+  training with ``QATSchedule(zero_point: integer)`` from step 0 (the way to an exact export in this
+  format), compared with that trained model in memory. Left out when compressed-tensors is not installed
+  (``pip install -e ".[vllm]"``);
 * ``mlx`` - mlx-lm (:func:`qblora_pl.export.mlx_loader.load_mlx`) on the ``mlx/`` export, whose
   float32 scales and biases hold the reference's weights exactly, so only MLX's vs torch's float32
   kernels show. Left out, with a note, when ``mlx_lm`` is not installed (``pip install -e ".[mlx]"``).
@@ -83,6 +88,12 @@ def native_logits(path: Path, prompts_ids: list[list[int]], threads: int) -> lis
     return torch_logits(load_native(path), prompts_ids)
 
 
+def compressed_tensors_logits(path: Path, prompts_ids: list[list[int]], threads: int) -> list[np.ndarray]:
+    from qblora_pl.export.compressed_tensors_writer import load_compressed_tensors
+
+    return torch_logits(load_compressed_tensors(path), prompts_ids)
+
+
 def mlx_logits(path: Path, prompts_ids: list[list[int]], threads: int) -> list[np.ndarray]:
     from qblora_pl.export.mlx_loader import load_mlx
 
@@ -96,6 +107,14 @@ RUNTIMES: dict[str, Runtime] = {
     "llama.cpp": Runtime("gguf", "model.gguf", llama_cpp_logits),
     "transformers-gguf": Runtime("gguf", "model.gguf", transformers_gguf_logits),
 }
+#: runtime name -> its export of a second model, trained with QAT integer zero points
+#: (``QATSchedule(zero_point: integer)``), compared with that trained model itself.
+QAT_INTEGER_RUNTIMES: dict[str, Runtime] = {}
+if importlib.util.find_spec("compressed_tensors") is not None:
+    QAT_INTEGER_RUNTIMES["transformers-ct"] = Runtime("compressed-tensors", "compressed-tensors",
+                                                      compressed_tensors_logits)
+else:
+    print("bench/export_exactness.py: compressed-tensors is not installed, no vLLM-format column (pip install -e '.[vllm]')")
 if importlib.util.find_spec("mlx_lm") is not None:
     RUNTIMES["mlx"] = Runtime("mlx", "mlx", mlx_logits)
 else:
@@ -207,7 +226,46 @@ def run_one(args, settings: dict, bits: int, group_size: int, data, prompts_ids,
     for name, runtime in RUNTIMES.items():
         row["runtimes"][name] = compare(reference, runtime.logits(export_dir / runtime.artifact, prompts_ids, args.threads))
     del module, trainer
+    if QAT_INTEGER_RUNTIMES:
+        row.update(qat_integer_runtimes(args, settings, bits, group_size, data, prompts_ids, export_dir / "qat_integer",
+                                        n_weights))
     return row
+
+
+def qat_integer_runtimes(args, settings: dict, bits: int, group_size: int, data, prompts_ids, export_dir: Path,
+                         n_weights: int) -> dict:
+    """The same training with QAT integer zero points from step 0, exported to the formats that store
+    integer zero points, each compared with the trained model as it computes in memory."""
+    import lightning.pytorch as pl
+
+    from bench.accuracy_lib.methods import from_config
+    from qblora_pl.callbacks import QATSchedule
+    from qblora_pl.export import export_module
+    from qblora_pl.module import QuantizedCausalLM
+
+    pl.seed_everything(args.seed)
+    quantization, adapter = from_config(Path(args.config), quantization={"bits": bits, "group_size": group_size},
+                                        adapter={"dropout": settings["adapter"]["dropout"]})
+    module = QuantizedCausalLM(args.model, quantization=quantization, adapter=adapter,
+                               learning_rate=settings["learning_rate"], warmup_steps=settings["warmup_steps"])
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
+        limit_val_batches=0, enable_model_summary=False, gradient_clip_val=0.3, enable_progress_bar=False,
+        callbacks=[QATSchedule(start_step=0, bits=bits, group_size=group_size, zero_point="integer")],
+    )
+    trainer.fit(module, datamodule=data)
+    trained = torch_logits(module.model, prompts_ids)  # the QAT forward: integer zero points at full strength
+    formats = sorted({r.export_format for r in QAT_INTEGER_RUNTIMES.values()})
+    report = export_module(module, export_dir, formats=formats, verify=False, log=lambda _: None)
+    result = {"qat_integer_formats": {}, "qat_integer_runtimes": {}}
+    for fmt in formats:
+        size = artifact_bytes(Path(report["formats"][fmt]["path"]))
+        result["qat_integer_formats"][fmt] = {"bytes": size, "bytes_per_weight": size / n_weights}
+    for name, runtime in QAT_INTEGER_RUNTIMES.items():
+        result["qat_integer_runtimes"][name] = compare(
+            trained, runtime.logits(export_dir / runtime.artifact, prompts_ids, args.threads))
+    del module, trainer
+    return result
 
 
 def markdown(rows: list[dict]) -> str:
@@ -215,8 +273,13 @@ def markdown(rows: list[dict]) -> str:
     head = ["INT-b", "g", "GGUF B/weight (file)", "Q4_1 B/weight (linears)", "INT-b ideal B/weight", "linears Q4_1 / fallback"]
     if "mlx" in names:
         head.append("MLX B/weight (file)")
+    qat_names = list(QAT_INTEGER_RUNTIMES)
+    if "transformers-ct" in qat_names:
+        head.append("compressed-tensors B/weight (file)")
     for name in names:
         head += [f"{name} max abs dlogit (/std)", f"{name} greedy"]
+    for name in qat_names:
+        head += [f"{name} (QAT integer zero points) max abs dlogit (/std)", f"{name} greedy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         g = row["gguf"]
@@ -224,10 +287,11 @@ def markdown(rows: list[dict]) -> str:
         cells = [f"INT{row['bits']}", str(row["group_size"]), f"{row['formats']['gguf']['bytes_per_weight']:.3f}",
                  f"{g['q4_1_linear_bytes_per_weight']:.3f}", f"{g['int_b_ideal_bytes_per_weight']:.3f}",
                  f"{q4_1} / {g['fallback_layers']}"]
-        if "mlx" in row["formats"]:
+        if "mlx" in names:
             cells.append(f"{row['formats']['mlx']['bytes_per_weight']:.3f}")
-        for name in names:
-            r = row["runtimes"][name]
+        if "transformers-ct" in qat_names:
+            cells.append(f"{row['qat_integer_formats']['compressed-tensors']['bytes_per_weight']:.3f}")
+        for name, r in [*((n, row["runtimes"][n]) for n in names), *((n, row["qat_integer_runtimes"][n]) for n in qat_names)]:
             cells += [f"{r['max_abs_logit_diff']:.3g} ({r['max_abs_logit_diff_over_std']:.3f})",
                       f"{r['greedy_agreement']:.3f} ({r['positions']})"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -276,7 +340,7 @@ def main() -> None:
             r = rows[-1]
             print(f"INT{bits} g{group_size}: " + ", ".join(
                 f"{name} max |dlogit| {v['max_abs_logit_diff']:.3g} greedy {v['greedy_agreement']:.3f}"
-                for name, v in r["runtimes"].items()), flush=True)
+                for name, v in {**r["runtimes"], **r.get("qat_integer_runtimes", {})}.items()), flush=True)
     table = markdown(rows)
     print("\n" + table)
     result = {
@@ -288,6 +352,9 @@ def main() -> None:
         "prompts": {"count": len(prompts_ids), "tokens": sum(map(len, prompts_ids)), "source": "validation split"},
         "reference": "qblora_pl.export.load_native (native INT-b export)",
         "runtimes": {name: {"export_format": r.export_format, "artifact": r.artifact} for name, r in RUNTIMES.items()},
+        "qat_integer_runtimes": {name: {"export_format": r.export_format, "artifact": r.artifact,
+                                        "reference": "the model trained with QATSchedule(zero_point: integer), in memory"}
+                                 for name, r in QAT_INTEGER_RUNTIMES.items()},
         "rows": rows,
         "markdown": table,
     }

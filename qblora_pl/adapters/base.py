@@ -303,7 +303,7 @@ class AdaptedLinear(nn.Module):
         self.fake_quant = None
         # What merge() replaced ((offsets, scales) or the original base module). A plain list,
         # so nn.Module does not register the stashed base as a submodule of its own.
-        self._unmerged_stash: list[nn.Module | torch.Tensor] = []
+        self._unmerged_stash: list[nn.Module | tuple[torch.Tensor, torch.Tensor]] = []
         d_out, d_in = linear_shape(base_layer)
         self.in_features, self.out_features = d_in, d_out
 

@@ -266,14 +266,16 @@ def test_composed_cli_config_trains_checkpoints_resumes_and_exports_on_two_proce
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(base, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    # The config's relative logger save_dir (runs/) moves under --trainer.default_root_dir, and the export
+    # into that run's log dir (runs/qablora/version_0/exports).
+    (last,) = (tmp_path / "run" / "runs").rglob("last.ckpt")
     ckpt = torch.load(last, weights_only=False)
     assert ckpt["global_step"] == 4 and ckpt["world_size"] == 2 and all("balanced_M" in k for k in ckpt["state_dict"])
-    report = json.loads((tmp_path / "run" / "exports" / "export_report.json").read_text())
+    report = json.loads((last.parents[1] / "exports" / "export_report.json").read_text())
     assert set(report["formats"]) == {"native", "gguf", "hf"}
     assert report["formats"]["native"]["verification"]["max_abs_logit_diff"] < 1e-4
     resumed = subprocess.run(base + ["--trainer.max_steps", "6", "--ckpt_path", str(last)], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    newest = max((tmp_path / "runs").rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)  # the resumed run's version dir
+    newest = max((tmp_path / "run" / "runs").rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)  # the resumed run's
     assert newest != last and torch.load(newest, weights_only=False)["global_step"] == 6

@@ -69,27 +69,27 @@ class MergedOffsetFakeQuant:
         trained = layer.trained_scales()
         return layer.base_layer.scales if trained is None else trained
 
-    def _offsets(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    def _offsets(self, layer, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         base: GroupwiseIntLinear = layer.base_layer
         merged = base.offsets.float() + layer.adapter.group_offset_delta(base.group_size).float()
-        scales = self._scales(layer).float()
         if self.zero_point == "integer":
-            _, rounded = base.quantizer.integer_zero_points(scales, merged)
+            _, rounded = base.quantizer.integer_zero_points(scales.float(), merged)
         else:
             rounded = merged.half().float()
         return merged, rounded
 
     def weight(self, layer) -> torch.Tensor:
         base: GroupwiseIntLinear = layer.base_layer
-        merged, rounded = self._offsets(layer)
+        scales = self._scales(layer)  # once per forward: the learned update is a matmul
+        merged, rounded = self._offsets(layer, scales)
         offsets = merged + self.strength * (straight_through(merged, rounded) - merged)
-        return base.quantizer.dequantize(base.codes(), self._scales(layer), offsets)
+        return base.quantizer.dequantize(base.codes(), scales, offsets)
 
     @torch.no_grad()
     def relative_error(self, layer) -> float:
-        merged, rounded = self._offsets(layer)
         base = layer.base_layer
         scales = self._scales(layer)
+        merged, rounded = self._offsets(layer, scales)
         exact = base.quantizer.dequantize(base.codes(), scales, merged)
         fake = base.quantizer.dequantize(base.codes(), scales, rounded)
         return float((fake - exact).norm() / exact.norm().clamp_min(1e-12))

@@ -273,6 +273,15 @@ def _relocate(value: Any, old: str, new: str) -> Any:
     return value
 
 
+def options_from(kwargs: dict[str, Any]) -> ExportOptions:
+    """The :class:`ExportOptions` that :func:`export_merged` will build from these keyword arguments."""
+    names = set(ExportOptions.__dataclass_fields__)
+    given = {name: value for name, value in kwargs.items() if name in names and value is not None}
+    if "format_options" in given:
+        given["format_options"] = dict(given["format_options"])
+    return ExportOptions(**given)
+
+
 def export_module(module, output_dir: str | Path, *, trainer: Any = None, **kwargs: Any) -> dict[str, Any]:
     """Export a configured :class:`~qblora_pl.module.QuantizedCausalLM` (adapters loaded).
 
@@ -342,8 +351,9 @@ def export_from_checkpoint(
                                     "refusing to export them. Use a checkpoint written before the run diverged")
     if module is None:
         module = module_from_checkpoint(checkpoint, model_name_or_path)
-    check_model_support(formats, export_plan(module, kwargs.get("native_bits", 4), kwargs.get("native_group_size", 32)),
-                        ExportOptions())  # before the model loads
+    options = options_from(kwargs)
+    check_model_support(formats, export_plan(module, options.native_bits, options.native_group_size),
+                        options)  # before the model loads
     if module.calibration_source is None:
         module.calibration_source = checkpoint_calibration_source(checkpoint, data_path, model_name_or_path)
     module.configure_model()

@@ -113,3 +113,15 @@ def test_fit_with_gguf_on_a_non_llama_model_stops_before_training(mistral_model_
     assert last.startswith("main.py: error:") and "'gguf' writes model_type 'llama' only" in last, last
     assert "this model is 'mistral'" in last and "drop 'gguf' from formats" in last
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("exports"))
+
+
+def test_the_checkpoint_export_checks_formats_with_the_options_it_will_export_with():
+    """export_from_checkpoint's early format check gets the run's options, not defaults."""
+    from qblora_pl.export.exporter import options_from
+    from qblora_pl.export.formats import ExportOptions
+
+    kwargs = {"native_bits": 3, "native_group_size": 64, "round_zero_points": True, "verify": False,
+              "format_options": {"torch-state-dict": {"dtype": "float16"}}, "gguf_fallback": None}
+    assert options_from(kwargs) == ExportOptions(native_bits=3, native_group_size=64, round_zero_points=True,
+                                                 format_options={"torch-state-dict": {"dtype": "float16"}})
+    assert options_from({}) == ExportOptions()

@@ -301,6 +301,9 @@ class AdaptedLinear(nn.Module):
         # Set by the QAT schedule: an object whose .weight(self) is the fake-quantized merged
         # weight the export will hold (qblora_pl.qat); None trains the plain adapter.
         self.fake_quant = None
+        # Train QA-* updates through the base's offsets (see forward); False keeps the separate
+        # adapter branch, which computes the same function with other rounding.
+        self.fold_offsets = True
         # What merge() replaced ((offsets, scales) or the original base module). A plain list,
         # so nn.Module does not register the stashed base as a submodule of its own.
         self._unmerged_stash: list[nn.Module | tuple[torch.Tensor, torch.Tensor]] = []
@@ -315,10 +318,24 @@ class AdaptedLinear(nn.Module):
             bias = self.base_bias
             return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
         scales = None if self.merged else self.trained_scales()
+        if not self.merged and self._folds_into_offsets():
+            # Training a QA-* adapter without dropout: its update rides in the offsets, as the merge
+            # puts it, so one dequantized matmul gives base + update (the merged layer's output)
+            # and the update's gradient comes from x's per-group sums (dequant_linear.py).
+            delta = self.adapter.group_offset_delta(self.base_layer.group_size)
+            return self.base_layer(x, scales=scales, offset_delta=delta)
         result = self.base_layer(x) if scales is None else self.base_layer(x, scales=scales)
         if self.merged:
             return result
         return self.adapter.add_delta(result, self.dropout(x).to(self.adapter.dtype))
+
+    def _folds_into_offsets(self) -> bool:
+        """Whether this forward computes the update through the offsets: a QA-* layer under autograd,
+        no adapter dropout in effect (dropout acts on ``x`` before pooling, which the offsets cannot
+        carry), a pooling window that covers whole groups, and not switched off (``fold_offsets``)."""
+        return (self.fold_offsets and torch.is_grad_enabled() and self.merges_into_offsets
+                and (not self.training or isinstance(self.dropout, nn.Identity))
+                and self.adapter.pool_window % self.base_layer.group_size == 0)
 
     def trained_scales(self) -> torch.Tensor | None:
         """The base's group scales with the adapter's learned update (``scale_rank``), or None."""

@@ -96,8 +96,12 @@ def dequantize_packed(
 class DequantizingLinear(torch.autograd.Function):
     """``y = x W_hat^T + b`` that saves ``(packed codes, scales, offsets)`` for backward, not ``W_hat``.
 
-    ``apply(x, packed, scales, offsets, bias, quantizer, in_features)``. ``x`` gets a gradient, and
-    ``scales`` when they require one (learned scales); codes, offsets and the bias are frozen.
+    ``apply(x, packed, scales, offsets, bias, quantizer, in_features[, offset_delta])``. ``x`` gets a
+    gradient, and ``scales`` when they require one (learned scales); codes, offsets and the bias
+    are frozen. ``offset_delta`` (``(d_out, d_in / g)``, a QA-* adapter's group-constant update)
+    is added to the offsets in float32 exactly as a merge adds it, so ``y`` is the merged layer's
+    output, and gets its gradient from the per-group sums of ``x``: the adapter costs no separate
+    matmul or broadcast add over the output.
     """
 
     @staticmethod
@@ -110,22 +114,40 @@ class DequantizingLinear(torch.autograd.Function):
         bias: Tensor | None,
         quantizer: Any,
         in_features: int,
+        offset_delta: Tensor | None = None,
     ) -> Tensor:
+        if offset_delta is not None:  # exactly the offsets AdaptedLinear.merge() writes
+            offsets = offsets.float() + offset_delta.float()
         weight = dequantize_packed(quantizer, packed, scales, offsets, in_features, x.dtype)
         ctx.learns_scales = bool(ctx.needs_input_grad[2])
-        ctx.save_for_backward(packed, scales, offsets, *((x,) if ctx.learns_scales else ()))
+        ctx.learns_offsets = offset_delta is not None and bool(ctx.needs_input_grad[7])
+        # dL/d(offset[o, G]) = sum_{i in G} (dL/dy^T x)[o, i] = (dL/dy^T X_G)[o, G]: only the
+        # per-group sums of x are needed, (tokens, d_in / g) in float32, not x itself.
+        group_sums = (_group_sums(x, in_features, quantizer.group_size),) if ctx.learns_offsets else ()
+        ctx.save_for_backward(packed, scales, offsets, *((x,) if ctx.learns_scales else ()), *group_sums)
         ctx.quantizer = quantizer
         ctx.in_features = in_features
+        ctx.offset_dtype = None if offset_delta is None else offset_delta.dtype
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None, None, None]:
-        packed, scales, offsets, *saved_x = ctx.saved_tensors
+    def backward(ctx: Any, grad_out: Tensor):
+        packed, scales, offsets, *rest = ctx.saved_tensors
+        saved_x = rest[0] if ctx.learns_scales else None
         quantizer, in_features = ctx.quantizer, ctx.in_features
         grad_x = _input_grad(quantizer, packed, scales, offsets, in_features, grad_out) if ctx.needs_input_grad[0] else None
-        grad_scales = _scale_grad(quantizer, packed, in_features, grad_out, saved_x[0]).to(scales.dtype) \
+        grad_scales = _scale_grad(quantizer, packed, in_features, grad_out, saved_x).to(scales.dtype) \
             if ctx.learns_scales else None
-        return grad_x, None, grad_scales, None, None, None, None
+        grad_offsets = None
+        if ctx.learns_offsets:
+            grad_2d = grad_out.reshape(-1, packed.shape[0]).float()
+            grad_offsets = (grad_2d.T @ rest[-1]).to(ctx.offset_dtype)
+        return grad_x, None, grad_scales, None, None, None, None, grad_offsets
+
+
+def _group_sums(x: Tensor, in_features: int, group_size: int) -> Tensor:
+    """``X_G[t, G] = sum_{i in G} x[t, i]`` in float32: ``(tokens, d_in / group_size)``."""
+    return x.reshape(-1, in_features // group_size, group_size).sum(-1, dtype=torch.float32)
 
 
 def _input_grad(quantizer: Any, packed: Tensor, scales: Tensor, offsets: Tensor, in_features: int,

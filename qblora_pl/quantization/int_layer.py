@@ -191,20 +191,24 @@ class GroupwiseIntLinear(Int4KernelPath, nn.Module):
             self.quantizer, self.packed_codes, self.scales, self.offsets, self.in_features, dtype or torch.float32
         )
 
-    def forward(self, x: Tensor, scales: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, scales: Tensor | None = None, offset_delta: Tensor | None = None) -> Tensor:
         """``y = x W_hat^T + b`` with ``W_hat`` dequantized on the fly in ``x.dtype``.
 
         ``scales`` replaces the layer's own group scales for this call (an adapter's learned scales,
-        which get their gradient through it); the codes and offsets are the layer's.
+        which get their gradient through it). ``offset_delta`` is added to the offsets in float32
+        for this call, as a merge adds it (a QA-* adapter's update, which gets its gradient
+        through it); the codes are the layer's.
         With :meth:`use_int4_kernel` enabled and autograd off, torch's INT4 kernel instead
         (bfloat16 compute, not bit-exact; see :meth:`use_int4_kernel`).
         """
-        if scales is not None:
+        if scales is not None or offset_delta is not None:
             bias = None if self.bias is None else self.bias.to(x.dtype)
+            scales = self.scales if scales is None else scales
             if torch.is_grad_enabled():
                 return DequantizingLinear.apply(x, self.packed_codes, scales, self.offsets, bias, self.quantizer,
-                                                self.in_features)
-            weight = dequantize_packed(self.quantizer, self.packed_codes, scales, self.offsets, self.in_features, x.dtype)
+                                                self.in_features, offset_delta)
+            offsets = self.offsets if offset_delta is None else self.offsets.float() + offset_delta.float()
+            weight = dequantize_packed(self.quantizer, self.packed_codes, scales, offsets, self.in_features, x.dtype)
             return F.linear(x, weight, bias)
         if getattr(self, "_int4_kernel", False):
             reason = self._int4_runtime_reason(x)

@@ -113,3 +113,40 @@ def test_dequantize_packed_equals_unpack_then_the_formula(bits):
     expected = layer.quantizer.dequantize(layer.codes(), layer.scales, layer.offsets)
     got = dequant_linear.dequantize_packed(layer.quantizer, layer.packed_codes, layer.scales, layer.offsets, 64, torch.float32)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("block_bytes", [None, 4 * 128 * 10])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_offset_delta_is_the_merged_offsets_and_gets_their_gradient(monkeypatch, block_bytes, dtype):
+    """offset_delta: forward is the layer with offsets + delta (added in float32, as a merge does), bit for bit;
+    its gradient, from x's per-group sums, is autograd's through the dense formula (to float32 rounding)."""
+    if block_bytes is not None:
+        monkeypatch.setattr(dequant_linear, "DEQUANT_BLOCK_BYTES", block_bytes)
+    layer = _layer(bits=4)
+    g = torch.Generator().manual_seed(3)
+    delta = (torch.randn(layer.offsets.shape, generator=g) * 0.01).requires_grad_()
+    delta_ref = delta.detach().clone().requires_grad_()
+    x = torch.randn(2, 5, 128, generator=g).to(dtype)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours = layer(x_ours, offset_delta=delta)
+    merged = layer.offsets.float() + delta_ref
+    weight = layer.quantizer.dequantize(layer.codes(), layer.scales, merged).to(dtype)
+    y_ref = F.linear(x_ref, weight, layer.bias.to(dtype))
+    assert torch.equal(y_ours, y_ref)
+    grad = torch.randn(y_ours.shape, generator=g).to(dtype)
+    y_ours.backward(grad)
+    y_ref.backward(grad)
+    assert delta.grad.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(delta.grad, delta_ref.grad, rtol=tol, atol=tol * delta_ref.grad.abs().max().item())
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=tol, atol=tol)
+    with torch.no_grad():  # no autograd: the same weight
+        assert torch.equal(layer(x, offset_delta=delta), y_ref.detach())
+
+
+def test_an_offset_delta_saves_group_sums_not_x():
+    layer = _layer(out_features=96, in_features=128, group_size=32)
+    delta = torch.zeros(layer.offsets.shape, requires_grad=True)
+    x = torch.randn(7, 128, requires_grad=True)
+    _, shapes = _saved_shapes(lambda: layer(x, offset_delta=delta))
+    assert (7, 4) in shapes and (7, 128) not in shapes and (96, 128) not in shapes

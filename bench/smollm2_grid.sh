@@ -110,9 +110,11 @@ case "${1:?stage: sweep | lrs | sweep_int2 | int2_lrs | int2 | sweep_qat_int2 | 
     done
     python bench/accuracy.py --lr-report bench/results/accuracy_smollm2_val_${BASE:-gptq}_int${BITS:-3}${SCALE_RANK:+_s$SCALE_RANK}_qa*.json ;;
   step6)   # issue 32: QA-LoRA / QA-BLoRA on a calibrated base (and the references on it); LRs from sweep_base
+    # SCALE_RANK=4: with learned group scales, in a file of its own (no references: step6's own file has them)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" ${QA_LRS:?set QA_LRS to sweep_base\'s --method-lr line} \
-        --tag "smollm2_${BASE:-gptq}" --seeds $SEEDS "${METHOD_ARGS[@]}" --base-init "${BASE:-gptq}" \
-        --bits ${BITS:-3 2} --group-sizes 32 --reference --bench-trained none ;;
+        --tag "smollm2_${BASE:-gptq}${SCALE_RANK:+_s$SCALE_RANK}" --seeds $SEEDS "${METHOD_ARGS[@]}" \
+        --base-init "${BASE:-gptq}" --bits ${BITS:-3 2} --group-sizes 32 --bench-trained none \
+        $( [ -n "${SCALE_RANK:-}" ] && echo --scale-rank "$SCALE_RANK" || echo --reference ) ;;
   step7)   # QLoRA at the grid's LR, merged, then quantized by llm-compressor's GPTQ at INT3 g32 (and by RTN)
     python bench/accuracy.py "${COMMON[@]}" "${BENCH[@]}" $(cat "$LR_FILE") --tag smollm2_libgptq --seeds $SEEDS \
         --methods qlora --library-gptq --bits ${BITS:-3} --group-sizes 32 --bench-trained none ;;

@@ -58,7 +58,14 @@ CASES = {
     # NF4 on torchao (--nf4-implementations ... torchao), each against its bitsandbytes twin
     "qlora_torchao": ("NF4:torchao", "LoRA", "qlora"),
     "qblora_torchao": ("NF4:torchao", "QBLoRA", "qblora"),
+    # what other grid recipes cost per step (bench/decision_table.py): QAT at --bits / --group-size, learned scales
+    "qlora_qat": ("NF4", "LoRA", "qlora"),
+    "qblora_qat": ("NF4", "QBLoRA", "qblora"),
+    "qablora_scales": ("GroupwiseInt", "QABLoRA", "qablora"),
 }
+#: cases that change the strategy or the step beyond (backend, strategy): QATSchedule's fake quantizer at
+#: full strength on every adapted layer, or QA-BLoRA's learned group scales (scale_rank 4, as in the grid)
+CASE_OPTIONS = {"qlora_qat": {"qat": True}, "qblora_qat": {"qat": True}, "qablora_scales": {"scale_rank": 4}}
 TORCHAO_CASES = {"qlora": "qlora_torchao", "qblora": "qblora_torchao"}
 PEFT_CASE = "peft_qlora"
 
@@ -185,12 +192,22 @@ def run_case(args: argparse.Namespace) -> dict:
         else:
             backend = getattr(quantization, backend_name)(**({"bits": args.bits, "group_size": args.group_size} if backend_name == "GroupwiseInt" else {}))
         rank_kw = {"budget_rank": args.rank} if strategy_name == "QABLoRA" else {"r": args.rank}
+        options = CASE_OPTIONS.get(args.case, {})
+        if "scale_rank" in options:
+            rank_kw["scale_rank"] = options["scale_rank"]
         strategy = getattr(adapters, strategy_name)(dropout=0.0, **rank_kw)
         torch.manual_seed(0)
         module = QuantizedCausalLM(model_name_or_path=args.model, quantization=backend, adapter=strategy,
                                    gradient_checkpointing=args.gradient_checkpointing)
         module.configure_model()
         model = module.model
+        if options.get("qat"):  # what QATSchedule attaches once its ramp is done
+            from qblora_pl.adapters.base import AdaptedLinear
+            from qblora_pl.qat import MergedWeightFakeQuant
+
+            for layer in model.modules():
+                if isinstance(layer, AdaptedLinear):
+                    layer.fake_quant = MergedWeightFakeQuant(bits=args.bits, group_size=args.group_size)
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (args.batch_size, args.seq_len), device=device)
@@ -288,7 +305,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over all cases; the fastest round of each case is reported")
-    parser.add_argument("--cases", nargs="+", default=[c for c in CASES if c not in TORCHAO_CASES.values()], choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=[c for c in CASES if c not in TORCHAO_CASES.values() and c not in CASE_OPTIONS],
+                        choices=list(CASES))
     parser.add_argument("--nf4-implementations", nargs="+", default=["bitsandbytes"], choices=["bitsandbytes", "torchao"],
                         help="NF4 bases to time the qlora / qblora cases on (torchao adds qlora_torchao / qblora_torchao)")
     parser.add_argument("--scaler-block-size", type=int, default=256, help="torchao NF4: blocks per double-quantization factor")
